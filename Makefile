@@ -1,0 +1,75 @@
+# qwrap: set-up, demo, tests and per-format targets. `make help` lists them.
+# Expensive outputs (llama.cpp build, environments) live in the cache
+# ($QWRAP_CACHE_DIR, default ~/.cache/qwrap), keyed by their pins, so reruns are no-ops.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+QWRAP := $(VENV)/bin/qwrap
+PY := $(VENV)/bin/python
+BACKENDS ?= autoawq gptqmodel auto-gptq
+OUT ?= out
+QUANTS ?= Q4_K_M Q8_0
+MODEL ?=
+DEMO := demo-out
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv llama envs backend-envs demo test test-fast gguf awq gptq all-formats bench lint clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  Variables: MODEL=<folder or org/name> OUT=<folder> QUANTS=\"Q4_K_M Q8_0\" QWRAP_ARGS=..."
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed ## The qwrap package (light: no torch) in .venv
+
+llama: ## Fetch (hash-checked) and build the pinned llama.cpp into the cache
+	scripts/build-llama >/dev/null
+
+envs: venv ## The converter environment (torch CPU + transformers) in the cache
+	$(QWRAP) env create convert
+
+backend-envs: venv ## The AWQ/GPTQ backend environments in the cache
+	@for b in $(BACKENDS); do $(QWRAP) env create $$b || exit 1; done
+
+setup: venv llama envs backend-envs ## Everything the tests and demo need
+
+demo: setup ## Build a tiny model offline and quantize it to a few GGUF types
+	$$($(QWRAP) env create convert) scripts/make-tiny-model $(DEMO)/tiny-llama
+	$(QWRAP) run $(DEMO)/tiny-llama -o $(DEMO)/gguf -q Q4_K_M -q Q5_K_M -q Q8_0 --force
+
+test: setup ## All tests (real tools, tiny models); about 10 minutes warm
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv ## Only the tests that need no toolchain
+	$(PY) -m pytest -m "not slow and not backend" $(PYTEST_ARGS)
+
+gguf: venv llama envs ## make gguf MODEL=... QUANTS="Q4_K_M Q8_0" OUT=...
+	@test -n "$(MODEL)" || { echo "usage: make gguf MODEL=<folder or org/name> [QUANTS=...] [OUT=...]"; exit 2; }
+	$(QWRAP) run "$(MODEL)" -o "$(OUT)" --format gguf $(foreach q,$(QUANTS),-q $(q)) $(QWRAP_ARGS)
+
+awq: venv envs backend-envs ## make awq MODEL=... OUT=...
+	@test -n "$(MODEL)" || { echo "usage: make awq MODEL=<folder or org/name> [OUT=...]"; exit 2; }
+	$(QWRAP) run "$(MODEL)" -o "$(OUT)" --format awq $(QWRAP_ARGS)
+
+gptq: venv envs backend-envs ## make gptq MODEL=... OUT=...
+	@test -n "$(MODEL)" || { echo "usage: make gptq MODEL=<folder or org/name> [OUT=...]"; exit 2; }
+	$(QWRAP) run "$(MODEL)" -o "$(OUT)" --format gptq $(QWRAP_ARGS)
+
+all-formats: setup ## make all-formats MODEL=... (GGUF + AWQ + GPTQ in one run)
+	@test -n "$(MODEL)" || { echo "usage: make all-formats MODEL=<folder or org/name> [OUT=...]"; exit 2; }
+	$(QWRAP) run "$(MODEL)" -o "$(OUT)" --format gguf --format awq --format gptq $(foreach q,$(QUANTS),-q $(q)) $(QWRAP_ARGS)
+
+bench: setup ## Benchmarks; results in bench/results/
+	$(PY) bench/gguf_overhead.py
+
+lint: venv ## ruff + mypy
+	$(VENV)/bin/ruff check wrapper tests
+	$(VENV)/bin/mypy
+
+clean: ## Remove local outputs (not the cache)
+	rm -rf $(DEMO) $(OUT) .pytest_cache

@@ -1,0 +1,200 @@
+"""The typer app: options -> Request, results -> terminal. No logic lives here.
+
+``main()`` prints expected errors (message + hint, exit code from errors.py) and writes
+unexpected ones to a crash log; tracebacks on screen only with QWRAP_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import QwrapError, exit_code_for
+
+app = typer.Typer(
+    name="qwrap",
+    help="Turn a Hugging Face causal LM into validated GGUF, AWQ and GPTQ artifacts.\n\n"
+    "Example: qwrap run ./my-model --format gguf --quant Q4_K_M --quant Q8_0 --output out/",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+env_app = typer.Typer(help="Manage the isolated converter/backend environments.", no_args_is_help=True)
+app.add_typer(env_app, name="env")
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+Model = Annotated[str, typer.Argument(help="Local Hugging Face model folder, or a Hub id `org/name`.")]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Output folder (created if missing).")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+OutDir = Annotated[Path, typer.Argument(help="The --output folder of a run.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .toolchain import read_pin
+
+        typer.echo(f"qwrap {__version__} (llama.cpp {read_pin().commit[:12]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print versions and exit.")
+    ] = False,
+) -> None:
+    """qwrap: one command from a Hugging Face model to deployable quantized artifacts."""
+
+
+def _reporter() -> Any:
+    from .ui import PlainReporter, RichReporter
+
+    return RichReporter(err_console) if err_console.is_terminal else PlainReporter()
+
+
+@app.command()
+def run(
+    model: Model,
+    output: Output = Path("qwrap-out"),
+    format: Annotated[list[str], typer.Option("--format", "-f", help="gguf, awq or gptq; repeatable.")] = ["gguf"],  # noqa: B006
+    quant: Annotated[list[str], typer.Option("--quant", "-q", help="GGUF type, repeatable, case-insensitive (see `qwrap formats`).")] = ["Q4_K_M"],  # noqa: B006
+    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
+    token: Annotated[Optional[str], typer.Option(help="Hub token (default: HF_TOKEN or the stored login). Never logged.")] = None,
+    outtype: Annotated[str, typer.Option(help="16-bit intermediate: auto (bf16 if the weights are bf16, else f16), f16, bf16, f32.")] = "auto",
+    imatrix: Annotated[Optional[str], typer.Option(help="Importance matrix FILE, or `auto` to compute it from --calib.")] = None,
+    calib: Annotated[Optional[str], typer.Option(help="Calibration text FILE (default: WikiText-2 from the Hub).")] = None,
+    threads: Annotated[int, typer.Option(help="Threads for llama.cpp tools (0: all cores).")] = 0,
+    stall_timeout: Annotated[float, typer.Option(help="Kill a tool that prints nothing for this many seconds.")] = 600.0,
+    keep_intermediate: Annotated[bool, typer.Option(help="Keep the 16-bit GGUF in OUT/.checkpoint/work.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite existing artifacts.")] = False,
+    json_out: JsonFlag = False,
+) -> None:
+    """Quantize MODEL into OUTPUT; rerun the same command to resume after any interruption.
+
+    Examples:
+
+      qwrap run ./Llama-3.2-1B -q Q4_K_M -q Q8_0 -o out/
+
+      qwrap run meta-llama/Llama-3.2-1B --revision main -q IQ3_XXS --imatrix auto --calib wiki.txt -o out/ --json
+    """
+    from . import pipeline
+    from .report import build_result, render_table
+    from .request import Request
+
+    request = Request(
+        model=model, output=output.resolve(), formats=tuple(format), quants=tuple(quant),
+        revision=revision, outtype=outtype, imatrix=imatrix, calib=calib, force=force,
+        keep_intermediate=keep_intermediate, threads=threads, stall_timeout=stall_timeout,
+    )
+    with _reporter() as reporter:
+        outcome = pipeline.execute(request, token=token, reporter=reporter)
+    result = build_result(outcome)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        render_table(result, out_console)
+
+
+@app.command()
+def formats() -> None:
+    """List the GGUF quant types with bits per weight and whether they need --imatrix."""
+    from rich.table import Table
+
+    from .formats.gguf import ALIASES, QUANT_TYPES
+
+    table = Table(title="GGUF quant types (case-insensitive)")
+    for col in ("type", "bits/weight", "needs imatrix", "notes"):
+        table.add_column(col)
+    for q in QUANT_TYPES.values():
+        table.add_row(q.name, f"{q.bpw:.2f}", "yes" if q.needs_imatrix else "", q.note)
+    out_console.print(table)
+    out_console.print("Aliases: " + ", ".join(f"{a} = {t}" for a, t in ALIASES.items()))
+
+
+@app.command()
+def doctor(json_out: JsonFlag = False) -> None:
+    """Report the toolchain (paths, pinned commit), environments and GPU."""
+    from .doctor import collect, render
+
+    info = collect()
+    if json_out:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        render(info, out_console)
+
+
+@env_app.command("create")
+def env_create(
+    name: Annotated[str, typer.Argument(help="convert, autoawq, gptqmodel or auto-gptq.")],
+    rebuild: Annotated[bool, typer.Option(help="Recreate even if healthy.")] = False,
+) -> None:
+    """Create (or verify) an isolated environment in the cache. Example: qwrap env create convert"""
+    from . import envs
+
+    def show(line: str) -> None:
+        if line.startswith(("Collecting", "Installing", "Successfully")):
+            err_console.print(f"[dim]{line}[/dim]")
+
+    env = envs.ensure_env(name, on_line=show, rebuild=rebuild)
+    typer.echo(str(env.python))
+
+
+def _crash_log(exc: BaseException) -> Path:
+    fd, path = tempfile.mkstemp(prefix="qwrap-crash-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"qwrap {__version__}\nargv: {sys.argv[1:2]}\n\n")
+        traceback.print_exception(exc, file=f)
+    return Path(path)
+
+
+def main_inner(argv: list[str] | None = None) -> int:
+    """Run the app; expected errors propagate as QwrapError (testable)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    import click
+
+    try:
+        code = main_inner(argv)
+    except QwrapError as err:
+        err_console.print(f"[bold red]error[/bold red] ({err.title}): {err.message}", highlight=False)
+        if err.hint:
+            err_console.print(f"[bold]hint:[/bold] {err.hint}", highlight=False)
+        code = exit_code_for(err)
+    except click.exceptions.Abort:
+        code = 130
+    except click.ClickException as err:
+        err.show()
+        code = err.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        code = 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence
+        if os.environ.get("QWRAP_DEBUG"):
+            raise
+        log = _crash_log(exc)
+        err_console.print(f"[bold red]internal error[/bold red]: {exc!r}\nDetails: {log}")
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""`qwrap doctor`: what is installed, where, and what is missing (with the fix)."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__, envs, supervisor
+from .errors import ToolchainMissingError
+from .toolchain import TOOLS, cache_root, find_toolchain, read_pin
+
+
+def _gpu() -> dict[str, Any]:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return {"present": False, "detail": "nvidia-smi not found: CPU only"}
+    result = supervisor.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader"], timeout=20)
+    if not result.ok:
+        return {"present": False, "detail": "nvidia-smi failed: " + " ".join(result.tail[-1:])}
+    return {"present": True, "devices": list(result.tail)}
+
+
+def _toolchain() -> dict[str, Any]:
+    pin = read_pin()
+    info: dict[str, Any] = {"pinned_commit": pin.commit, "archive": pin.archive_file,
+                            "archive_sha256": pin.archive_sha256}
+    try:
+        tc = find_toolchain()
+    except ToolchainMissingError as exc:
+        return {**info, "ok": False, "problem": exc.message, "fix": exc.hint}
+    tools = {t: str(tc.bin_dir / t) if (tc.bin_dir / t).exists() else None for t in TOOLS}
+    version = supervisor.run([tc.bin_dir / "llama-quantize", "--version"], timeout=20)
+    return {**info, "ok": all(tools.values()), "origin": tc.origin, "variant": tc.variant,
+            "bin_dir": str(tc.bin_dir), "source_dir": str(tc.source_dir), "tools": tools,
+            "version": " ".join(line for line in version.tail if "version" in line or "built" in line)}
+
+
+def _envs() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in envs.SPECS:
+        try:
+            env = envs.find_env(name)
+            out[name] = {"ok": True, "path": str(env.path)}
+        except ToolchainMissingError as exc:
+            out[name] = {"ok": False, "path": str(envs.env_path(name)), "fix": exc.hint}
+    return out
+
+
+def collect() -> dict[str, Any]:
+    return {"schema": "qwrap.doctor/1", "qwrap_version": __version__, "cache": str(cache_root()),
+            "llama_cpp": _toolchain(), "environments": _envs(), "gpu": _gpu()}
+
+
+def render(info: dict[str, Any], console: Console) -> None:
+    lc = info["llama_cpp"]
+    console.print(f"qwrap {info['qwrap_version']}  cache: {info['cache']}")
+    console.print(f"llama.cpp pin {lc['pinned_commit'][:12]}: " + (
+        f"[green]ok[/green] ({lc['origin']}, {lc['variant']}) {lc['bin_dir']}" if lc.get("ok")
+        else f"[red]missing[/red]: {lc.get('problem')} — {lc.get('fix')}"))
+    table = Table(title="environments")
+    for col in ("name", "state", "path / fix"):
+        table.add_column(col)
+    for name, e in info["environments"].items():
+        table.add_row(name, "[green]ok[/green]" if e["ok"] else "[yellow]not created[/yellow]",
+                      e["path"] if e["ok"] else e["fix"])
+    console.print(table)
+    gpu = info["gpu"]
+    console.print("GPU: " + (", ".join(gpu["devices"]) if gpu["present"] else gpu["detail"]))

@@ -1,0 +1,179 @@
+"""Isolated, pinned Python environments for the converter and each quantization backend.
+
+An environment lives in the cache under ``envs/<name>-<key>``, where the key hashes its
+lock file, the Python version and the torch spec: editing a lock builds a new one.
+It counts as installed only when its marker ``qwrap-env.json`` exists (written last,
+through a staging name) **and** its health check imports pass. Leftovers of an unfinished
+install are removed before building again.
+
+torch is installed once per (version, CPU/CUDA) into a shared ``torch-*`` environment and
+made visible to the others through a ``.pth`` file: it is the biggest download, every
+backend pins the same version, and pip then treats it as already installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import supervisor
+from .errors import ToolchainMissingError
+from .toolchain import cache_root, gpu_present
+
+LOCK_DIR = Path(__file__).parent / "locks"
+TORCH_VERSION = os.environ.get("QWRAP_TORCH_VERSION", "2.13.0")
+MARKER = "qwrap-env.json"
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    name: str
+    lock: str  # file name under locks/
+    imports: tuple[str, ...]  # health check
+    torch: bool = True
+
+
+SPECS: dict[str, EnvSpec] = {
+    "convert": EnvSpec("convert", "convert.txt", ("torch", "transformers", "sentencepiece", "numpy")),
+    "autoawq": EnvSpec("autoawq", "autoawq.txt", ("torch", "transformers", "awq")),
+    "gptqmodel": EnvSpec("gptqmodel", "gptqmodel.txt", ("torch", "transformers", "gptqmodel")),
+    "auto-gptq": EnvSpec("auto-gptq", "auto-gptq.txt", ("torch", "transformers", "auto_gptq")),
+}
+
+
+@dataclass(frozen=True)
+class Env:
+    name: str
+    path: Path
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+
+def spec(name: str) -> EnvSpec:
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise ToolchainMissingError(
+            f"unknown environment {name!r}", hint=f"Known: {', '.join(SPECS)}."
+        ) from None
+
+
+def torch_variant() -> str:
+    return "cuda" if gpu_present() else "cpu"
+
+
+def env_key(s: EnvSpec) -> str:
+    try:
+        lock = (LOCK_DIR / s.lock).read_bytes()
+    except FileNotFoundError:
+        raise ToolchainMissingError(f"no lock file {LOCK_DIR / s.lock} for environment {s.name}") from None
+    parts = [lock, sys.version.split()[0].encode(), TORCH_VERSION.encode(), torch_variant().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
+
+
+def env_path(name: str) -> Path:
+    s = spec(name)
+    return cache_root() / "envs" / f"{s.name}-{env_key(s)}"
+
+
+def _torch_env_path() -> Path:
+    return cache_root() / "envs" / f"torch-{TORCH_VERSION}-{torch_variant()}-py{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def _check(python: Path, imports: tuple[str, ...], log: Path | None) -> bool:
+    code = "import " + ", ".join(imports)
+    if torch_variant() == "cpu" and "torch" in imports:
+        # Never a CUDA torch on a CPU-only host: it is several GB and useless here.
+        code += "\nimport torch; assert torch.version.cuda is None, 'CUDA torch on a CPU-only host'"
+    result = supervisor.run([python, "-c", code], log_path=log, timeout=300)
+    return result.ok
+
+
+def healthy(env: Env, s: EnvSpec, log: Path | None = None) -> bool:
+    return (env.path / MARKER).is_file() and env.python.exists() and _check(env.python, s.imports, log)
+
+
+def _pip(python: Path, args: list[str], log: Path, on_line: Callable[[str], None] | None) -> None:
+    cmd = [python, "-m", "pip", "install", "--disable-pip-version-check", *args]
+    result = supervisor.run(cmd, log_path=log, on_line=on_line)
+    if not result.ok:
+        tail = "\n  ".join(supervisor.relevant_lines(result.tail))
+        raise ToolchainMissingError(
+            f"installing into {python.parent.parent} failed:\n  {tail}",
+            hint=f"Full log: {log}. Fix the cause (network to the package index?) and run again.",
+            log_path=str(log),
+        )
+
+
+def _venv(path: Path, log: Path) -> None:
+    result = supervisor.run([sys.executable, "-m", "venv", path], log_path=log)
+    if not result.ok:
+        raise ToolchainMissingError(f"python -m venv {path} failed", hint=f"See {log}.")
+
+
+def _write_marker(path: Path, data: dict[str, str]) -> None:
+    staging = path / (MARKER + ".tmp")
+    staging.write_text(json.dumps(data, indent=1))
+    os.replace(staging, path / MARKER)
+
+
+def _site_packages(env_dir: Path) -> Path:
+    return env_dir / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+
+
+def _ensure_torch(log: Path, on_line: Callable[[str], None] | None) -> Path:
+    """The shared torch environment; returns its site-packages."""
+    path = _torch_env_path()
+    torch_env = Env("torch", path)
+    if healthy(torch_env, EnvSpec("torch", "", ("torch",)), log):
+        return _site_packages(path)
+    shutil.rmtree(path, ignore_errors=True)
+    _venv(path, log)
+    extra = os.environ.get("QWRAP_TORCH_INDEX_URL")  # e.g. a CPU-only wheel index
+    _pip(torch_env.python, [f"torch=={TORCH_VERSION}", *(["--index-url", extra] if extra else [])], log, on_line)
+    _write_marker(path, {"torch": TORCH_VERSION, "variant": torch_variant()})
+    return _site_packages(path)
+
+
+def ensure_env(name: str, *, on_line: Callable[[str], None] | None = None, rebuild: bool = False) -> Env:
+    """Return a healthy environment ``name``, creating it (with progress lines) if needed."""
+    s = spec(name)
+    env = Env(name, env_path(name))
+    log = cache_root() / "envs" / "logs" / f"{env.path.name}.log"
+    if not rebuild and healthy(env, s, log):
+        return env
+    shutil.rmtree(env.path, ignore_errors=True)  # leftovers of an unfinished install
+    env.path.parent.mkdir(parents=True, exist_ok=True)
+    _venv(env.path, log)
+    constraints = env.path / "qwrap-constraints.txt"
+    constraints.write_text(f"torch=={TORCH_VERSION}\n")
+    if s.torch:
+        shared = _ensure_torch(log, on_line)
+        (_site_packages(env.path) / "_qwrap_shared_torch.pth").write_text(f"{shared}\n")
+    _pip(env.python, ["-r", str(LOCK_DIR / s.lock), "-c", str(constraints)], log, on_line)
+    if not _check(env.python, s.imports, log):
+        raise ToolchainMissingError(
+            f"environment {name} was installed but its health check failed", hint=f"See {log}."
+        )
+    _write_marker(env.path, {"name": name, "key": env_key(s), "torch": TORCH_VERSION})
+    return env
+
+
+def find_env(name: str) -> Env:
+    """An existing healthy environment, or a clear error saying how to create it."""
+    s = spec(name)
+    env = Env(name, env_path(name))
+    if not (env.path / MARKER).is_file():
+        raise ToolchainMissingError(
+            f"the {name} environment is not created yet ({env.path})",
+            hint=f"Run `qwrap env create {name}` (or `make envs`).",
+        )
+    return env

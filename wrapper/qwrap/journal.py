@@ -1,0 +1,213 @@
+"""The step journal under ``<output>/.checkpoint/``: append-only, fsync'd, schema-versioned.
+
+One JSON object per line, one line per state change. The state of a step is its last
+record. A crash can only truncate the *last* line; that is ignored with a warning.
+Anything else unreadable is a JournalError naming the file. JSON only: no pickle.
+
+Also here: the lock on the output folder (flock, so a dead holder releases it by
+itself) and file fingerprints (size + sha256 for outputs; size + mtime + hash of small
+files for source models).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import JournalError, LockedError
+
+SCHEMA = 1
+CHECKPOINT_DIR = ".checkpoint"
+JOURNAL_FILE = "journal.jsonl"
+SMALL_FILE = 1 << 20  # source files below this size are hashed, larger ones use size+mtime
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(output: Path) -> Path:
+    return output / CHECKPOINT_DIR
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_file(path: Path, base: Path) -> dict[str, Any]:
+    """What a 'done' record says about an output: enough to re-verify it later."""
+    return {
+        "path": os.path.relpath(path, base),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
+
+
+def verify_file(entry: dict[str, Any], base: Path) -> bool:
+    path = base / entry["path"]
+    try:
+        if path.stat().st_size != entry["bytes"]:
+            return False
+    except OSError:
+        return False
+    return sha256_file(path) == entry["sha256"]
+
+
+def fingerprint_tree(root: Path) -> str:
+    """A source model's fingerprint: every file's name and size, mtime for big files,
+    content hash for small ones (config, tokenizer), so edits there are always seen."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        st = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{st.st_size}\0".encode())
+        if st.st_size < SMALL_FILE:
+            digest.update(sha256_file(path).encode())
+        else:
+            digest.update(str(st.st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def fingerprint(*parts: object) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+@dataclass
+class StepState:
+    step: str
+    state: str  # started | done | failed | interrupted
+    fingerprint: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class Journal:
+    def __init__(self, output: Path):
+        self.output = output
+        self.dir = checkpoint_dir(output)
+        self.path = self.dir / JOURNAL_FILE
+        self.warnings: list[str] = []
+
+    # -- reading -------------------------------------------------------------
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        raw = self.path.read_bytes()
+        lines = raw.split(b"\n")
+        out: list[dict[str, Any]] = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                is_last = all(not rest.strip() for rest in lines[number:])
+                if is_last and not raw.endswith(b"\n"):
+                    msg = f"ignored a truncated last line in {self.path} (a crash mid-write)"
+                    self.warnings.append(msg)
+                    log.warning(msg)
+                    continue
+                raise JournalError(
+                    f"{self.path} line {number} is not valid journal JSON ({exc})",
+                    hint=f"Move {self.dir} aside to start this output folder afresh.",
+                ) from exc
+            if record.get("v", SCHEMA) > SCHEMA:
+                raise JournalError(
+                    f"{self.path} was written by a newer qwrap (schema {record.get('v')})",
+                    hint="Upgrade qwrap, or use another --output folder.",
+                )
+            out.append(record)
+        return out
+
+    def states(self) -> dict[str, StepState]:
+        states: dict[str, StepState] = {}
+        for r in self.records():
+            if "step" in r:
+                states[r["step"]] = StepState(r["step"], r["state"], r.get("fingerprint", ""), r)
+        return states
+
+    def run_header(self) -> dict[str, Any] | None:
+        header = None
+        for r in self.records():
+            if r.get("kind") == "run":
+                header = r
+        return header
+
+    def history(self, step: str) -> Iterator[dict[str, Any]]:
+        return (r for r in self.records() if r.get("step") == step)
+
+    # -- writing -------------------------------------------------------------
+    def append(self, record: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._repair_tail()
+        line = json.dumps({"v": SCHEMA, "t": round(time.time(), 3), **record}, sort_keys=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _repair_tail(self) -> None:
+        """Cut a truncated last line so that the next record starts on a line of its own."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size == 0:
+            return
+        with self.path.open("rb+") as f:
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            data = f.read()
+            keep = data.rfind(b"\n") + 1
+            f.truncate(keep)
+            os.fsync(f.fileno())
+
+    def step_record(self, step: str, state: str, fp: str, **extra: Any) -> None:
+        self.append({"step": step, "state": state, "fingerprint": fp, **extra})
+
+
+def outputs_verified(entries: Iterable[dict[str, Any]], base: Path) -> bool:
+    return all(verify_file(e, base) for e in entries)
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder for the duration of a run.
+
+    flock is released by the kernel when the holder dies, so a lock left by a killed
+    qwrap is taken over without ceremony; the pid inside is only for the message.
+    """
+    lock_dir = checkpoint_dir(output)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise LockedError(
+                f"{output} is in use by another qwrap (pid {holder})",
+                hint="Wait for it to finish, or choose another --output folder.",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,114 @@
+"""request -> checks -> plan -> run -> result: the whole of ``qwrap run`` minus rendering."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import calib_source, supervisor
+from .context import Reporter, RunContext
+from .errors import UsageError
+from .formats import FORMATS
+from .hub import ModelSource, resolve_model
+from .journal import Journal, fingerprint_tree, output_lock, sha256_file
+from .plan import Plan, StepBuilder
+from .request import Request, check_basic
+from .runner import Runner, StepSummary, remove_intermediates
+from .toolchain import REPO_ROOT, find_toolchain, read_pin
+
+
+@dataclass
+class RunOutcome:
+    request: Request
+    source: ModelSource
+    plan: Plan
+    summaries: list[StepSummary]
+    warnings: list[str]
+
+
+def validate(request: Request) -> None:
+    check_basic(request)
+    for fmt in request.formats:
+        FORMATS[fmt].validate_options(request)
+
+
+def needs_calibration(request: Request) -> bool:
+    return request.imatrix == "auto" or any(f in ("awq", "gptq") for f in request.formats)
+
+
+def resolve_calibration(request: Request, token: str | None, reporter: Reporter) -> Path | None:
+    """A plain-text calibration file: --calib FILE, or WikiText-2 converted once in a child."""
+    if not needs_calibration(request):
+        return None
+    if request.calib not in (None, "wikitext2"):
+        return Path(str(request.calib)).resolve()
+    parquet = calib_source.wikitext2("train", token=token)
+    text = calib_source.text_path(parquet)
+    if not text.exists():
+        from . import envs
+
+        python = str(envs.find_env("convert").python)
+        argv = calib_source.conversion_argv(parquet, python=python)
+        result = supervisor.run(argv, env={"PYTHONPATH": str(REPO_ROOT / "wrapper")})
+        if not result.ok:
+            raise UsageError(
+                "could not turn the WikiText-2 parquet file into text",
+                hint="Pass --calib FILE with a plain text file.",
+            )
+    return text
+
+
+def build_plan(request: Request, source: ModelSource, calib: Path | None) -> Plan:
+    pin = read_pin().commit
+    calib_sha = sha256_file(calib) if calib is not None else None
+    b = StepBuilder(fingerprint_tree(source.path), pin)
+    for fmt in request.formats:
+        FORMATS[fmt].add_steps(b, request, source, calib_sha)
+    return b.plan()
+
+
+def check_toolchain(request: Request) -> None:
+    if "gguf" in request.formats:
+        tools = find_toolchain()
+        tools.converter  # noqa: B018 - raises with the fix when missing
+        from . import envs
+
+        envs.find_env("convert")
+
+
+def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOutcome:
+    validate(request)
+    source = resolve_model(request.model, revision=request.revision, token=token)
+    check_toolchain(request)
+    output = request.output
+    output.mkdir(parents=True, exist_ok=True)
+    with output_lock(output):
+        calib = resolve_calibration(request, token, reporter)
+        plan = build_plan(request, source, calib)
+        journal = Journal(output)
+        journal.append({"kind": "run", "request": request.to_json(), "argv": _safe_argv(),
+                        "source": {"path": str(source.path), "repo_id": source.repo_id,
+                                   "revision": source.revision, "name": source.name}})
+        ctx = RunContext(request, source, output, reporter, plan, calib)
+        summaries = Runner(ctx, journal).run()
+        remove_intermediates(ctx)
+    return RunOutcome(request, source, plan, summaries, journal.warnings)
+
+
+def _safe_argv() -> list[str]:
+    """Our command line with any token value removed."""
+    out: list[str] = []
+    skip = False
+    for arg in sys.argv:
+        if skip:
+            out.append("***")
+            skip = False
+            continue
+        if arg == "--token":
+            skip = True
+        elif arg.startswith("--token="):
+            arg = "--token=***"
+        out.append(arg)
+    return [os.path.basename(out[0]), *out[1:]] if out else out

@@ -1,0 +1,83 @@
+"""The run result: one schema-versioned JSON document (``--json``) and a rich table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .pipeline import RunOutcome
+from .runner import StepSummary
+from .toolchain import read_pin
+
+RESULT_SCHEMA = "qwrap.result/1"
+
+
+def _artifact(summary: StepSummary, by_id: dict[str, StepSummary], outcome: RunOutcome) -> dict[str, Any]:
+    step = summary.step
+    chain = [by_id[i] for i in step.inputs if i in by_id and by_id[i].step.format == step.format]
+    producer = chain[0] if chain else summary
+    out = (summary.record.get("outputs") or [{}])[0]
+    parts = [summary, producer] if producer is not summary else [summary]
+    return {
+        "format": step.format,
+        "quant": step.param("quant") or step.param("label"),
+        "path": str(outcome.request.output / out.get("path", step.outputs[0])),
+        "bytes": out.get("bytes"),
+        "sha256": out.get("sha256"),
+        "bits_per_weight": producer.record.get("info", {}).get("bits_per_weight"),
+        "validated": bool(summary.record.get("info", {}).get("validated")),
+        "quality": summary.record.get("info", {}).get("quality"),
+        "seconds": round(sum(p.record.get("seconds", 0.0) for p in parts), 3),
+        "peak_rss_bytes": max(p.record.get("peak_rss_bytes", 0) for p in parts),
+        "peak_gpu_bytes": max(p.record.get("peak_gpu_bytes", 0) for p in parts),
+        "reused": summary.state == "skipped",
+    }
+
+
+def build_result(outcome: RunOutcome) -> dict[str, Any]:
+    by_id = {s.step.id: s for s in outcome.summaries}
+    artifacts = [_artifact(s, by_id, outcome) for s in outcome.summaries if s.step.deliverable]
+    src = outcome.source
+    return {
+        "schema": RESULT_SCHEMA,
+        "qwrap_version": __version__,
+        "model": {"input": outcome.request.model, "name": src.name, "path": str(src.path),
+                  "repo_id": src.repo_id, "revision": src.revision},
+        "toolchain": {"llama_cpp_commit": read_pin().commit},
+        "request": outcome.request.to_json(),
+        "artifacts": artifacts,
+        "steps": [
+            {"id": s.step.id, "state": s.state, "seconds": s.record.get("seconds"),
+             "peak_rss_bytes": s.record.get("peak_rss_bytes")}
+            for s in outcome.summaries
+        ],
+        "warnings": outcome.warnings,
+    }
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def render_table(result: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"qwrap: {result['model']['name']}")
+    for col in ("format", "type", "size", "bits/weight", "validated", "time", "peak RAM", "path"):
+        table.add_column(col)
+    for a in result["artifacts"]:
+        table.add_row(
+            a["format"], str(a["quant"]), human_bytes(a["bytes"]),
+            f"{a['bits_per_weight']:.2f}" if a["bits_per_weight"] else "-",
+            "yes" if a["validated"] else "NO",
+            f"{a['seconds']:.1f}s" + (" (reused)" if a["reused"] else ""),
+            human_bytes(a["peak_rss_bytes"]), a["path"],
+        )
+    console.print(table)

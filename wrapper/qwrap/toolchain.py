@@ -1,0 +1,146 @@
+"""Find the pinned llama.cpp build and converter; explain exactly what is missing.
+
+Lookup order for the binaries: the qwrap cache (built by ``make llama`` for the pin in
+``vendor/llama.cpp.lock``), then ``$QWRAP_LLAMA_CPP_DIR`` (a folder holding the tools,
+directly or under ``bin/``), then ``PATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ToolchainMissingError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-simple")
+SETUP_HINT = "Run `make llama` in the qwrap checkout (builds the pinned llama.cpp into the cache)."
+
+
+def cache_root() -> Path:
+    """$QWRAP_CACHE_DIR, else $XDG_CACHE_HOME/qwrap, else ~/.cache/qwrap (as scripts/cache-dir)."""
+    if os.environ.get("QWRAP_CACHE_DIR"):
+        return Path(os.environ["QWRAP_CACHE_DIR"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "qwrap"
+    return Path.home() / ".cache" / "qwrap"
+
+
+@dataclass(frozen=True)
+class Pin:
+    commit: str
+    archive_file: str
+    archive_sha256: str
+    archive_version: str
+
+    @property
+    def short(self) -> str:
+        return self.commit[:12]
+
+
+def lock_path() -> Path:
+    return Path(os.environ.get("QWRAP_LLAMA_LOCK", REPO_ROOT / "vendor" / "llama.cpp.lock"))
+
+
+def read_pin(path: Path | None = None) -> Pin:
+    path = path or lock_path()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ToolchainMissingError(f"cannot read the llama.cpp pin {path}: {exc.strerror}") from exc
+    values = dict(re.findall(r"^([A-Z_0-9]+)=(\S+)$", text, re.MULTILINE))
+    return Pin(
+        commit=values.get("LLAMA_CPP_COMMIT", "unknown"),
+        archive_file=values.get("ARCHIVE_FILE", ""),
+        archive_sha256=values.get("ARCHIVE_SHA256", ""),
+        archive_version=values.get("ARCHIVE_VERSION", ""),
+    )
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    bin_dir: Path
+    source_dir: Path | None  # the llama.cpp tree holding convert_hf_to_gguf.py
+    commit: str
+    variant: str  # cpu | cuda | unknown
+    origin: str  # cache | QWRAP_LLAMA_CPP_DIR | PATH
+
+    def tool(self, name: str) -> Path:
+        path = self.bin_dir / name
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ToolchainMissingError(f"{name} is missing from {self.bin_dir}", hint=SETUP_HINT)
+        return path
+
+    @property
+    def converter(self) -> Path:
+        if self.source_dir is None or not (self.source_dir / "convert_hf_to_gguf.py").is_file():
+            raise ToolchainMissingError(
+                "convert_hf_to_gguf.py of the pinned llama.cpp was not found", hint=SETUP_HINT
+            )
+        return self.source_dir / "convert_hf_to_gguf.py"
+
+
+def gpu_present() -> bool:
+    """True when nvidia-smi exists (cheap check; doctor runs it for details)."""
+    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidiactl").exists()
+
+
+def source_dir(pin: Pin) -> Path:
+    return cache_root() / "llama.cpp" / f"src-{pin.short}"
+
+
+def _cached_builds(pin: Pin) -> list[tuple[Path, dict[str, object]]]:
+    builds = []
+    for marker in sorted((cache_root() / "llama.cpp").glob(f"build-{pin.short}-*/qwrap-build.json")):
+        try:
+            meta = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("commit") == pin.commit and (marker.parent / "bin" / "llama-quantize").exists():
+            builds.append((marker.parent, meta))
+    return builds
+
+
+def _from_cache(pin: Pin) -> Toolchain | None:
+    builds = _cached_builds(pin)
+    if not builds:
+        return None
+    want = "cuda" if gpu_present() else "cpu"
+    builds.sort(key=lambda b: (b[1].get("variant") == want, b[0].stat().st_mtime))
+    path, meta = builds[-1]
+    src = Path(str(meta.get("source", source_dir(pin))))
+    return Toolchain(path / "bin", src, pin.commit, str(meta.get("variant")), "cache")
+
+
+def _from_dir(directory: Path, pin: Pin) -> Toolchain | None:
+    for candidate in (directory / "bin", directory / "build" / "bin", directory):
+        if (candidate / "llama-quantize").is_file():
+            src = directory if (directory / "convert_hf_to_gguf.py").is_file() else source_dir(pin)
+            return Toolchain(candidate, src, "unknown", "unknown", "QWRAP_LLAMA_CPP_DIR")
+    return None
+
+
+def find_toolchain() -> Toolchain:
+    pin = read_pin()
+    found = _from_cache(pin)
+    if found is None and os.environ.get("QWRAP_LLAMA_CPP_DIR"):
+        found = _from_dir(Path(os.environ["QWRAP_LLAMA_CPP_DIR"]), pin)
+        if found is None:
+            raise ToolchainMissingError(
+                f"QWRAP_LLAMA_CPP_DIR={os.environ['QWRAP_LLAMA_CPP_DIR']} holds no llama-quantize",
+                hint="Point it at a llama.cpp build folder (with bin/llama-quantize), or unset it.",
+            )
+    if found is None and shutil.which("llama-quantize"):
+        bin_dir = Path(str(shutil.which("llama-quantize"))).parent
+        found = Toolchain(bin_dir, source_dir(pin), "unknown", "unknown", "PATH")
+    if found is None:
+        raise ToolchainMissingError(
+            f"the pinned llama.cpp ({pin.commit[:7]}) is not built "
+            f"(looked in {cache_root() / 'llama.cpp'}, $QWRAP_LLAMA_CPP_DIR and PATH)",
+            hint=SETUP_HINT,
+        )
+    return found
