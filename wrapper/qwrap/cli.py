@@ -78,6 +78,7 @@ def run(
     stall_timeout: Annotated[float, typer.Option(help="Kill a tool that prints nothing for this many seconds.")] = 600.0,
     keep_intermediate: Annotated[bool, typer.Option(help="Keep the 16-bit GGUF in OUT/.checkpoint/work.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite existing artifacts.")] = False,
+    preflight: Annotated[bool, typer.Option(help="Check free disk before starting.")] = True,
     json_out: JsonFlag = False,
 ) -> None:
     """Quantize MODEL into OUTPUT; rerun the same command to resume after any interruption.
@@ -92,10 +93,13 @@ def run(
     from .report import build_result, render_table
     from .request import Request
 
+    if Path(model).exists():
+        model = str(Path(model).resolve())  # the journal must work from any directory
     request = Request(
         model=model, output=output.resolve(), formats=tuple(format), quants=tuple(quant),
         revision=revision, outtype=outtype, imatrix=imatrix, calib=calib, force=force,
         keep_intermediate=keep_intermediate, threads=threads, stall_timeout=stall_timeout,
+        preflight=preflight,
     )
     with _reporter() as reporter:
         outcome = pipeline.execute(request, token=token, reporter=reporter)
@@ -104,6 +108,44 @@ def run(
         typer.echo(json.dumps(result, indent=2))
     else:
         render_table(result, out_console)
+
+
+@app.command()
+def resume(
+    output: OutDir,
+    token: Annotated[Optional[str], typer.Option(help="Hub token, if the model must be fetched again.")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Continue the run recorded in OUTPUT's journal, without retyping its options.
+
+    Example: qwrap resume out/
+    """
+    from . import pipeline
+    from .report import build_result, render_table
+
+    request = pipeline.request_from_journal(output.resolve())
+    with _reporter() as reporter:
+        outcome = pipeline.execute(request, token=token, reporter=reporter)
+    result = build_result(outcome)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        render_table(result, out_console)
+
+
+@app.command()
+def status(output: OutDir, json_out: JsonFlag = False) -> None:
+    """Show every step recorded in OUTPUT's journal: state, duration, peak memory, output, error.
+
+    Example: qwrap status out/ --json
+    """
+    from .status import collect, render
+
+    info = collect(output.resolve())
+    if json_out:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        render(info, out_console)
 
 
 @app.command()

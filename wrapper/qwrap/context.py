@@ -49,6 +49,7 @@ class RunContext:
     reporter: Reporter
     plan: Plan
     calib: Path | None = None  # plain-text calibration file, resolved before planning
+    parameters: int = 0  # the source model's parameter count (for estimates)
     # facts earlier steps recorded (e.g. the 16-bit tensor count), keyed by step id
     facts: dict[str, dict[str, Any]] = field(default_factory=dict)
     # journals the pid of a started child so a later run can reap it if we die hard

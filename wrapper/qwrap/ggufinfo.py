@@ -34,6 +34,7 @@ class GGUFInfo:
     version: int
     metadata: dict[str, Any]
     tensors: tuple[TensorInfo, ...]
+    data_offset: int = 0  # where tensor data starts (tensor offsets are relative to it)
 
     @property
     def architecture(self) -> str | None:
@@ -106,4 +107,20 @@ def read_info(path: Path, *, keep_arrays: bool = False) -> GGUFInfo:
             name = _string(f, read)
             dims = tuple(read("Q") for _ in range(read("I")))
             tensors.append(TensorInfo(name, dims, read("I"), read("Q")))
-    return GGUFInfo(version, metadata, tuple(tensors))
+        alignment = metadata.get("general.alignment", 32)
+        alignment = alignment if isinstance(alignment, int) and alignment > 0 else 32
+        data_offset = -(-f.tell() // alignment) * alignment
+    return GGUFInfo(version, metadata, tuple(tensors), data_offset)
+
+
+def tensor_data(path: Path, info: GGUFInfo) -> dict[str, bytes]:
+    """Each tensor's raw bytes (for comparisons in tests and tools; reads the whole file)."""
+    ordered = sorted(info.tensors, key=lambda t: t.offset)
+    end = path.stat().st_size - info.data_offset
+    out: dict[str, bytes] = {}
+    with path.open("rb") as f:
+        for i, t in enumerate(ordered):
+            stop = ordered[i + 1].offset if i + 1 < len(ordered) else end
+            f.seek(info.data_offset + t.offset)
+            out[t.name] = f.read(stop - t.offset)
+    return out

@@ -11,7 +11,7 @@ from . import calib_source, supervisor
 from .context import Reporter, RunContext
 from .errors import UsageError
 from .formats import FORMATS
-from .hub import ModelSource, resolve_model
+from .hub import ModelSource, parameter_counts, resolve_model
 from .journal import Journal, fingerprint_tree, output_lock, sha256_file
 from .plan import Plan, StepBuilder
 from .request import Request, check_basic
@@ -91,10 +91,22 @@ def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOu
         journal.append({"kind": "run", "request": request.to_json(), "argv": _safe_argv(),
                         "source": {"path": str(source.path), "repo_id": source.repo_id,
                                    "revision": source.revision, "name": source.name}})
-        ctx = RunContext(request, source, output, reporter, plan, calib)
+        ctx = RunContext(request, source, output, reporter, plan, calib,
+                         parameters=sum(parameter_counts(source, token=token).values()))
         summaries = Runner(ctx, journal).run()
         remove_intermediates(ctx)
     return RunOutcome(request, source, plan, summaries, journal.warnings)
+
+
+def request_from_journal(output: Path) -> Request:
+    """The request of the last run recorded in ``output`` (for ``qwrap resume``)."""
+    header = Journal(output).run_header()
+    if header is None:
+        raise UsageError(
+            f"{output} has no qwrap journal to resume from",
+            hint="Pass the folder given as --output to a previous `qwrap run`.",
+        )
+    return Request.from_json(header["request"])
 
 
 def _safe_argv() -> list[str]:

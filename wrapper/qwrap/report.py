@@ -11,6 +11,7 @@ from . import __version__
 from .pipeline import RunOutcome
 from .runner import StepSummary
 from .toolchain import read_pin
+from .units import human_bytes
 
 RESULT_SCHEMA = "qwrap.result/1"
 
@@ -56,16 +57,6 @@ def build_result(outcome: RunOutcome) -> dict[str, Any]:
         ],
         "warnings": outcome.warnings,
     }
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def render_table(result: dict[str, Any], console: Console) -> None:

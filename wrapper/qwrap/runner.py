@@ -8,6 +8,7 @@ from the deliverables backwards, so a rerun does exactly the missing work.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -18,10 +19,11 @@ from typing import Any
 
 from . import supervisor
 from .context import RunContext, StepOutcome
-from .errors import Interrupted, OutputExistsError, QwrapError
+from .errors import InsufficientDiskError, Interrupted, OutputExistsError, QwrapError
 from .formats import FORMATS
 from .journal import Journal, StepState, describe_file, outputs_verified
 from .plan import Plan, Step
+from .units import human_bytes
 
 
 @dataclass
@@ -95,6 +97,8 @@ class Runner:
         states = self.journal.states()
         need = self.needed(states)
         self._refuse_overwrites(need)
+        if self.ctx.request.preflight:
+            self._check_disk(need)
         summaries = []
         with _signals_raise():
             for step in self.plan.steps:
@@ -120,6 +124,19 @@ class Runner:
                             hint="Pass --force to overwrite it, or choose another --output.",
                         )
 
+    def _estimate(self, step: Step) -> int:
+        return FORMATS[step.format].estimate_bytes(step, self.ctx.parameters)
+
+    def _check_disk(self, need: set[str]) -> None:
+        wanted = sum(self._estimate(s) for s in self.plan.steps if s.id in need)
+        free = shutil.disk_usage(self.ctx.output).free
+        if wanted > free:
+            raise InsufficientDiskError(
+                f"{self.ctx.output} has {human_bytes(free)} free; this run needs about "
+                f"{human_bytes(wanted)} there",
+                hint="Free space or choose another --output; --no-preflight skips this check.",
+            )
+
     def _on_child(self, step: Step) -> Any:
         def record(pid: int, create_time: float) -> None:
             self.journal.append(
@@ -137,6 +154,14 @@ class Runner:
             outcome = FORMATS[step.format].execute(step, self.ctx)
         except Interrupted as exc:
             self._record_failure(step, "interrupted", exc, started)
+            raise
+        except InsufficientDiskError as exc:
+            where = self.ctx.output / step.outputs[0] if step.outputs else self.ctx.output
+            exc.message = (
+                f"{exc.message}: writing {where} (about {human_bytes(self._estimate(step))} needed, "
+                f"{human_bytes(shutil.disk_usage(self.ctx.output).free)} free)"
+            )
+            self._record_failure(step, "failed", exc, started)
             raise
         except QwrapError as exc:
             self._record_failure(step, "failed", exc, started)

@@ -27,5 +27,7 @@ class Format(Protocol):
 
     def execute(self, step: Step, ctx: RunContext) -> StepOutcome: ...
 
+    def estimate_bytes(self, step: Step, parameters: int) -> int: ...
+
 
 FORMATS: dict[str, Format] = {"gguf": gguf}

@@ -18,7 +18,7 @@ from .. import envs
 from ..context import RunContext, StepOutcome, run_tool
 from ..errors import UsageError, ValidationFailedError
 from ..ggufinfo import GGUFFormatError, read_info
-from ..hub import ModelSource
+from ..hub import ModelSource, parameter_counts
 from ..journal import sha256_file
 from ..plan import Step, StepBuilder
 from ..progress import ChunkProgress, ConvertProgress, QuantizeProgress
@@ -121,10 +121,7 @@ def source_outtype(source: ModelSource, request: Request) -> str:
     """bf16 when the source weights are bf16, else f16 (unless --outtype says otherwise)."""
     if request.outtype != "auto":
         return request.outtype
-    dtypes: dict[str, int] = {}
-    for path in sorted(source.path.glob("*.safetensors")):
-        for dtype, count in safetensors_dtypes(path).items():
-            dtypes[dtype] = dtypes.get(dtype, 0) + count
+    dtypes = parameter_counts(source)
     if dtypes:
         return "bf16" if max(dtypes, key=lambda d: dtypes[d]) == "BF16" else "f16"
     try:
@@ -133,22 +130,6 @@ def source_outtype(source: ModelSource, request: Request) -> str:
         return "f16"
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "")
     return "bf16" if dtype == "bfloat16" else "f16"
-
-
-def safetensors_dtypes(path: Path) -> dict[str, int]:
-    """Element counts per dtype, read from the safetensors header only."""
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    counts: dict[str, int] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        n = 1
-        for d in meta["shape"]:
-            n *= d
-        counts[meta["dtype"]] = counts.get(meta["dtype"], 0) + n
-    return counts
 
 
 def artifact_name(source: ModelSource, quant: str) -> str:
@@ -188,6 +169,17 @@ def add_steps(b: StepBuilder, request: Request, source: ModelSource, calib_sha: 
             f"gguf.validate:{quant}", "gguf.validate", NAME, f"validate {quant}",
             inputs=(q.id, convert.id), outputs=(final,), params={"quant": quant}, deliverable=True,
         )
+
+
+def estimate_bytes(step: Step, parameters: int) -> int:
+    """Disk a step's outputs will take (for the preflight check and disk-full messages)."""
+    if step.kind == "gguf.convert":
+        return parameters * (4 if step.param("outtype") == "f32" else 2)
+    if step.kind == "gguf.quantize":
+        return int(parameters * QUANT_TYPES[step.param("quant")].bpw / 8 * 1.05) + (1 << 20)
+    if step.kind == "gguf.imatrix":
+        return parameters // 50 + (1 << 20)
+    return 0
 
 
 # -- actions -------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""GGUF end to end: the real pinned llama.cpp on real tiny models built offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, make_model, run_qwrap
+from qwrap.formats.gguf import QUANT_TYPES
+from qwrap.ggufinfo import read_info, tensor_data
+from qwrap.toolchain import Toolchain
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def k_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, toolchain: Toolchain) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("k-run")
+    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q4_K_M", "-q", "q8_0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout)
+
+
+def test_k_quants_end_to_end(k_run: tuple[Path, dict], tiny_model: Path) -> None:
+    out, result = k_run
+    assert result["schema"] == "qwrap.result/1"
+    assert result["model"]["name"] == "tiny-llama"
+    by_quant = {a["quant"]: a for a in result["artifacts"]}
+    assert set(by_quant) == {"Q4_K_M", "Q8_0"}
+    for quant, art in by_quant.items():
+        path = Path(art["path"])
+        assert path == out / f"tiny-llama-{quant}.gguf" and path.is_file()
+        assert art["validated"] is True and art["bytes"] == path.stat().st_size
+        assert art["peak_rss_bytes"] > 0 and art["seconds"] > 0
+        assert 3 < art["bits_per_weight"] < 10
+        info = read_info(path)
+        assert info.architecture == "llama" and info.file_type == QUANT_TYPES[quant].ftype
+        assert len(art["sha256"]) == 64
+    assert not list(out.glob("*.partial")), "partial files left behind"
+    assert not list((out / ".checkpoint" / "work").glob("*.gguf")), "intermediate not removed"
+    assert {s["id"] for s in result["steps"]} >= {"gguf.convert", "gguf.quantize:Q4_K_M", "gguf.validate:Q8_0"}
+    assert (out / ".checkpoint" / "logs" / "gguf.convert.log").is_file()
+
+
+def test_identical_to_hand_run_tools(
+    k_run: tuple[Path, dict], tiny_model: Path, toolchain: Toolchain, convert_python: Path, tmp_path: Path
+) -> None:
+    """qwrap's artifacts hold exactly the tensor data of hand-run convert + llama-quantize."""
+    out, _ = k_run
+    f16 = tmp_path / "hand-BF16.gguf"
+    subprocess.run([str(convert_python), str(toolchain.converter), str(tiny_model), "--outfile", str(f16),
+                    "--outtype", "bf16"], check=True, capture_output=True)
+    for quant in ("Q4_K_M", "Q8_0"):
+        hand = tmp_path / f"hand-{quant}.gguf"
+        subprocess.run([str(toolchain.tool("llama-quantize")), str(f16), str(hand), quant, "2"],
+                       check=True, capture_output=True)
+        ours = out / f"tiny-llama-{quant}.gguf"
+        a, b = read_info(ours), read_info(hand)
+        assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+        assert [t.ggml_type for t in a.tensors] == [t.ggml_type for t in b.tensors]
+        assert tensor_data(ours, a) == tensor_data(hand, b)
+
+
+def test_rerun_is_a_noop_and_existing_output_refused(k_run: tuple[Path, dict], tiny_model: Path) -> None:
+    out, first = k_run
+    again = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q4_K_M", "-q", "Q8_0", "--json")
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    assert all(a["reused"] for a in result["artifacts"])
+    assert [a["sha256"] for a in result["artifacts"]] == [a["sha256"] for a in first["artifacts"]]
+    # The same artifact name in a folder whose journal did not make it: refused without --force.
+    other = out.parent / "foreign"
+    other.mkdir()
+    (other / "tiny-llama-Q8_0.gguf").write_bytes(b"precious")
+    proc = run_qwrap("run", str(tiny_model), "-o", str(other), "-q", "Q8_0")
+    assert proc.returncode == 8, proc.stderr
+    assert "--force" in proc.stderr and (other / "tiny-llama-Q8_0.gguf").read_bytes() == b"precious"
+
+
+def test_iq_type_with_auto_imatrix(tiny_model: Path, corpus: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    out = tmp_path / "iq"
+    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "IQ2_XS", "-q", "Q8_0",
+                     "--imatrix", "auto", "--calib", str(corpus), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert {a["quant"] for a in result["artifacts"] if a["validated"]} == {"IQ2_XS", "Q8_0"}
+    info = read_info(out / "tiny-llama-IQ2_XS.gguf", keep_arrays=False)
+    assert info.file_type == QUANT_TYPES["IQ2_XS"].ftype
+    assert "quantize.imatrix.file" in info.metadata
+    journal = (out / ".checkpoint" / "journal.jsonl").read_text()
+    assert '"gguf.imatrix"' in journal
+
+
+def test_bad_quant_type_fails_before_work(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bad"
+    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q4_K_M", "-q", "Q7_X")
+    assert proc.returncode == 2
+    assert "Q7_X" in proc.stderr and "Q4_K_M" in proc.stderr and "IQ4_XS" in proc.stderr
+    assert not out.exists()
+
+
+def test_imatrix_type_without_imatrix_fails_up_front(tiny_model: Path, tmp_path: Path) -> None:
+    proc = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "x"), "-q", "iq2_xxs")
+    assert proc.returncode == 2 and "--imatrix" in proc.stderr
+
+
+def test_missing_model(tmp_path: Path) -> None:
+    proc = run_qwrap("run", str(tmp_path / "nope"), "-o", str(tmp_path / "o"))
+    assert proc.returncode == 3 and "does not exist" in proc.stderr
+
+
+def test_unsupported_architecture_explained(convert_python: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    model = make_model(convert_python, tmp_path / "foo-model", "--architecture-name", "FooForCausalLM")
+    proc = run_qwrap("run", str(model), "-o", str(tmp_path / "o"), "-q", "Q8_0")
+    assert proc.returncode == 6, proc.stderr
+    assert "FooForCausalLM" in proc.stderr and "not supported" in proc.stderr
+
+
+def test_unrecognised_pretokenizer_explained(convert_python: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    model = make_model(convert_python, tmp_path / "gpt2ish", "--tokenizer", "gpt2-bpe")
+    proc = run_qwrap("run", str(model), "-o", str(tmp_path / "o"), "-q", "Q8_0")
+    assert proc.returncode == 6, proc.stderr
+    assert "pre-tokenizer" in proc.stderr and "QWRAP_LLAMA_CPP_DIR" in proc.stderr
+
+
+def test_archive_hash_mismatch_refused(tmp_path: Path) -> None:
+    fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    fake.write_bytes(b"not the pinned archive")
+    proc = subprocess.run([str(REPO / "scripts" / "fetch-llama"), "--archive", str(fake)],
+                          capture_output=True, text=True, env={"QWRAP_CACHE_DIR": str(tmp_path / "cache"),
+                                                               "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 3
+    assert "REFUSED" in proc.stderr and "sha256" in proc.stderr
+    assert not (tmp_path / "cache" / "llama.cpp").exists()

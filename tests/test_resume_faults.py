@@ -1,0 +1,251 @@
+"""Issue 3: kill anything at any moment, rerun, lose nothing; every fault is explained.
+
+Real processes throughout: qwrap runs as a subprocess, the tools are the pinned llama.cpp
+binaries and converter, faults are real signals, a real memory cgroup and a real tmpfs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import make_model, qwrap_argv, run_qwrap
+from qwrap.journal import Journal, sha256_file
+from qwrap.toolchain import Toolchain
+
+pytestmark = pytest.mark.slow
+QUANTS = ("Q4_K_M", "Q8_0", "Q5_K_S")
+
+
+@pytest.fixture(scope="module")
+def medium_model(tmp_path_factory: pytest.TempPathFactory, convert_python: Path) -> Path:
+    """Big enough (~60M parameters) that each tool runs for a few seconds."""
+    return make_model(convert_python, tmp_path_factory.mktemp("models") / "medium",
+                      "--hidden", "1024", "--ffn", "2816", "--layers", "4", "--heads", "8", "--kv-heads", "4")
+
+
+@pytest.fixture(scope="module")
+def reference(medium_model: Path, tmp_path_factory: pytest.TempPathFactory, toolchain: Toolchain) -> dict[str, str]:
+    """sha256 of each artifact from one uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = run_qwrap("run", str(medium_model), "-o", str(out), *qargs(), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return {a["quant"]: a["sha256"] for a in json.loads(proc.stdout)["artifacts"]}
+
+
+def qargs(quants: tuple[str, ...] = QUANTS) -> list[str]:
+    return [arg for q in quants for arg in ("-q", q)]
+
+
+def start(model: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(qwrap_argv("run", str(model), "-o", str(out), *qargs(), *extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+
+
+def wait_for_child(out: Path, step_prefix: str, timeout: float = 120) -> psutil.Process:
+    """The running tool of a step, from the journal's child record (as qwrap would reap it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for rec in reversed(Journal(out).records() if (out / ".checkpoint" / "journal.jsonl").exists() else []):
+            if rec.get("kind") == "child" and rec["step_ref"].startswith(step_prefix):
+                try:
+                    return psutil.Process(int(rec["pid"]))
+                except psutil.NoSuchProcess:
+                    break
+        time.sleep(0.05)
+    raise AssertionError(f"no running child for {step_prefix}")
+
+
+def finish(out: Path, model: Path, *extra: str) -> dict:
+    proc = run_qwrap("run", str(model), "-o", str(out), *qargs(), "--json", *extra)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def shas(result: dict) -> dict[str, str]:
+    return {a["quant"]: a["sha256"] for a in result["artifacts"]}
+
+
+def no_partial_finals(out: Path) -> None:
+    for path in out.glob("*.gguf"):
+        assert path.read_bytes()[:4] == b"GGUF"
+    states = Journal(out).states()
+    for quant in QUANTS:
+        final = out / f"medium-{quant}.gguf"
+        if final.exists():
+            assert states[f"gguf.validate:{quant}"].state == "done"
+
+
+def test_sigkill_of_the_tool_then_resume_is_identical(medium_model: Path, tmp_path: Path,
+                                                       reference: dict[str, str]) -> None:
+    out = tmp_path / "o"
+    proc = start(medium_model, out)
+    wait_for_child(out, "gguf.quantize:Q8_0").kill()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 10, err
+    assert "SIGKILL" in err and "again" in err
+    assert Journal(out).states()["gguf.quantize:Q8_0"].state == "failed"
+    no_partial_finals(out)
+    result = finish(out, medium_model)
+    steps = {s["id"]: s["state"] for s in result["steps"]}
+    assert steps["gguf.convert"] == "skipped" and steps["gguf.validate:Q4_K_M"] == "skipped"
+    assert steps["gguf.quantize:Q8_0"] == "done"
+    assert shas(result) == reference
+
+
+def test_sigkill_of_qwrap_leaves_no_orphan_and_resumes(medium_model: Path, tmp_path: Path,
+                                                        reference: dict[str, str]) -> None:
+    out = tmp_path / "o"
+    proc = start(medium_model, out)
+    child = wait_for_child(out, "gguf.convert")
+    proc.kill()
+    proc.communicate()
+    child.wait(timeout=10)  # died with its parent (PR_SET_PDEATHSIG), not left running
+    assert Journal(out).states()["gguf.convert"].state == "started"
+    result = finish(out, medium_model)
+    assert Journal(out).history("gguf.convert").__next__()["state"] == "started"
+    states = [r["state"] for r in Journal(out).history("gguf.convert")]
+    assert states[:3] == ["started", "interrupted", "started"]
+    assert shas(result) == reference
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_and_terminate(medium_model: Path, tmp_path: Path, signum: int, code: int,
+                                 reference: dict[str, str]) -> None:
+    out = tmp_path / "o"
+    proc = start(medium_model, out)
+    child = wait_for_child(out, "gguf.quantize:Q4_K_M")
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert Journal(out).states()["gguf.quantize:Q4_K_M"].state == "interrupted"
+    assert not list(out.glob("*.partial"))
+    no_partial_finals(out)
+    assert shas(finish(out, medium_model)) == reference
+
+
+def test_stall_is_detected(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    # The converter prints nothing while torch imports (seconds): a 0.5 s limit trips.
+    out = tmp_path / "o"
+    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q8_0", "--stall-timeout", "0.5")
+    assert proc.returncode == 13, proc.stderr
+    assert "--stall-timeout" in proc.stderr
+    assert Journal(out).states()["gguf.convert"].state == "failed"
+
+
+def test_modified_or_deleted_artifact_is_rebuilt(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    out = tmp_path / "o"
+    first = shas(finish_tiny(out, tiny_model))
+    q8 = out / "tiny-llama-Q8_0.gguf"
+    data = bytearray(q8.read_bytes())
+    data[-1] ^= 0xFF
+    q8.write_bytes(bytes(data))
+    (out / "tiny-llama-Q4_K_M.gguf").unlink()
+    again = finish_tiny(out, tiny_model, "--force")
+    steps = {s["id"]: s["state"] for s in again["steps"]}
+    assert steps["gguf.quantize:Q8_0"] == "done" and steps["gguf.quantize:Q4_K_M"] == "done"
+    assert shas(again) == first
+
+
+def finish_tiny(out: Path, model: Path, *extra: str, quants: tuple[str, ...] = ("Q4_K_M", "Q8_0")) -> dict:
+    proc = run_qwrap("run", str(model), "-o", str(out), *qargs(quants), "--json", *extra)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_changes_rerun_exactly_what_they_affect(tiny_model: Path, tmp_path: Path, corpus: Path,
+                                                toolchain: Toolchain) -> None:
+    out = tmp_path / "o"
+    finish_tiny(out, tiny_model, "--keep-intermediate")
+    added = finish_tiny(out, tiny_model, "--keep-intermediate", quants=("Q4_K_M", "Q8_0", "Q6_K"))
+    done = {s["id"] for s in added["steps"] if s["state"] == "done"}
+    assert done == {"gguf.quantize:Q6_K", "gguf.validate:Q6_K"}
+    # An imatrix re-quantizes only the types that use one (not Q8_0).
+    imat = finish_tiny(out, tiny_model, "--keep-intermediate", "--imatrix", "auto", "--calib", str(corpus),
+                       "--force")
+    done = {s["id"] for s in imat["steps"] if s["state"] == "done"}
+    assert done == {"gguf.imatrix", "gguf.quantize:Q4_K_M", "gguf.validate:Q4_K_M"}
+    # Another outtype re-converts, so everything downstream runs again.
+    f32 = finish_tiny(out, tiny_model, "--outtype", "f32", "--force")
+    assert all(s["state"] == "done" for s in f32["steps"])
+
+
+def test_second_qwrap_on_same_output_is_refused(medium_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    out = tmp_path / "o"
+    proc = start(medium_model, out)
+    wait_for_child(out, "gguf.convert")
+    second = run_qwrap("run", str(medium_model), "-o", str(out), *qargs())
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert second.returncode == 14 and str(proc.pid) in second.stderr
+
+
+def _memory_cgroup(limit: int) -> Path | None:
+    root = Path("/sys/fs/cgroup/memory")
+    if not (root / "memory.limit_in_bytes").exists() or os.geteuid() != 0:
+        return None
+    group = root / f"qwrap-test-{os.getpid()}"
+    try:
+        group.mkdir(exist_ok=True)
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        (group / "memory.memsw.limit_in_bytes").write_text(str(limit)) if (group / "memory.memsw.limit_in_bytes").exists() else None
+    except OSError:
+        return None
+    return group
+
+
+def test_oom_kill_is_reported_with_peak_memory(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    group = _memory_cgroup(160 * 2**20)  # the converter needs ~300 MiB
+    if group is None:
+        pytest.skip("needs root and a writable cgroup-v1 memory controller to provoke a real OOM kill")
+    out = tmp_path / "o"
+    try:
+        proc = subprocess.run(
+            qwrap_argv("run", str(tiny_model), "-o", str(out), "-q", "Q8_0"), capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, timeout=300,
+            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())),
+        )
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.2)
+        group.rmdir()
+    assert proc.returncode == 12, proc.stderr
+    assert "out of memory" in proc.stderr and "Peak memory" in proc.stderr and "--threads" in proc.stderr
+    st = Journal(out).states()["gguf.convert"]
+    assert st.state == "failed" and st.record["error_type"] == "OutOfMemoryError"
+
+
+def test_disk_full_then_resume(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        out = mnt / "o"
+        proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q8_0", "-q", "Q4_K_M", "--no-preflight")
+        assert proc.returncode == 9, proc.stderr
+        assert str(out) in proc.stderr and "needed" in proc.stderr
+        assert not list(out.glob("*.partial"))
+        no_corrupt = [p for p in out.glob("*.gguf") if p.read_bytes()[:4] != b"GGUF"]
+        assert not no_corrupt
+        preflight = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q8_0", "-q", "Q4_K_M")
+        assert preflight.returncode == 9 and "--no-preflight" in preflight.stderr
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+        result = finish_tiny(out, tiny_model, quants=("Q8_0", "Q4_K_M"))
+        assert all(a["validated"] for a in result["artifacts"])
+        assert sha256_file(out / "tiny-llama-Q8_0.gguf") == {a["quant"]: a["sha256"] for a in result["artifacts"]}["Q8_0"]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
