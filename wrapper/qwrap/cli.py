@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import QwrapError, exit_code_for
+from .errors import Interrupted, QwrapError, exit_code_for
 
 app = typer.Typer(
     name="qwrap",
@@ -37,6 +37,9 @@ out_console = Console()
 Model = Annotated[str, typer.Argument(help="Local Hugging Face model folder, or a Hub id `org/name`.")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output folder (created if missing).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+Events = Annotated[
+    Optional[str], typer.Option("--events", help="Write NDJSON events (schema qwrap.events/1) to FILE, or - for stdout.")
+]
 OutDir = Annotated[Path, typer.Argument(help="The --output folder of a run.")]
 
 
@@ -80,6 +83,7 @@ def run(
     force: Annotated[bool, typer.Option(help="Overwrite existing artifacts.")] = False,
     preflight: Annotated[bool, typer.Option(help="Check free disk before starting.")] = True,
     json_out: JsonFlag = False,
+    events: Events = None,
 ) -> None:
     """Quantize MODEL into OUTPUT; rerun the same command to resume after any interruption.
 
@@ -89,8 +93,6 @@ def run(
 
       qwrap run meta-llama/Llama-3.2-1B --revision main -q IQ3_XXS --imatrix auto --calib wiki.txt -o out/ --json
     """
-    from . import pipeline
-    from .report import build_result, render_table
     from .request import Request
 
     if Path(model).exists():
@@ -101,12 +103,37 @@ def run(
         keep_intermediate=keep_intermediate, threads=threads, stall_timeout=stall_timeout,
         preflight=preflight,
     )
-    with _reporter() as reporter:
-        outcome = pipeline.execute(request, token=token, reporter=reporter)
-    result = build_result(outcome)
+    _execute(request, token=token, json_out=json_out, events=events)
+
+
+def _execute(request: Any, *, token: str | None, json_out: bool, events: str | None) -> None:
+    """Run with live progress (and an NDJSON event stream), then print the result."""
+    from . import pipeline
+    from .errors import UsageError, exit_code_for
+    from .events import EventStream
+    from .report import build_result, render_table
+
+    if events == "-" and json_out:
+        raise UsageError("--events - and --json both want stdout", hint="Write events to a file.")
+    with _reporter() as inner:
+        stream = EventStream(events, inner) if events else None
+        if stream is not None:
+            stream.emit("run_started", model=request.model, output=str(request.output),
+                        formats=list(request.formats))
+        try:
+            outcome = pipeline.execute(request, token=token, reporter=stream or inner)
+        except BaseException as exc:
+            if stream is not None:
+                stream.emit("run_finished", exit_code=exit_code_for(exc), error=str(exc))
+                stream.close()
+            raise
+        result = build_result(outcome)
+        if stream is not None:
+            stream.emit("run_finished", exit_code=0, artifacts=[a["path"] for a in result["artifacts"]])
+            stream.close()
     if json_out:
         typer.echo(json.dumps(result, indent=2))
-    else:
+    elif events != "-":
         render_table(result, out_console)
 
 
@@ -115,22 +142,16 @@ def resume(
     output: OutDir,
     token: Annotated[Optional[str], typer.Option(help="Hub token, if the model must be fetched again.")] = None,
     json_out: JsonFlag = False,
+    events: Events = None,
 ) -> None:
     """Continue the run recorded in OUTPUT's journal, without retyping its options.
 
     Example: qwrap resume out/
     """
     from . import pipeline
-    from .report import build_result, render_table
 
     request = pipeline.request_from_journal(output.resolve())
-    with _reporter() as reporter:
-        outcome = pipeline.execute(request, token=token, reporter=reporter)
-    result = build_result(outcome)
-    if json_out:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        render_table(result, out_console)
+    _execute(request, token=token, json_out=json_out, events=events)
 
 
 @app.command()
@@ -222,19 +243,19 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print(f"[bold]hint:[/bold] {err.hint}", highlight=False)
         code = exit_code_for(err)
     except click.exceptions.Abort:
-        code = 130
+        code = Interrupted.exit_code
     except click.ClickException as err:
         err.show()
         code = err.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        code = 130
+        code = Interrupted.exit_code
     except Exception as exc:  # noqa: BLE001 - the last line of defence
         if os.environ.get("QWRAP_DEBUG"):
             raise
         log = _crash_log(exc)
         err_console.print(f"[bold red]internal error[/bold red]: {exc!r}\nDetails: {log}")
-        code = 1
+        code = exit_code_for(exc)
     sys.exit(code)
 
 

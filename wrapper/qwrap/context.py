@@ -24,6 +24,7 @@ class Reporter(Protocol):
     def step_started(self, step_id: str, label: str) -> None: ...
     def step_progress(self, step_id: str, done: float, total: float | None, unit: str) -> None: ...
     def step_finished(self, step_id: str, state: str, detail: str) -> None: ...
+    def artifact_ready(self, step_id: str, path: str, info: dict[str, Any]) -> None: ...
     def warning(self, message: str) -> None: ...
 
 
@@ -35,6 +36,9 @@ class NullReporter:
         pass
 
     def step_finished(self, step_id: str, state: str, detail: str) -> None:
+        pass
+
+    def artifact_ready(self, step_id: str, path: str, info: dict[str, Any]) -> None:
         pass
 
     def warning(self, message: str) -> None:

@@ -89,11 +89,12 @@ def _torch_env_path() -> Path:
 
 
 def _check(python: Path, imports: tuple[str, ...], log: Path | None) -> bool:
-    code = "import " + ", ".join(imports)
+    code: str = "import " + ", ".join(imports)
     if torch_variant() == "cpu" and "torch" in imports:
         # Never a CUDA torch on a CPU-only host: it is several GB and useless here.
         code += "\nimport torch; assert torch.version.cuda is None, 'CUDA torch on a CPU-only host'"
-    result = supervisor.run([python, "-c", code], log_path=log, timeout=300)
+    argv: list[str | os.PathLike[str]] = [python, "-c", code]
+    result = supervisor.run(argv, log_path=log, timeout=300)
     return result.ok
 
 
@@ -102,7 +103,7 @@ def healthy(env: Env, s: EnvSpec, log: Path | None = None) -> bool:
 
 
 def _pip(python: Path, args: list[str], log: Path, on_line: Callable[[str], None] | None) -> None:
-    cmd = [python, "-m", "pip", "install", "--disable-pip-version-check", *args]
+    cmd: list[str | os.PathLike[str]] = [python, "-m", "pip", "install", "--disable-pip-version-check", *args]
     result = supervisor.run(cmd, log_path=log, on_line=on_line)
     if not result.ok:
         tail = "\n  ".join(supervisor.relevant_lines(result.tail))
@@ -168,8 +169,9 @@ def ensure_env(name: str, *, on_line: Callable[[str], None] | None = None, rebui
 
 
 def find_env(name: str) -> Env:
-    """An existing healthy environment, or a clear error saying how to create it."""
-    s = spec(name)
+    """An existing environment (its marker says it passed its health check), or a clear
+    error saying how to create it."""
+    spec(name)
     env = Env(name, env_path(name))
     if not (env.path / MARKER).is_file():
         raise ToolchainMissingError(

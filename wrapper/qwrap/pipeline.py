@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import calib_source, supervisor
+from . import calib_source, modelcard, supervisor
 from .context import Reporter, RunContext
 from .errors import UsageError
 from .formats import FORMATS
 from .hub import ModelSource, parameter_counts, resolve_model
 from .journal import Journal, fingerprint_tree, output_lock, sha256_file
 from .plan import Plan, StepBuilder
+from .report import build_result
 from .request import Request, check_basic
-from .runner import Runner, StepSummary, remove_intermediates
+from .runner import Runner, RunOutcome, remove_intermediates
 from .toolchain import REPO_ROOT, find_toolchain, read_pin
-
-
-@dataclass
-class RunOutcome:
-    request: Request
-    source: ModelSource
-    plan: Plan
-    summaries: list[StepSummary]
-    warnings: list[str]
 
 
 def validate(request: Request) -> None:
@@ -95,7 +86,9 @@ def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOu
                          parameters=sum(parameter_counts(source, token=token).values()))
         summaries = Runner(ctx, journal).run()
         remove_intermediates(ctx)
-    return RunOutcome(request, source, plan, summaries, journal.warnings)
+        outcome = RunOutcome(request, source, plan, summaries, journal.warnings)
+        modelcard.write(build_result(outcome), output, calib)
+    return outcome
 
 
 def request_from_journal(output: Path) -> Request:
@@ -120,7 +113,5 @@ def _safe_argv() -> list[str]:
             continue
         if arg == "--token":
             skip = True
-        elif arg.startswith("--token="):
-            arg = "--token=***"
-        out.append(arg)
+        out.append("--token=***" if arg.startswith("--token=") else arg)
     return [os.path.basename(out[0]), *out[1:]] if out else out

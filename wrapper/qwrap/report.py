@@ -8,8 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .pipeline import RunOutcome
-from .runner import StepSummary
+from .runner import RunOutcome, StepSummary
 from .toolchain import read_pin
 from .units import human_bytes
 

@@ -21,8 +21,10 @@ from . import supervisor
 from .context import RunContext, StepOutcome
 from .errors import InsufficientDiskError, Interrupted, OutputExistsError, QwrapError
 from .formats import FORMATS
+from .hub import ModelSource
 from .journal import Journal, StepState, describe_file, outputs_verified
 from .plan import Plan, Step
+from .request import Request
 from .units import human_bytes
 
 
@@ -31,6 +33,15 @@ class StepSummary:
     step: Step
     state: str  # done | skipped | failed | interrupted | pending
     record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunOutcome:
+    request: Request
+    source: ModelSource
+    plan: Plan
+    summaries: list[StepSummary]
+    warnings: list[str]
 
 
 @contextmanager
@@ -167,9 +178,9 @@ class Runner:
             self._record_failure(step, "failed", exc, started)
             raise
         except KeyboardInterrupt:
-            exc = Interrupted(signum=signal.SIGINT)
-            self._record_failure(step, "interrupted", exc, started)
-            raise exc from None
+            interrupted = Interrupted(signum=signal.SIGINT)
+            self._record_failure(step, "interrupted", interrupted, started)
+            raise interrupted from None
         except BaseException as exc:
             self._record_failure(step, "failed", exc, started)
             raise
@@ -188,6 +199,9 @@ class Runner:
         self.journal.step_record(step.id, "done", step.fingerprint, **record)
         self.ctx.facts[step.id] = outcome.info
         self.ctx.reporter.step_finished(step.id, "done", step.label)
+        if step.deliverable:
+            for out in outputs:
+                self.ctx.reporter.artifact_ready(step.id, str(self.ctx.output / out["path"]), outcome.info)
         return StepSummary(step, "done", record)
 
     def _record_failure(self, step: Step, state: str, exc: BaseException, started: float) -> None:
@@ -208,7 +222,7 @@ class Runner:
 
 def remove_intermediates(ctx: RunContext) -> list[Path]:
     """Delete non-deliverable outputs (the 16-bit GGUF, imatrix) after a successful run."""
-    removed = []
+    removed: list[Path] = []
     if ctx.request.keep_intermediate:
         return removed
     for step in ctx.plan.steps:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -63,6 +64,9 @@ class RichReporter:
             mark = {"done": "[green]✓[/green]", "failed": "[red]✗[/red]"}.get(state, "[yellow]![/yellow]")
             self.progress.update(task, description=f"{mark} {t.description}")
 
+    def artifact_ready(self, step_id: str, path: str, info: dict[str, Any]) -> None:
+        pass
+
     def warning(self, message: str) -> None:
         self.console.print(f"[yellow]warning:[/yellow] {message}")
 
@@ -70,14 +74,14 @@ class RichReporter:
 class PlainReporter:
     """One line per step start/end, progress at most every few seconds."""
 
-    def __init__(self, stream: object = None, interval: float = PLAIN_INTERVAL_S):
+    def __init__(self, stream: IO[str] | None = None, interval: float = PLAIN_INTERVAL_S):
         self.stream = stream or sys.stderr
         self.interval = interval
         self.last: dict[str, float] = {}
         self.started: dict[str, float] = {}
 
     def _print(self, text: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {text}", file=self.stream, flush=True)  # type: ignore[call-overload]
+        print(f"{time.strftime('%H:%M:%S')} {text}", file=self.stream, flush=True)
 
     def __enter__(self) -> PlainReporter:
         return self
@@ -102,6 +106,9 @@ class PlainReporter:
         secs = time.monotonic() - self.started.get(step_id, time.monotonic())
         extra = f" in {secs:.1f}s" if state != "skipped" else ""
         self._print(f"{state:<6} {step_id}{extra}" + (f": {detail}" if state != "done" else ""))
+
+    def artifact_ready(self, step_id: str, path: str, info: dict[str, Any]) -> None:
+        self._print(f"ready  {path}")
 
     def warning(self, message: str) -> None:
         self._print(f"warning: {message}")

@@ -155,7 +155,7 @@ def add_steps(b: StepBuilder, request: Request, source: ModelSource, calib_sha: 
         user_imatrix = sha256_file(Path(request.imatrix))
     for quant in dict.fromkeys(normalize_quant(q) for q in request.quants):
         final = artifact_name(source, quant)
-        inputs = (convert.id,)
+        inputs: tuple[str, ...] = (convert.id,)
         params: dict[str, object] = {"quant": quant}
         if uses_imatrix(quant, request):
             if imatrix is not None:

@@ -1,0 +1,49 @@
+"""The rules that keep the shape (ARCHITECTURE.md), checked on the source itself."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "wrapper" / "qwrap"
+PARENT_MODULES = sorted(
+    p for p in PACKAGE.rglob("*.py") if "workers" not in p.parts
+)
+
+
+def test_parent_never_imports_heavy_libraries() -> None:
+    modules = [".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts) for p in PARENT_MODULES]
+    modules = [m.removesuffix(".__init__") for m in modules]
+    code = (
+        "import sys\n" + "".join(f"import {m}\n" for m in modules)
+        + "heavy = {'torch', 'transformers', 'numpy', 'awq', 'auto_gptq', 'gptqmodel', 'pyarrow'} & set(sys.modules)\n"
+        + "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_only_the_supervisor_spawns() -> None:
+    spawning = re.compile(r"subprocess\.(Popen|run|call|check_call|check_output)|os\.(fork|exec|spawn|system|popen)|pty\.fork|pexpect\.spawn")
+    offenders = [p.name for p in PARENT_MODULES if p.name != "supervisor.py" and spawning.search(p.read_text())]
+    assert offenders == []
+
+
+def test_only_errors_defines_exit_codes() -> None:
+    pattern = re.compile(r"^\s*exit_code\s*(:.*)?=\s*\d|sys\.exit\(\s*[1-9]|\bcode\s*=\s*[1-9]\d*\b", re.MULTILINE)
+    offenders = [p.name for p in PARENT_MODULES if p.name != "errors.py" and pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_no_pickle_loading() -> None:
+    for p in PACKAGE.rglob("*.py"):
+        text = p.read_text()
+        assert "pickle.load" not in text and "torch.load(" not in text, p
+
+
+def test_lint_and_types() -> None:
+    root = PACKAGE.parents[1]
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([str(bin_dir / "ruff"), "check", "wrapper", "tests"], cwd=root, check=True)
+    subprocess.run([str(bin_dir / "mypy")], cwd=root, check=True, capture_output=True)
