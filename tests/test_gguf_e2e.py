@@ -135,3 +135,16 @@ def test_archive_hash_mismatch_refused(tmp_path: Path) -> None:
     assert proc.returncode == 3
     assert "REFUSED" in proc.stderr and "sha256" in proc.stderr
     assert not (tmp_path / "cache" / "llama.cpp").exists()
+
+
+def test_plan_estimates_match_real_sizes(k_run: tuple[Path, dict], tiny_model: Path, tmp_path: Path) -> None:
+    """`qwrap plan` reads only headers; its size estimates are within 10% of the real files."""
+    out, result = k_run
+    proc = run_qwrap("plan", str(tiny_model), "-o", str(tmp_path / "p"), "-q", "Q4_K_M", "-q", "Q8_0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert not (tmp_path / "p").exists(), "plan must not write"
+    real = {a["quant"]: a["bytes"] for a in result["artifacts"]}
+    for art in plan["artifacts"]:
+        assert abs(art["expected_bytes"] - real[art["quant"]]) / real[art["quant"]] < 0.10, art
+    assert {c["name"]: c["ok"] for c in plan["checks"]} == {"architecture": True, "disk": True, "toolchain": True}

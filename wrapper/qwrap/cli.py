@@ -6,6 +6,7 @@ unexpected ones to a crash log; tracebacks on screen only with QWRAP_DEBUG=1.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -66,22 +67,32 @@ def _reporter() -> Any:
     return RichReporter(err_console) if err_console.is_terminal else PlainReporter()
 
 
-@app.command()
 def run(
     model: Model,
     output: Output = Path("qwrap-out"),
-    format: Annotated[list[str], typer.Option("--format", "-f", help="gguf, awq or gptq; repeatable.")] = ["gguf"],  # noqa: B006
+    format: Annotated[list[str], typer.Option("--format", "-f", help="gguf, awq or gptq; repeatable (one download, one calibration set).")] = ["gguf"],  # noqa: B006
     quant: Annotated[list[str], typer.Option("--quant", "-q", help="GGUF type, repeatable, case-insensitive (see `qwrap formats`).")] = ["Q4_K_M"],  # noqa: B006
     revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
     token: Annotated[Optional[str], typer.Option(help="Hub token (default: HF_TOKEN or the stored login). Never logged.")] = None,
-    outtype: Annotated[str, typer.Option(help="16-bit intermediate: auto (bf16 if the weights are bf16, else f16), f16, bf16, f32.")] = "auto",
-    imatrix: Annotated[Optional[str], typer.Option(help="Importance matrix FILE, or `auto` to compute it from --calib.")] = None,
-    calib: Annotated[Optional[str], typer.Option(help="Calibration text FILE (default: WikiText-2 from the Hub).")] = None,
+    outtype: Annotated[str, typer.Option(help="GGUF 16-bit intermediate: auto (bf16 if the weights are bf16, else f16), f16, bf16, f32.")] = "auto",
+    imatrix: Annotated[Optional[str], typer.Option(help="GGUF importance matrix FILE, or `auto` to compute it from --calib.")] = None,
+    calib: Annotated[Optional[str], typer.Option(help="Calibration text FILE (.txt or .jsonl); default: WikiText-2 from the Hub.")] = None,
+    bits: Annotated[int, typer.Option(help="AWQ/GPTQ bits (AWQ: 4; GPTQ: 2, 3, 4 or 8).")] = 4,
+    group_size: Annotated[int, typer.Option(help="AWQ/GPTQ group size; must divide the layer widths.")] = 128,
+    awq_version: Annotated[str, typer.Option(help="AWQ kernel layout: gemm or gemv.")] = "gemm",
+    zero_point: Annotated[bool, typer.Option(help="AWQ asymmetric quantization with zero points.")] = True,
+    act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns in order of activation size.")] = False,
+    sym: Annotated[bool, typer.Option(help="GPTQ symmetric quantization.")] = True,
+    damp: Annotated[float, typer.Option(help="GPTQ dampening fraction.")] = 0.01,
+    backend: Annotated[list[str], typer.Option(help="autoawq or gptqmodel for AWQ; gptqmodel or auto-gptq for GPTQ; FORMAT=NAME to be explicit. Repeatable.")] = [],  # noqa: B006
+    calib_samples: Annotated[int, typer.Option(help="AWQ/GPTQ calibration samples.")] = 128,
+    calib_seq_len: Annotated[int, typer.Option(help="AWQ/GPTQ calibration sequence length (tokens).")] = 512,
+    device: Annotated[str, typer.Option(help="AWQ/GPTQ device: auto (CUDA when present), cpu or cuda.")] = "auto",
     threads: Annotated[int, typer.Option(help="Threads for llama.cpp tools (0: all cores).")] = 0,
     stall_timeout: Annotated[float, typer.Option(help="Kill a tool that prints nothing for this many seconds.")] = 600.0,
     keep_intermediate: Annotated[bool, typer.Option(help="Keep the 16-bit GGUF in OUT/.checkpoint/work.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite existing artifacts.")] = False,
-    preflight: Annotated[bool, typer.Option(help="Check free disk before starting.")] = True,
+    preflight: Annotated[bool, typer.Option(help="Check architecture and free disk before starting.")] = True,
     json_out: JsonFlag = False,
     events: Events = None,
 ) -> None:
@@ -92,18 +103,58 @@ def run(
       qwrap run ./Llama-3.2-1B -q Q4_K_M -q Q8_0 -o out/
 
       qwrap run meta-llama/Llama-3.2-1B --revision main -q IQ3_XXS --imatrix auto --calib wiki.txt -o out/ --json
-    """
-    from .request import Request
 
+      qwrap run org/name --format gguf --format awq --format gptq --calib data.txt -o out/
+    """
+    options = dict(locals())
+    _execute(_request(options), token=token, json_out=json_out, events=events)
+
+
+@app.command("plan")
+@functools.wraps(run)
+def plan(**options: Any) -> None:
+    """Show what `qwrap run` with the same options would do: steps, expected sizes, peak disk
+    and memory, and the checks (architecture, disk, quant types, toolchain) - without heavy work.
+
+    Examples:
+
+      qwrap plan ./Llama-3.2-1B -q Q4_K_M -q Q8_0 -o out/
+
+      qwrap plan meta-llama/Llama-3.2-1B -q Q4_K_M --json   (downloads no weights)
+    """
+    from . import pipeline
+
+    report = pipeline.plan_only(_request(options), token=options["token"])
+    if options["json_out"]:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        from .report import render_plan
+
+        render_plan(report.to_json(), out_console)
+
+
+app.command()(run)
+
+
+def _request(o: dict[str, Any]) -> Any:
+    from .request import QuantOptions, Request, backends_from
+
+    model = o["model"]
     if Path(model).exists():
         model = str(Path(model).resolve())  # the journal must work from any directory
-    request = Request(
-        model=model, output=output.resolve(), formats=tuple(format), quants=tuple(quant),
-        revision=revision, outtype=outtype, imatrix=imatrix, calib=calib, force=force,
-        keep_intermediate=keep_intermediate, threads=threads, stall_timeout=stall_timeout,
-        preflight=preflight,
+    awq_backend, gptq_backend = backends_from(o["backend"], o["format"])
+    return Request(
+        model=model, output=Path(o["output"]).resolve(), formats=tuple(o["format"]), quants=tuple(o["quant"]),
+        revision=o["revision"], outtype=o["outtype"], imatrix=o["imatrix"], calib=o["calib"], force=o["force"],
+        keep_intermediate=o["keep_intermediate"], threads=o["threads"], stall_timeout=o["stall_timeout"],
+        preflight=o["preflight"],
+        quant_options=QuantOptions(
+            bits=o["bits"], group_size=o["group_size"], awq_version=o["awq_version"], zero_point=o["zero_point"],
+            act_order=o["act_order"], sym=o["sym"], damp=o["damp"], awq_backend=awq_backend,
+            gptq_backend=gptq_backend, calib_samples=o["calib_samples"], calib_seq_len=o["calib_seq_len"],
+            device=o["device"],
+        ),
     )
-    _execute(request, token=token, json_out=json_out, events=events)
 
 
 def _execute(request: Any, *, token: str | None, json_out: bool, events: str | None) -> None:
@@ -170,11 +221,23 @@ def status(output: OutDir, json_out: JsonFlag = False) -> None:
 
 
 @app.command()
-def formats() -> None:
-    """List the GGUF quant types with bits per weight and whether they need --imatrix."""
+def formats(
+    architectures: Annotated[bool, typer.Option("--architectures", help="List the model architectures the pinned converter supports.")] = False,
+) -> None:
+    """List the GGUF quant types with bits per weight and whether they need --imatrix.
+
+    Example: qwrap formats --architectures
+    """
     from rich.table import Table
 
     from .formats.gguf import ALIASES, QUANT_TYPES
+
+    if architectures:
+        from .toolchain import supported_architectures
+
+        for name in sorted(supported_architectures()):
+            typer.echo(name)
+        return
 
     table = Table(title="GGUF quant types (case-insensitive)")
     for col in ("type", "bits/weight", "needs imatrix", "notes"):

@@ -39,7 +39,7 @@ PATTERNS: Sequence[tuple[re.Pattern[str], _Factory]] = (
         re.compile(r"Model (\S+) is not supported"),
         lambda m, log: UnsupportedModelError(
             f"architecture {m[1]} is not supported by the pinned llama.cpp converter",
-            hint="Check `qwrap plan --list-architectures` for what is supported; a newer "
+            hint="Check `qwrap formats --architectures` for what is supported; a newer "
             f"llama.cpp may add it (QWRAP_LLAMA_CPP_DIR). Converter log: {log}",
         ),
     ),

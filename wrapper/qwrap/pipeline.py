@@ -8,11 +8,12 @@ from pathlib import Path
 
 from . import calib_source, modelcard, supervisor
 from .context import Reporter, RunContext
-from .errors import UsageError
+from .errors import QwrapError, UsageError
 from .formats import FORMATS
 from .hub import ModelSource, parameter_counts, resolve_model
 from .journal import Journal, fingerprint_tree, output_lock, sha256_file
 from .plan import Plan, StepBuilder
+from .preflight import Report, Shape, architecture_check, read_config, run_preflight
 from .report import build_result
 from .request import Request, check_basic
 from .runner import Runner, RunOutcome, remove_intermediates
@@ -22,6 +23,8 @@ from .toolchain import REPO_ROOT, find_toolchain, read_pin
 def validate(request: Request) -> None:
     check_basic(request)
     for fmt in request.formats:
+        if fmt not in FORMATS:
+            raise UsageError(f"format {fmt} is not available in this qwrap build")
         FORMATS[fmt].validate_options(request)
 
 
@@ -69,10 +72,25 @@ def check_toolchain(request: Request) -> None:
         envs.find_env("convert")
 
 
+def plan_only(request: Request, *, token: str | None) -> Report:
+    """`qwrap plan`: every check and estimate, no weights downloaded, nothing written."""
+    validate(request)
+    source = resolve_model(request.model, revision=request.revision, token=token, weights=False)
+    report = run_preflight(request, source, token=token, strict=False)
+    try:
+        check_toolchain(request)
+        report.check("toolchain", True, "llama.cpp build and environments present")
+    except QwrapError as exc:
+        report.check("toolchain", False, f"{exc.message} ({exc.hint})")
+    return report
+
+
 def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOutcome:
     validate(request)
     source = resolve_model(request.model, revision=request.revision, token=token)
     check_toolchain(request)
+    if request.preflight and "gguf" in request.formats:
+        architecture_check(Report(request.model, None, Shape(0, 0, 0, 0, 0)), read_config(source))
     output = request.output
     output.mkdir(parents=True, exist_ok=True)
     with output_lock(output):

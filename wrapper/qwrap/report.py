@@ -58,6 +58,23 @@ def build_result(outcome: RunOutcome) -> dict[str, Any]:
     }
 
 
+def render_plan(plan: dict[str, Any], console: Console) -> None:
+    console.print(f"[bold]{plan['model']}[/bold]: {plan['architecture']}, {plan['parameters']:,} parameters")
+    table = Table(title="steps")
+    for col in ("step", "expected output", "expected peak RAM"):
+        table.add_column(col)
+    for s in plan["steps"]:
+        table.add_row(s["id"], human_bytes(s["expected_bytes"]), human_bytes(s["expected_peak_ram_bytes"]))
+    console.print(table)
+    disk = plan.get("disk") or {}
+    if disk:
+        console.print(f"peak disk in {disk['path']}: {human_bytes(disk['peak_bytes'])} "
+                      f"({human_bytes(disk['free_bytes'])} free)")
+    for c in plan["checks"]:
+        mark = "[green]ok[/green]  " if c["ok"] else "[red]FAIL[/red]"
+        console.print(f"{mark} {c['name']}: {c['detail']}")
+
+
 def render_table(result: dict[str, Any], console: Console) -> None:
     table = Table(title=f"qwrap: {result['model']['name']}")
     for col in ("format", "type", "size", "bits/weight", "validated", "time", "peak RAM", "path"):

@@ -70,6 +70,32 @@ class Request:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+AWQ_BACKENDS = ("autoawq", "gptqmodel")
+GPTQ_BACKENDS = ("gptqmodel", "auto-gptq")
+
+
+def backends_from(values: list[str], formats: list[str]) -> tuple[str, str]:
+    """``--backend`` values -> (awq backend, gptq backend). A bare name goes to every
+    requested format that knows it; ``awq=NAME`` / ``gptq=NAME`` are explicit."""
+    awq, gptq = QuantOptions.awq_backend, QuantOptions.gptq_backend
+    for value in values:
+        fmt, _, name = value.rpartition("=")
+        targets = [fmt] if fmt else [f for f in formats if f in ("awq", "gptq")]
+        known = False
+        for target in targets:
+            if target == "awq" and name in AWQ_BACKENDS:
+                awq, known = name, True
+            elif target == "gptq" and name in GPTQ_BACKENDS:
+                gptq, known = name, True
+        if not known:
+            raise UsageError(
+                f"--backend {value!r} does not apply to the requested formats",
+                hint=f"AWQ: {', '.join(AWQ_BACKENDS)}; GPTQ: {', '.join(GPTQ_BACKENDS)}; "
+                "use awq=NAME or gptq=NAME to be explicit.",
+            )
+    return awq, gptq
+
+
 def check_basic(request: Request) -> None:
     """Checks that need no format knowledge."""
     for fmt in request.formats:

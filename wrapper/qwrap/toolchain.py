@@ -144,3 +144,29 @@ def find_toolchain() -> Toolchain:
             hint=SETUP_HINT,
         )
     return found
+
+
+_REGISTER = re.compile(r"@ModelBase\.register\(([^)]*)\)")
+
+
+def supported_architectures(source: Path | None = None) -> set[str]:
+    """Architectures the pinned converter registers, read from its source (no import)."""
+    if source is None:
+        source = source_dir(read_pin())
+        try:
+            found = find_toolchain().source_dir
+            source = found or source
+        except ToolchainMissingError:
+            pass
+    files = [source / "convert_hf_to_gguf.py", *sorted((source / "conversion").glob("*.py"))]
+    names: set[str] = set()
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for args in _REGISTER.findall(text):
+            names.update(re.findall(r"[\"']([A-Za-z0-9_]+)[\"']", args))
+    if not names:
+        raise ToolchainMissingError(f"no converter source in {source}", hint=SETUP_HINT)
+    return names
