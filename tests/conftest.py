@@ -106,3 +106,24 @@ def run_qwrap(*args: str, env: dict[str, str] | None = None, timeout: float = 60
         qwrap_argv(*args), capture_output=True, text=True, env=full_env, timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+# -- GPU tests ----------------------------------------------------------------------------
+
+
+def cuda_devices() -> list[str]:
+    import shutil
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    proc = subprocess.run([smi, "-L"], capture_output=True, text=True)
+    return [line for line in proc.stdout.splitlines() if line.startswith("GPU")]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if any("gpu" in item.keywords for item in items) and not cuda_devices():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU: nvidia-smi finds none (scripts/gpu-check runs these on a GPU host)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
