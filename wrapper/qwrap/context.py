@@ -82,15 +82,20 @@ class RunContext:
             raise UsageError("this step needs calibration text", hint="Pass --calib FILE.txt.")
         return self.calib
 
-    def place_final(self, partial: Path, final: Path) -> None:
-        """Rename a validated file (or folder) to its final name; never clobber without --force."""
+    def check_final(self, final: Path) -> None:
+        """Refuse to replace an existing final artifact without --force."""
         if final.exists() and not self.request.force:
             raise OutputExistsError(
                 f"{final} already exists", hint="Pass --force to overwrite it, or choose another --output."
             )
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+
+
+def place(partial: Path, final: Path) -> None:
+    """Rename a validated file or folder to its final name (replacing one only with --force,
+    which the step checked before)."""
+    if final.is_dir() and not final.is_symlink():
+        shutil.rmtree(final)
+    os.replace(partial, final)
 
 
 @dataclass
@@ -101,6 +106,9 @@ class StepOutcome:
     info: dict[str, Any] = field(default_factory=dict)
     peak_rss_bytes: int = 0
     peak_gpu_bytes: int = 0
+    # validated (partial, final) pairs: the runner journals "done" with the final names
+    # first, then renames, so a kill between the two never leaves an unexplained final file
+    renames: list[tuple[Path, Path]] = field(default_factory=list)
 
 
 class _Parser(Protocol):

@@ -8,6 +8,7 @@ from the deliverables backwards, so a rerun does exactly the missing work.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import supervisor
-from .context import RunContext, StepOutcome
+from .context import RunContext, StepOutcome, place
 from .errors import InsufficientDiskError, Interrupted, OutputExistsError, QwrapError
 from .formats import FORMATS
 from .hub import ModelSource
@@ -189,6 +190,8 @@ class Runner:
     def _record_done(self, step: Step, outcome: StepOutcome, started: float) -> StepSummary:
         seconds = round(time.monotonic() - started, 3)
         outputs = [describe_file(p, self.ctx.output) for p in outcome.outputs]
+        for partial, final in outcome.renames:
+            outputs.append({**describe_file(partial, self.ctx.output), "path": os.path.relpath(final, self.ctx.output)})
         record = {
             "outputs": outputs,
             "info": outcome.info,
@@ -197,6 +200,8 @@ class Runner:
             "peak_gpu_bytes": outcome.peak_gpu_bytes,
         }
         self.journal.step_record(step.id, "done", step.fingerprint, **record)
+        for partial, final in outcome.renames:
+            place(partial, final)
         self.ctx.facts[step.id] = outcome.info
         self.ctx.reporter.step_finished(step.id, "done", step.label)
         if step.deliverable:

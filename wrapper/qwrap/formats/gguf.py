@@ -308,9 +308,10 @@ def _validate(step: Step, ctx: RunContext) -> StepOutcome:
     generated = "\n".join(result.tail)
     if VALIDATE_PROMPT not in generated:
         raise ValidationFailedError(f"llama.cpp loaded {quant} but generated nothing")
-    ctx.place_final(partial, final)
+    ctx.check_final(final)
     return StepOutcome(
-        [final],
+        [],
         {"validated": True, "architecture": info.architecture, "tensor_count": len(info.tensors)},
         result.peak_rss_bytes,
+        renames=[(partial, final)],
     )
