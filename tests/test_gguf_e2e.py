@@ -147,4 +147,13 @@ def test_plan_estimates_match_real_sizes(k_run: tuple[Path, dict], tiny_model: P
     real = {a["quant"]: a["bytes"] for a in result["artifacts"]}
     for art in plan["artifacts"]:
         assert abs(art["expected_bytes"] - real[art["quant"]]) / real[art["quant"]] < 0.10, art
-    assert {c["name"]: c["ok"] for c in plan["checks"]} == {"architecture": True, "disk": True, "toolchain": True}
+    checks = {c["name"]: c["ok"] for c in plan["checks"]}
+    assert checks == {"architecture": True, "disk": True, "toolchain": True, "tokenizer": True}
+
+
+def test_plan_catches_a_rejected_tokenizer_in_seconds(convert_python: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    model = make_model(convert_python, tmp_path / "gpt2ish", "--tokenizer", "gpt2-bpe")
+    proc = run_qwrap("plan", str(model), "-o", str(tmp_path / "o"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert not checks["tokenizer"]["ok"] and "pre-tokenizer" in checks["tokenizer"]["detail"]

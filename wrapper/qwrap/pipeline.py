@@ -13,7 +13,7 @@ from .formats import FORMATS
 from .hub import ModelSource, parameter_counts, resolve_model
 from .journal import Journal, fingerprint_tree, output_lock, sha256_file
 from .plan import Plan, StepBuilder
-from .preflight import Report, Shape, architecture_check, read_config, run_preflight
+from .preflight import Report, Shape, architecture_check, read_config, run_preflight, tokenizer_check
 from .report import build_result
 from .request import Request, check_basic
 from .runner import Runner, RunOutcome, remove_intermediates
@@ -77,6 +77,8 @@ def plan_only(request: Request, *, token: str | None) -> Report:
     validate(request)
     source = resolve_model(request.model, revision=request.revision, token=token, weights=False)
     report = run_preflight(request, source, token=token, strict=False)
+    if "gguf" in request.formats:
+        tokenizer_check(report, source)
     try:
         check_toolchain(request)
         report.check("toolchain", True, "llama.cpp build and environments present")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,30 @@ def architecture_check(report: Report, config: dict[str, Any]) -> None:
         hint="`qwrap formats --architectures` lists what is; a newer llama.cpp may add it "
         "(QWRAP_LLAMA_CPP_DIR).",
     )
+
+
+def tokenizer_check(report: Report, source: ModelSource) -> None:
+    """A vocab-only conversion (seconds, no weights needed) catches tokenizers the pinned
+    converter rejects, such as unknown BPE pre-tokenizers, before hours of work."""
+    from . import envs, supervisor
+    from .failures import error_for
+    from .toolchain import find_toolchain
+
+    try:
+        tools = find_toolchain()
+        python = envs.find_env("convert").python
+        converter = tools.converter
+    except QwrapError as exc:
+        report.check("tokenizer", False, f"not checked: {exc.message}")
+        return
+    with tempfile.TemporaryDirectory(prefix="qwrap-vocab-") as tmp:
+        result = supervisor.run([python, converter, source.path, "--vocab-only", "--outfile",
+                                 Path(tmp) / "vocab.gguf"], log_path=Path(tmp) / "vocab.log")
+        if result.ok:
+            report.check("tokenizer", True, "the pinned converter accepts the tokenizer")
+        else:
+            err = error_for(result, "vocab-only conversion")
+            report.check("tokenizer", False, err.message)
 
 
 def disk_check(report: Report, output: Path, needed: int) -> None:
