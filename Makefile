@@ -38,12 +38,13 @@ backend-envs: venv ## The AWQ/GPTQ backend environments in the cache
 
 setup: venv llama envs backend-envs ## Everything the tests and demo need
 
-demo: setup ## Build a tiny model offline and quantize it to a few GGUF types
-	$$($(QWRAP) env create convert) scripts/make-tiny-model $(DEMO)/tiny-llama
-	$(QWRAP) run $(DEMO)/tiny-llama -o $(DEMO)/gguf -q Q4_K_M -q Q5_K_M -q Q8_0 --force
+demo: venv llama envs ## Build a tiny model offline and quantize it to a few GGUF types
+	@test -d $(DEMO)/tiny-llama || $$($(QWRAP) env create convert) scripts/make-tiny-model $(DEMO)/tiny-llama
+	$(QWRAP) run $(DEMO)/tiny-llama -o $(DEMO)/gguf -q Q4_K_M -q Q5_K_M -q Q8_0
+	@echo "Artifacts and model card in $(DEMO)/gguf; run again to see every step reused."
 
 test: setup ## All tests (real tools, tiny models); about 10 minutes warm
-	$(PY) -m pytest $(PYTEST_ARGS)
+	QWRAP_REQUIRE_TOOLCHAIN=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv ## Only the tests that need no toolchain
 	$(PY) -m pytest -m "not slow and not backend" $(PYTEST_ARGS)
