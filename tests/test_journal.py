@@ -85,3 +85,14 @@ with output_lock(Path({str(tmp_path)!r})):
     holder.stdout.close()
     with output_lock(tmp_path):  # a dead holder's lock is taken over
         assert (tmp_path / ".checkpoint" / "lock").read_text().strip() == str(os.getpid())
+
+
+def test_folder_outputs_are_verified_file_by_file(tmp_path: Path) -> None:
+    folder = tmp_path / "model-AWQ-4bit-g128"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"w" * 10)
+    entry = describe_file(folder, tmp_path)
+    assert entry["bytes"] == 12 and verify_file(entry, tmp_path)
+    (folder / "config.json").write_text("[]")
+    assert not verify_file(entry, tmp_path)

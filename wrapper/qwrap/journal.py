@@ -45,23 +45,35 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def sha256_path(path: Path) -> str:
+    """A file's sha256; for a folder (AWQ/GPTQ artifacts), the hash of its files' names and hashes."""
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        digest.update(f"{p.relative_to(path)}\0{sha256_file(p)}\n".encode())
+    return digest.hexdigest()
+
+
 def describe_file(path: Path, base: Path) -> dict[str, Any]:
-    """What a 'done' record says about an output: enough to re-verify it later."""
-    return {
-        "path": os.path.relpath(path, base),
-        "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
-    }
+    """What a 'done' record says about an output (file or folder): enough to re-verify it."""
+    return {"path": os.path.relpath(path, base), "bytes": _size(path), "sha256": sha256_path(path)}
 
 
 def verify_file(entry: dict[str, Any], base: Path) -> bool:
     path = base / entry["path"]
     try:
-        if path.stat().st_size != entry["bytes"]:
+        if _size(path) != entry["bytes"]:
             return False
     except OSError:
         return False
-    return sha256_file(path) == entry["sha256"]
+    return sha256_path(path) == entry["sha256"]
 
 
 def fingerprint_tree(root: Path) -> str:
