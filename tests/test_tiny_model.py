@@ -1,0 +1,167 @@
+"""scripts/make-tiny-model: deterministic offline model folders the pinned converter accepts.
+
+The slow tests need the converter environment's Python in $QWRAP_CONVERT_PYTHON and the
+pinned llama.cpp source (scripts/fetch-llama); they skip with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import _missing
+from qwrap.errors import ToolchainMissingError
+from qwrap.toolchain import find_toolchain, read_pin, source_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "make-tiny-model"
+LOAD_AND_GENERATE = """
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = tok("The harbour was quiet before the storm.", return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                     pad_token_id=tok.eos_token_id)
+print(len(tok), model.config.vocab_size, out.shape[1] - ids["input_ids"].shape[1])
+"""
+
+
+@pytest.fixture(scope="module")
+def python() -> Path:
+    value = os.environ.get("QWRAP_CONVERT_PYTHON")
+    if not value:
+        _missing("QWRAP_CONVERT_PYTHON", "point it at the converter environment's python: "
+                 "torch, transformers, tokenizers, sentencepiece, safetensors")
+    return Path(str(value))
+
+
+@pytest.fixture(scope="module")
+def converter() -> Path:
+    script = source_dir(read_pin()) / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    try:
+        return find_toolchain().converter
+    except ToolchainMissingError:
+        _missing("the pinned llama.cpp source", f"no {script}; run scripts/fetch-llama")
+        raise
+
+
+def build(python: Path, out: Path, *args: str) -> Path:
+    proc = subprocess.run([str(python), str(SCRIPT), str(out), *args],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def convert(python: Path, converter: Path, model: Path) -> subprocess.CompletedProcess[str]:
+    gguf = model.with_name(model.name + ".gguf")
+    return subprocess.run([str(python), str(converter), str(model), "--outfile", str(gguf),
+                           "--outtype", "f16"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def models(python: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One folder per case, built once for the module."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    cases = {
+        "spm": (),
+        "llama-bpe": ("--tokenizer", "llama-bpe"),
+        "gpt2-bpe": ("--tokenizer", "gpt2-bpe"),
+        "qwen2-sharded": ("--arch", "qwen2", "--shards", "2"),
+        "foo": ("--architecture-name", "FooForCausalLM"),
+    }
+    return {name: build(python, root / name, *args) for name, args in cases.items()}
+
+
+# -- no toolchain needed -----------------------------------------------------------------
+
+
+def test_help_needs_no_heavy_imports() -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "--tokenizer {spm,llama-bpe,gpt2-bpe}" in proc.stdout and "pre-tokenizer" in proc.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--heads", "3"), "not a multiple of --heads"),
+    (("--kv-heads", "3"), "not a multiple of --kv-heads"),
+    (("--vocab", "100"), "--vocab must be at least"),
+    (("--shards", "999"), "exceeds the number of tensors"),
+])
+def test_bad_sizes_refused_before_any_work(tmp_path: Path, args: tuple[str, ...],
+                                           message: str) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "m"), *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+# -- with the converter environment ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_same_arguments_give_identical_bytes(python: Path, models: dict[str, Path],
+                                             tmp_path: Path) -> None:
+    again = build(python, tmp_path / "again")
+    assert contents(again) == contents(models["spm"])
+    assert not (tmp_path / "again.partial").exists()
+
+
+@pytest.mark.slow
+def test_folder_is_complete(models: dict[str, Path]) -> None:
+    spm = models["spm"]
+    assert sorted(p.name for p in spm.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    config = json.loads((spm / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 4096
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
+    assert not (models["llama-bpe"] / "tokenizer.model").exists()
+    sharded = models["qwen2-sharded"]
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    foo = json.loads((models["foo"] / "config.json").read_text())
+    assert foo["architectures"] == ["FooForCausalLM"] and foo["model_type"] == "llama"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["spm", "llama-bpe", "qwen2-sharded"])
+def test_converter_accepts(python: Path, converter: Path, models: dict[str, Path],
+                           name: str) -> None:
+    proc = convert(python, converter, models[name])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert models[name].with_name(name + ".gguf").read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "message"), [
+    ("gpt2-bpe", "pre-tokenizer was not recognized"),
+    ("foo", "Model FooForCausalLM is not supported"),
+])
+def test_converter_rejects(python: Path, converter: Path, models: dict[str, Path], name: str,
+                           message: str) -> None:
+    proc = convert(python, converter, models[name])
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["spm", "llama-bpe", "qwen2-sharded"])
+def test_transformers_loads_and_generates(python: Path, models: dict[str, Path], name: str) -> None:
+    proc = subprocess.run([str(python), "-c", LOAD_AND_GENERATE, str(models[name])],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokenizer_size, vocab_size, generated = map(int, proc.stdout.split())
+    assert (tokenizer_size, vocab_size, generated) == (4096, 4096, 4)
