@@ -32,8 +32,9 @@ app = typer.Typer(
 env_app = typer.Typer(help="Manage the isolated converter/backend environments.", no_args_is_help=True)
 app.add_typer(env_app, name="env")
 
-err_console = Console(stderr=True)
-out_console = Console()
+# Not a terminal (CI logs): never wrap messages (paths must stay copyable), wide tables.
+err_console = Console(stderr=True, soft_wrap=True)
+out_console = Console(width=None if sys.stdout.isatty() else 160)
 
 Model = Annotated[str, typer.Argument(help="Local Hugging Face model folder, or a Hub id `org/name`.")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output folder (created if missing).")]

@@ -32,7 +32,7 @@ def _toolchain() -> dict[str, Any]:
     except ToolchainMissingError as exc:
         return {**info, "ok": False, "problem": exc.message, "fix": exc.hint}
     tools = {t: str(tc.bin_dir / t) if (tc.bin_dir / t).exists() else None for t in TOOLS}
-    version = supervisor.run([tc.bin_dir / "llama-quantize", "--version"], timeout=20)
+    version = supervisor.run([tc.bin_dir / "llama-imatrix", "--version"], timeout=20)
     return {**info, "ok": all(tools.values()), "origin": tc.origin, "variant": tc.variant,
             "bin_dir": str(tc.bin_dir), "source_dir": str(tc.source_dir), "tools": tools,
             "version": " ".join(line for line in version.tail if "version" in line or "built" in line)}
@@ -45,7 +45,7 @@ def _envs() -> dict[str, Any]:
             env = envs.find_env(name)
             out[name] = {"ok": True, "path": str(env.path)}
         except ToolchainMissingError as exc:
-            out[name] = {"ok": False, "path": str(envs.env_path(name)), "fix": exc.hint}
+            out[name] = {"ok": False, "path": None, "fix": exc.hint or exc.message}
     return out
 
 
@@ -65,7 +65,7 @@ def render(info: dict[str, Any], console: Console) -> None:
         table.add_column(col)
     for name, e in info["environments"].items():
         table.add_row(name, "[green]ok[/green]" if e["ok"] else "[yellow]not created[/yellow]",
-                      e["path"] if e["ok"] else e["fix"])
+                      str(e["path"] if e["ok"] else e["fix"]))
     console.print(table)
     gpu = info["gpu"]
     console.print("GPU: " + (", ".join(gpu["devices"]) if gpu["present"] else gpu["detail"]))

@@ -243,7 +243,7 @@ def _imatrix(step: Step, ctx: RunContext) -> StepOutcome:
     argv: list[str | os.PathLike[str]] = [
         tools.tool("llama-imatrix"), "-m", model, "-f", calib, "-o", tmp,
         "-t", str(ctx.threads), "-c", "512", "--chunks", str(step.param("chunks")),
-        "--log-jsonl", "--no-warmup",
+        "--log-jsonl",
     ]
     result = run_tool(ctx, step.id, argv, what="llama-imatrix", parser=ChunkProgress())
     if not tmp.is_file():
