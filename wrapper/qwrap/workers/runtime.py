@@ -1,0 +1,192 @@
+"""What every worker's ``main`` shares: job loading, device choice, error events, memory.
+
+Only stdlib at import time; torch is imported inside functions, after ``prepare_device``
+has had the chance to hide CUDA (``--device cpu`` must not touch a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from qwrap.workers import protocol as p
+
+J = TypeVar("J", p.QuantizeJob, p.ValidateJob)
+
+RESUME_HINT = "Finished layers are checkpointed: rerun the same command to resume."
+OOM_HINT = RESUME_HINT + " Lower --calib-samples or --calib-seq-len to reduce peak memory."
+
+
+class WorkerError(Exception):
+    """An expected failure, reported as an ``error`` event of ``kind``."""
+
+    def __init__(self, kind: str, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.hint = hint
+
+
+def versions(*dists: str) -> dict[str, str]:
+    found = {}
+    for name in ("torch", "transformers", *dists):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def prepare_device(requested: str) -> None:
+    """Before torch is imported: hide GPUs when the job asks for the CPU."""
+    if requested == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise WorkerError("unsupported", "--device cuda was given but no CUDA device is visible",
+                          hint="Use --device auto or --device cpu.")
+    return requested
+
+
+def run(expected: type[J], body: Callable[[J], None], *, backend: str) -> NoReturn:
+    """``python -m`` entry: load the job from argv, run ``body``, map failures to events."""
+    code = 0
+    try:
+        job = _load(expected)
+        prepare_device(job.device)
+        _capture_warnings()
+        body(job)
+    except WorkerError as exc:
+        p.emit(p.Error(kind=exc.kind, message=str(exc), hint=exc.hint))
+        code = 2 if exc.kind == "bad_job" else 1
+    except KeyboardInterrupt:
+        p.emit(p.Error(kind="interrupted", message="interrupted", hint=RESUME_HINT))
+        code = 130
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
+        p.emit(_failure_event(exc, backend))
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: library thread pools (gptqmodel) must not keep a finished worker alive.
+    os._exit(code)
+
+
+def _load(expected: type[J]) -> J:
+    if len(sys.argv) != 2:
+        raise WorkerError("bad_job", f"usage: python -m {sys.argv[0]} JOB.json")
+    try:
+        job = p.load_job(sys.argv[1])
+    except p.ProtocolError as exc:
+        raise WorkerError("bad_job", str(exc)) from exc
+    if not isinstance(job, expected):
+        raise WorkerError("bad_job", f"this worker runs {expected.__name__}, got {type(job).__name__}")
+    return job
+
+
+def _failure_event(exc: BaseException, backend: str) -> p.Error:
+    detail = "".join(traceback.format_exception(exc))
+    if is_oom(exc):
+        return p.Error(kind="oom", message=f"out of memory: {exc}", hint=OOM_HINT, detail=detail)
+    kind = "internal" if _raised_in_qwrap(exc) else "backend"
+    return p.Error(kind=kind, message=f"{type(exc).__name__}: {exc}",
+                   hint=f"See the step log for the {backend} traceback.", detail=detail)
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return "out of memory" in str(exc).lower()
+
+
+def _raised_in_qwrap(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and f"{os.sep}qwrap{os.sep}" in last
+
+
+def _capture_warnings() -> None:
+    """Python warnings become ``warning`` events (once per message) and still print."""
+    seen: set[str] = set()
+    original = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        text = f"{category.__name__}: {message}"
+        if text not in seen:
+            seen.add(text)
+            p.emit(p.WarningEvent(message=text, source=Path(filename).parent.name))
+        original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
+def warn(message: str) -> None:
+    p.emit(p.WarningEvent(message=message))
+
+
+# -------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class LayerMeter:
+    """Wall time and peak memory of one layer.
+
+    Linux lets a process reset its RSS high-water mark (``/proc/self/clear_refs``), which
+    makes the peak per layer exact; elsewhere the peak is the process's since start.
+    """
+
+    cuda: bool
+    started: float = 0.0
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        _reset_rss_peak()
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def stop(self, index: int, total: int, *, resumed: bool = False) -> p.LayerDone:
+        gpu = None
+        if self.cuda:
+            import torch
+
+            gpu = int(torch.cuda.max_memory_allocated())
+        return p.LayerDone(index=index, total=total, seconds=round(time.monotonic() - self.started, 3),
+                           peak_rss_bytes=peak_rss_bytes(), peak_gpu_bytes=gpu, resumed=resumed)
+
+
+def _reset_rss_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
