@@ -149,6 +149,21 @@ class Runner:
                 hint="Free space or choose another --output; --no-preflight skips this check.",
             )
 
+    def _disk_short(self, step: Step) -> bool:
+        """Tools do not always say ENOSPC (llama-quantize: 'iostream error'): a failed step
+        with less free space left than its output needs is reported as a full disk."""
+        return shutil.disk_usage(self.ctx.output).free < self._estimate(step)
+
+    def _disk_error(self, step: Step, cause: QwrapError) -> InsufficientDiskError:
+        where = self.ctx.output / step.outputs[0] if step.outputs else self.ctx.output
+        return InsufficientDiskError(
+            f"the disk filled up writing {where}: about {human_bytes(self._estimate(step))} needed, "
+            f"{human_bytes(shutil.disk_usage(self.ctx.output).free)} free",
+            hint="Free space (or choose another --output) and run the same command again: "
+            "finished steps are kept." + (f" Tool log: {cause.log_path}" if cause.log_path else ""),
+            log_path=cause.log_path,
+        )
+
     def _on_child(self, step: Step) -> Any:
         def record(pid: int, create_time: float) -> None:
             self.journal.append(
@@ -167,17 +182,11 @@ class Runner:
         except Interrupted as exc:
             self._record_failure(step, "interrupted", exc, started)
             raise
-        except InsufficientDiskError as exc:
-            where = self.ctx.output / step.outputs[0] if step.outputs else self.ctx.output
-            exc.message = (
-                f"{exc.message}: writing {where} (about {human_bytes(self._estimate(step))} needed, "
-                f"{human_bytes(shutil.disk_usage(self.ctx.output).free)} free)"
-            )
-            self._record_failure(step, "failed", exc, started)
-            raise
         except QwrapError as exc:
+            if isinstance(exc, InsufficientDiskError) or self._disk_short(step):
+                exc = self._disk_error(step, exc)
             self._record_failure(step, "failed", exc, started)
-            raise
+            raise exc from None
         except KeyboardInterrupt:
             interrupted = Interrupted(signum=signal.SIGINT)
             self._record_failure(step, "interrupted", interrupted, started)
