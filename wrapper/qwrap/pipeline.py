@@ -64,12 +64,21 @@ def build_plan(request: Request, source: ModelSource, calib: Path | None) -> Pla
 
 
 def check_toolchain(request: Request) -> None:
+    """Every tool and environment the run needs exists, before any heavy work."""
+    from . import envs
+
     if "gguf" in request.formats:
         tools = find_toolchain()
         tools.converter  # noqa: B018 - raises with the fix when missing
-        from . import envs
-
+    if "gguf" in request.formats or (needs_calibration(request) and request.calib in (None, "wikitext2")):
         envs.find_env("convert")
+    o = request.quant_options
+    if "awq" in request.formats:
+        envs.find_env(o.awq_backend)
+    if "gptq" in request.formats:
+        envs.find_env(o.gptq_backend)
+    if {"awq", "gptq"} & set(request.formats):
+        envs.find_env("gptqmodel")  # validation reloads artifacts there
 
 
 def plan_only(request: Request, *, token: str | None) -> Report:

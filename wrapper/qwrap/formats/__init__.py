@@ -13,7 +13,7 @@ from ..context import RunContext, StepOutcome
 from ..hub import ModelSource
 from ..plan import Step, StepBuilder
 from ..request import Request
-from . import gguf
+from . import awq, gguf, gptq
 
 
 class Format(Protocol):
@@ -30,4 +30,4 @@ class Format(Protocol):
     def estimate_bytes(self, step: Step, parameters: int) -> int: ...
 
 
-FORMATS: dict[str, Format] = {"gguf": gguf}
+FORMATS: dict[str, Format] = {"gguf": gguf, "awq": awq, "gptq": gptq}
