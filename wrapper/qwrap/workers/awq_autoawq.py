@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qwrap.workers import protocol as p
-from qwrap.workers.runtime import LayerMeter, WorkerError, resolve_device, run, versions
+from qwrap.workers.runtime import LayerMeter, WorkerError, check_group_size, resolve_device, run, versions
 
 CHECKPOINT_SUBDIR = "autoawq"
 
@@ -52,7 +52,7 @@ def main(job: p.QuantizeJob) -> None:
                                source=layerstore.source_fingerprint(model_dir)),
     )
     model = _load(model_dir, dtype)
-    _check_group_size(model.model, job.group_size)
+    check_group_size(model.model, job.group_size)
     p.emit(p.Progress(stage="load", done=1, total=1, unit="model"))
     model.quantize(
         tokenizer,
@@ -97,19 +97,6 @@ def _load(model_dir: Path, dtype: Any) -> Any:
     return AutoAWQForCausalLM.from_pretrained(
         str(model_dir), torch_dtype=dtype, device_map="cpu", trust_remote_code=False,
     )
-
-
-def _check_group_size(model: Any, group_size: int) -> None:
-    import torch
-
-    if group_size == -1:
-        return
-    widths = {m.in_features for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and "lm_head" not in name}
-    bad = sorted(w for w in widths if w % group_size)
-    if bad:
-        raise WorkerError("unsupported", f"group size {group_size} does not divide layer widths {bad}",
-                          hint="Pick a --group-size that divides every layer's input width.")
 
 
 def _save(model: Any, model_dir: Path, out: Path) -> None:

@@ -62,6 +62,20 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def check_group_size(model: Any, group_size: int) -> None:
+    """Group sizes must divide every quantized layer's input width; checked right after loading."""
+    import torch
+
+    if group_size == -1:
+        return
+    widths = {m.in_features for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and "lm_head" not in name}
+    bad = sorted(w for w in widths if w % group_size)
+    if bad:
+        raise WorkerError("unsupported", f"group size {group_size} does not divide layer widths {bad}",
+                          hint="Pick a --group-size that divides every layer's input width.")
+
+
 def run(expected: type[J], body: Callable[[J], None], *, backend: str) -> NoReturn:
     """``python -m`` entry: load the job from argv, run ``body``, map failures to events."""
     code = 0

@@ -1,0 +1,102 @@
+"""``python -m qwrap.workers.hf_validate JOB.json``: does an AWQ/GPTQ folder load and agree
+with its source model? Runs in the gptqmodel environment (transformers + gptqmodel kernels).
+
+The reference model runs first over the held-out samples and its next-token log-probs are
+kept (float32, on the CPU); then it is freed and the quantized model is loaded, so the two
+never share memory. Reported: the mean KL(reference || quantized) over every position, the
+share of positions where both pick the same top token, and both perplexities. An artifact
+that fails to load or yields non-finite logits is an ``error`` (kind ``validation``).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from qwrap.workers import protocol as p
+from qwrap.workers.gptqmodel_common import prepare_environment
+from qwrap.workers.runtime import WorkerError, resolve_device, run, versions
+
+
+def main(job: p.ValidateJob) -> None:
+    prepare_environment()
+    p.emit(p.Started(task="validate", backend="gptqmodel", pid=os.getpid(), device=job.device,
+                     versions=versions("gptqmodel", "optimum")))
+    import torch
+    from transformers import AutoTokenizer
+
+    from qwrap.workers import artifact
+    from qwrap.workers.calib import load_samples
+
+    started = time.monotonic()
+    device = resolve_device(job.device)
+    samples = load_samples(job.text, AutoTokenizer.from_pretrained(job.model), Path(job.model))
+    batches = [row.unsqueeze(0) for row in samples.ids]
+    with torch.inference_mode():
+        reference = _load(job.model, device, quantized=False)
+        ref_logprobs = [_logprobs(reference, ids, device, "reference") for ids in batches]
+        del reference
+        gc.collect()
+        quantized = _load(job.quantized, device, quantized=True)
+        stats = _compare(quantized, batches, ref_logprobs, device)
+    metadata = {**stats, "text": samples.metadata, "device": device,
+                "versions": versions("gptqmodel", "optimum"),
+                "seconds": round(time.monotonic() - started, 3)}
+    p.emit(p.Result(output_dir=job.quantized, files=artifact.list_files(Path(job.quantized)),
+                    metadata=metadata))
+
+
+def _load(path: str, device: str, *, quantized: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device,
+                                                     trust_remote_code=False)
+    except Exception as exc:
+        if not quantized:
+            raise
+        raise WorkerError("validation", f"the artifact does not load with transformers: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    p.emit(p.Progress(stage="validate", done=1, total=1,
+                      unit="quantized model" if quantized else "reference model"))
+    return model.eval()
+
+
+def _logprobs(model: Any, ids: Any, device: str, which: str) -> Any:
+    import torch
+
+    logits = model(ids.to(device)).logits[0].float()
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).sum())
+        raise WorkerError("validation", f"the {which} model produced {bad} non-finite logits",
+                          hint="The artifact is broken; try another backend, more calibration "
+                               "samples or more bits." if which == "quantized" else None)
+    return torch.log_softmax(logits, dim=-1).cpu()
+
+
+def _compare(model: Any, batches: list[Any], ref_logprobs: list[Any], device: str) -> dict[str, Any]:
+    kl_sum = agree = tokens = 0.0
+    nll_ref = nll_q = 0.0
+    for ids, ref in zip(batches, ref_logprobs, strict=True):
+        got = _logprobs(model, ids, device, "quantized")
+        kl_sum += float((ref.exp() * (ref - got)).sum())
+        agree += float((ref.argmax(-1) == got.argmax(-1)).sum())
+        tokens += ref.shape[0]
+        targets = ids[0, 1:]
+        nll_ref -= float(ref[:-1].gather(-1, targets[:, None]).sum())
+        nll_q -= float(got[:-1].gather(-1, targets[:, None]).sum())
+    predicted = tokens - len(batches)
+    return {"kl_divergence": kl_sum / tokens, "tokens": int(tokens), "finite": True,
+            "top1_agreement": agree / tokens,
+            "perplexity_reference": math.exp(nll_ref / predicted),
+            "perplexity_quantized": math.exp(nll_q / predicted)}
+
+
+if __name__ == "__main__":
+    run(p.ValidateJob, main, backend="gptqmodel")
