@@ -140,3 +140,19 @@ def test_emit_writes_to_the_inherited_fd_only() -> None:
         lines = events.read().splitlines()
     assert proc.stdout == "library noise\n" and proc.stderr == ""
     assert [p.parse_event(line)["stage"] for line in lines] == ["load"]
+
+
+def test_invalid_job_is_reported_before_any_heavy_import(tmp_path: Path) -> None:
+    """Worker modules import only the stdlib at the top, so a bad job fails fast in any
+    Python, with a bad_job event and exit code 2."""
+    data = json.loads(p.job_to_json(quantize_job()))
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({**data, "bits": 5}))
+    read, write = os.pipe()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "wrapper"), p.EVENT_FD_ENV: str(write)}
+    proc = subprocess.run([sys.executable, "-m", "qwrap.workers.gptq_gptqmodel", str(job)],
+                          pass_fds=(write,), env=env, capture_output=True, text=True)
+    os.close(write)
+    with os.fdopen(read) as events:
+        (event,) = [p.parse_event(line) for line in events]
+    assert proc.returncode == 2 and event["kind"] == "bad_job" and "bits must be one of" in event["message"]
