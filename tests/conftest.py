@@ -20,6 +20,11 @@ from qwrap.toolchain import Toolchain, cache_root, find_toolchain  # noqa: E402
 
 REQUIRE = os.environ.get("QWRAP_REQUIRE_TOOLCHAIN") == "1" or os.environ.get("CI") == "true"
 
+try:  # for tests that run the converter's Python directly
+    os.environ.setdefault("QWRAP_CONVERT_PYTHON", str(envs.find_env("convert").python))
+except ToolchainMissingError:
+    pass
+
 
 def _missing(what: str, fix: str) -> None:
     msg = f"{what} is not set up ({fix})"

@@ -312,6 +312,34 @@ def run(
         log.flush()
     oom_before = _memory_cgroup_oom_kills()
     started = time.monotonic()
+    latch = _SignalLatch()
+    with latch.installed():  # from before the child exists: no signal may slip past it
+        return _start_and_supervise(
+            args, environment, cwd, (out_r, out_w), (event_r, event_w), log, log_path, on_line, on_event,
+            on_start, latch, stall_timeout, timeout, stop_policy, oom_before, started,
+        )
+
+
+def _start_and_supervise(
+    args: list[str],
+    environment: dict[str, str],
+    cwd: Path | None,
+    out: tuple[int, int],
+    events: tuple[int | None, int | None],
+    log: IO[bytes] | None,
+    log_path: Path | None,
+    on_line: LineCallback | None,
+    on_event: EventCallback | None,
+    on_start: Callable[[int, float], None] | None,
+    latch: _SignalLatch,
+    stall_timeout: float | None,
+    timeout: float | None,
+    stop_policy: StopPolicy,
+    oom_before: int | None,
+    started: float,
+) -> ProcessResult:
+    out_r, out_w = out
+    event_r, event_w = events
     try:
         proc = subprocess.Popen(
             args,
@@ -341,7 +369,10 @@ def run(
             pass
     state = _Running(proc=proc, log=log, on_line=on_line, on_event=on_event)
     try:
-        outcome = _supervise(state, out_r, event_r, stall_timeout, timeout, stop_policy)
+        outcome = _supervise(state, out_r, event_r, latch, stall_timeout, timeout, stop_policy)
+    except BaseException:
+        stop_tree(proc, stop_policy)  # a callback raised: never leave the child behind
+        raise
     finally:
         for fd in (out_r, event_r):
             if fd is not None:
@@ -370,6 +401,7 @@ def _supervise(
     run: _Running,
     out_r: int,
     event_r: int | None,
+    latch: _SignalLatch,
     stall_timeout: float | None,
     timeout: float | None,
     policy: StopPolicy,
@@ -382,40 +414,39 @@ def _supervise(
     started = time.monotonic()
     exited_at: float | None = None
     outcome: str | int | None = None
-    with _SignalLatch().installed() as latch:
-        while sel.get_map():
-            for key, _ in sel.select(timeout=SAMPLE_INTERVAL_S):
-                fd = int(key.fd)
-                try:
-                    data = os.read(fd, 65536)
-                except OSError:  # EIO: pty closed by the child
-                    data = b""
-                if data:
-                    _feed(run, fd, data, bool(key.data))
-                else:
-                    sel.unregister(fd)
-            now = time.monotonic()
-            if run.proc.poll() is None:
-                run.peak_rss = max(run.peak_rss, _tree_rss(run.proc.pid))
-            elif exited_at is None:
-                exited_at = now
-            elif now - exited_at > 2.0:
-                break  # a grandchild holds the pipe open; the child itself is gone
-            if outcome is not None or run.proc.poll() is not None:
-                continue
-            if latch.signum is not None:
-                outcome = latch.signum
-                stop_tree(run.proc, policy, first=signal.SIGINT)
-            elif stall_timeout is not None and now - run.last_output > stall_timeout:
-                outcome = "stalled"
-                stop_tree(run.proc, policy, first=signal.SIGTERM)
-            elif timeout is not None and now - started > timeout:
-                outcome = "timeout"
-                stop_tree(run.proc, policy, first=signal.SIGTERM)
-        run.proc.wait()
-        _flush_buffers(run, event_r)
-        if outcome is None and latch.signum is not None:
-            outcome = latch.signum  # the signal arrived as the child was finishing
+    while sel.get_map():
+        for key, _ in sel.select(timeout=SAMPLE_INTERVAL_S):
+            fd = int(key.fd)
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: pty closed by the child
+                data = b""
+            if data:
+                _feed(run, fd, data, bool(key.data))
+            else:
+                sel.unregister(fd)
+        now = time.monotonic()
+        if run.proc.poll() is None:
+            run.peak_rss = max(run.peak_rss, _tree_rss(run.proc.pid))
+        elif exited_at is None:
+            exited_at = now
+        elif now - exited_at > 2.0:
+            break  # a grandchild holds the pipe open; the child itself is gone
+        if outcome is not None or run.proc.poll() is not None:
+            continue
+        if latch.signum is not None:
+            outcome = latch.signum
+            stop_tree(run.proc, policy, first=signal.SIGINT)
+        elif stall_timeout is not None and now - run.last_output > stall_timeout:
+            outcome = "stalled"
+            stop_tree(run.proc, policy, first=signal.SIGTERM)
+        elif timeout is not None and now - started > timeout:
+            outcome = "timeout"
+            stop_tree(run.proc, policy, first=signal.SIGTERM)
+    run.proc.wait()
+    _flush_buffers(run, event_r)
+    if outcome is None and latch.signum is not None:
+        outcome = latch.signum  # the signal arrived as the child was finishing
     sel.close()
     return outcome
 
