@@ -126,6 +126,7 @@ def run_tool(
     on_event: Callable[[str], None] | None = None,
     use_pty: bool = False,
     oom_extra: str = "",
+    cwd: Path | None = None,
 ) -> ProcessResult:
     """Run one supervised tool for a step: progress to the reporter, output to the step
     log, its pid to the journal; a failure becomes the matching QwrapError."""
@@ -144,6 +145,7 @@ def run_tool(
         on_event=on_event,
         on_start=ctx.on_child_start,
         use_pty=use_pty,
+        cwd=cwd,
         stall_timeout=ctx.request.stall_timeout,
     )
     if result.stopped_by_signal is not None:

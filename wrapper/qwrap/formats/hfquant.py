@@ -158,7 +158,10 @@ def _run_worker(ctx: RunContext, step: Step, job: p.QuantizeJob | p.ValidateJob,
     events = Events(ctx, step.id)
     argv: list[str | os.PathLike[str]] = [python, "-m", p.worker_module(job), job_file]
     try:
-        result = run_tool(ctx, step.id, argv, what=what, env=_worker_env(ctx), on_event=events)
+        # cwd: libraries that drop log files into the working directory (gptqmodel) do it there
+        cwd = ctx.checkpoint / "logs" / "libraries"
+        cwd.mkdir(parents=True, exist_ok=True)
+        result = run_tool(ctx, step.id, argv, what=what, env=_worker_env(ctx), on_event=events, cwd=cwd)
     except Interrupted:
         raise
     except QwrapError as exc:
