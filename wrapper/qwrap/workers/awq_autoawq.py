@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from qwrap.workers import protocol as p
-from qwrap.workers.runtime import LayerMeter, WorkerError, check_group_size, resolve_device, run, versions
+from qwrap.workers.runtime import (
+    LayerMeter,
+    WorkerError,
+    check_group_size,
+    release_memory,
+    resolve_device,
+    run,
+    versions,
+)
 
 CHECKPOINT_SUBDIR = "autoawq"
 
@@ -169,6 +177,7 @@ def _quantizer_class() -> type:
                 if path is not None:
                     p.emit(p.CheckpointSaved(index=self.index, path=str(path)))
             super()._apply_quant(module, named_linears)
+            release_memory(self.meter.cuda)  # AutoAWQ's own clear_memory() is a no-op
             p.emit(self.meter.stop(self.index, len(self.modules), resumed=resumed))
 
     def _search_restoring(search: Any, module: Any, prev_op: Any, layers: Any, inp: Any,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import sys
 import time
 import traceback
@@ -79,6 +80,9 @@ def check_group_size(model: Any, group_size: int) -> None:
 def run(expected: type[J], body: Callable[[J], None], *, backend: str) -> NoReturn:
     """``python -m`` entry: load the job from argv, run ``body``, map failures to events."""
     code = 0
+    # SIGTERM (the supervisor's second step) unwinds like Ctrl-C, so the parent gets an
+    # "interrupted" event; GPTQModel swaps in its own stop-at-next-checkpoint handler.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         job = _load(expected)
         prepare_device(job.device)
@@ -87,8 +91,8 @@ def run(expected: type[J], body: Callable[[J], None], *, backend: str) -> NoRetu
     except WorkerError as exc:
         p.emit(p.Error(kind=exc.kind, message=str(exc), hint=exc.hint))
         code = 2 if exc.kind == "bad_job" else 1
-    except KeyboardInterrupt:
-        p.emit(p.Error(kind="interrupted", message="interrupted", hint=RESUME_HINT))
+    except KeyboardInterrupt as exc:
+        p.emit(p.Error(kind="interrupted", message=f"interrupted {exc}".strip(), hint=RESUME_HINT))
         code = 130
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
         p.emit(_failure_event(exc, backend))
@@ -97,6 +101,10 @@ def run(expected: type[J], body: Callable[[J], None], *, backend: str) -> NoRetu
     sys.stderr.flush()
     # os._exit: library thread pools (gptqmodel) must not keep a finished worker alive.
     os._exit(code)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _load(expected: type[J]) -> J:
@@ -185,6 +193,17 @@ class LayerMeter:
             gpu = int(torch.cuda.max_memory_allocated())
         return p.LayerDone(index=index, total=total, seconds=round(time.monotonic() - self.started, 3),
                            peak_rss_bytes=peak_rss_bytes(), peak_gpu_bytes=gpu, resumed=resumed)
+
+
+def release_memory(cuda: bool) -> None:
+    """Between layers: drop garbage and hand cached CUDA blocks back."""
+    import gc
+
+    gc.collect()
+    if cuda:
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def _reset_rss_peak() -> None:
