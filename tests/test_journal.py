@@ -96,3 +96,14 @@ def test_folder_outputs_are_verified_file_by_file(tmp_path: Path) -> None:
     assert entry["bytes"] == 12 and verify_file(entry, tmp_path)
     (folder / "config.json").write_text("[]")
     assert not verify_file(entry, tmp_path)
+
+
+def test_scratch_files_are_pinned_by_size_and_mtime(tmp_path: Path) -> None:
+    work = tmp_path / ".checkpoint" / "work"
+    work.mkdir(parents=True)
+    f = work / "model-BF16.gguf"
+    f.write_bytes(b"x" * 10)
+    entry = describe_file(f, tmp_path)
+    assert "sha256" not in entry and verify_file(entry, tmp_path)
+    os.utime(f, ns=(1, 1))
+    assert not verify_file(entry, tmp_path)

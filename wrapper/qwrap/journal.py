@@ -61,9 +61,32 @@ def sha256_path(path: Path) -> str:
     return digest.hexdigest()
 
 
+_HASHED: dict[tuple[int, int, int, int], str] = {}
+
+
+def _hash_once(path: Path) -> str:
+    """sha256 of a file, remembered by (device, inode, size, mtime) so that a file renamed
+    by a later step in the same run is not read twice."""
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
 def describe_file(path: Path, base: Path) -> dict[str, Any]:
-    """What a 'done' record says about an output (file or folder): enough to re-verify it."""
-    return {"path": os.path.relpath(path, base), "bytes": _size(path), "sha256": sha256_path(path)}
+    """What a 'done' record says about an output (file or folder): enough to re-verify it.
+
+    Deliverables get a content hash. Scratch files under ``.checkpoint/work/`` (the 16-bit
+    intermediate, the imatrix), which only qwrap touches, are pinned by size and mtime:
+    hashing a multi-GB intermediate would cost seconds on every run for nothing.
+    """
+    rel = os.path.relpath(path, base)
+    if rel.startswith(f"{CHECKPOINT_DIR}/work/") and path.is_file():
+        st = path.stat()
+        return {"path": rel, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    digest = _hash_once(path) if path.is_file() else sha256_path(path)
+    return {"path": rel, "bytes": _size(path), "sha256": digest}
 
 
 def verify_file(entry: dict[str, Any], base: Path) -> bool:
@@ -71,6 +94,8 @@ def verify_file(entry: dict[str, Any], base: Path) -> bool:
     try:
         if _size(path) != entry["bytes"]:
             return False
+        if "mtime_ns" in entry:
+            return path.stat().st_mtime_ns == entry["mtime_ns"]
     except OSError:
         return False
     return sha256_path(path) == entry["sha256"]
