@@ -1,0 +1,98 @@
+"""AWQ/GPTQ through `qwrap run`: option checks before work, end to end in the real backend
+environments, and kill-and-resume identity at the CLI level."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import qwrap_argv, run_qwrap
+from test_resume_faults import wait_for_child
+
+SMALL = ("--calib-samples", "4", "--calib-seq-len", "64")
+
+
+@pytest.mark.parametrize(
+    "args,code,text",
+    [
+        (("--format", "gptq", "--bits", "5"), 2, "--bits"),
+        (("--format", "awq", "--bits", "8"), 2, "--bits"),
+        (("--format", "awq", "--group-size", "96"), 2, "group"),
+        (("--format", "gptq", "--backend", "autoawq"), 2, "--backend"),
+        (("--format", "gptq", "--backend", "auto-gptq"), 16, "gptqmodel"),
+        (("--format", "awq", "--awq-version", "fast"), 2, "gemm"),
+        (("--format", "gptq", "--damp", "1.5"), 2, "--damp"),
+        (("--format", "awq", "--device", "tpu"), 2, "--device"),
+    ],
+)
+def test_bad_options_rejected_before_work(tmp_path: Path, args: tuple[str, ...], code: int, text: str) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+                                                   "intermediate_size": 512}))
+    out = tmp_path / "o"
+    proc = run_qwrap("run", str(model), "-o", str(out), *args)
+    assert proc.returncode == code, proc.stderr
+    assert text in proc.stderr
+    assert not (out / ".checkpoint" / "logs").exists()
+
+
+def test_group_size_must_divide_widths(tiny_model: Path, tmp_path: Path, corpus: Path) -> None:
+    proc = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "o"), "--format", "awq",
+                     "--group-size", "512", "--calib", str(corpus))
+    assert proc.returncode == 2 and "does not divide" in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def hf_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("hf-run")
+    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "--format", "awq", "--format", "gptq",
+                     "--calib", str(corpus), *SMALL, "--json", timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout)
+
+
+@pytest.mark.backend
+def test_awq_and_gptq_end_to_end(hf_run: tuple[Path, dict], tiny_model: Path) -> None:
+    out, result = hf_run
+    arts = {a["format"]: a for a in result["artifacts"]}
+    assert set(arts) == {"awq", "gptq"}
+    for fmt, art in arts.items():
+        folder = Path(art["path"])
+        assert folder == out / f"tiny-llama-{fmt.upper()}-4bit-g128" and folder.is_dir()
+        assert art["validated"] and art["quality"].startswith("KL ")
+        config = json.loads((folder / "config.json").read_text())
+        assert config["quantization_config"]["bits"] == 4
+        assert list(folder.glob("*.safetensors"))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            assert (folder / name).read_bytes() == (tiny_model / name).read_bytes()
+        assert 3 < art["bits_per_weight"] < 16
+    assert not list(out.glob("*.partial"))
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "AWQ" in card and "KL " in card
+
+
+@pytest.mark.backend
+def test_gptq_worker_killed_mid_run_resumes_identically(hf_run: tuple[Path, dict], tiny_model: Path,
+                                                        tmp_path: Path, corpus: Path) -> None:
+    _, first = hf_run
+    expected = {a["format"]: a["sha256"] for a in first["artifacts"]}["gptq"]
+    out = tmp_path / "o"
+    argv = qwrap_argv("run", str(tiny_model), "-o", str(out), "--format", "gptq", "--calib", str(corpus),
+                      *SMALL, "--json")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = wait_for_child(out, "gptq.quantize", timeout=600)
+    layers = out / ".checkpoint" / "layers"
+    while proc.poll() is None and not any(layers.rglob("*.safetensors")):
+        time.sleep(0.2)  # wait until at least one layer is checkpointed
+    worker.kill()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    again = run_qwrap(*argv[3:], timeout=1800)
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    assert result["artifacts"][0]["sha256"] == expected
