@@ -156,3 +156,49 @@ def test_invalid_job_is_reported_before_any_heavy_import(tmp_path: Path) -> None
     with os.fdopen(read) as events:
         (event,) = [p.parse_event(line) for line in events]
     assert proc.returncode == 2 and event["kind"] == "bad_job" and "bits must be one of" in event["message"]
+
+
+class WordTokenizer:
+    """Stands in for a HF tokenizer: one id per character, BOS = 1."""
+
+    bos_token_id: int | None = 1
+
+    def __call__(self, texts: list[str], add_special_tokens: bool) -> dict[str, list[list[int]]]:
+        assert not add_special_tokens
+        return {"input_ids": [[ord(c) for c in text] for text in texts]}
+
+
+def test_documents_split_into_calibration_and_held_out(tmp_path: Path) -> None:
+    from qwrap.workers import calib
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"doc {i}" for i in range(20)) + "\n")
+    docs = calib.read_documents(text)
+    held_out, rest = calib.portion(docs, "held_out"), calib.portion(docs, "calibration")
+    assert held_out == ["doc 9", "doc 19"] and len(rest) == 18 and not set(held_out) & set(rest)
+    lines = tmp_path / "t.jsonl"
+    lines.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert calib.read_documents(lines) == ["a", "b"]
+
+
+def test_samples_are_deterministic_windows_starting_with_bos() -> None:
+    from qwrap.workers import calib
+
+    spec = p.TextSource(path="-", n_samples=3, seq_len=5, seed=7)
+    docs = [chr(ord("A") + i) * 6 for i in range(26)]
+    first = calib.sample_ids(WordTokenizer(), docs, spec)
+    assert first == calib.sample_ids(WordTokenizer(), docs, spec)
+    assert first != calib.sample_ids(WordTokenizer(), docs, dataclasses.replace(spec, seed=8))
+    assert [len(row) for row in first] == [5, 5, 5] and all(row[0] == 1 for row in first)
+
+
+def test_too_little_text_repeats_with_a_warning_or_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwrap.workers import calib
+    from qwrap.workers.runtime import WorkerError
+
+    warnings: list[str] = []
+    monkeypatch.setattr(calib, "warn", warnings.append)
+    rows = calib.sample_ids(WordTokenizer(), ["abc"], p.TextSource(path="-", n_samples=4, seq_len=4))
+    assert len(rows) == 4 and warnings and "repeat" in warnings[0]
+    with pytest.raises(WorkerError, match="fewer than one"):
+        calib.sample_ids(WordTokenizer(), ["a"], p.TextSource(path="-", n_samples=1, seq_len=64))

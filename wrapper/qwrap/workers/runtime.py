@@ -116,6 +116,10 @@ def _load(expected: type[J]) -> J:
         raise WorkerError("bad_job", str(exc)) from exc
     if not isinstance(job, expected):
         raise WorkerError("bad_job", f"this worker runs {expected.__name__}, got {type(job).__name__}")
+    out = Path(job.output_dir) if isinstance(job, p.QuantizeJob) else None
+    if out is not None and out.is_dir() and any(out.iterdir()):
+        # Leftovers of another attempt would end up in the artifact.
+        raise WorkerError("bad_job", f"output_dir {out} is not empty")
     return job
 
 
