@@ -68,6 +68,7 @@ all-formats: setup ## make all-formats MODEL=... (GGUF + AWQ + GPTQ in one run)
 bench: setup ## Benchmarks; results in bench/results/
 	$(PY) bench/gguf_overhead.py
 	$(PY) bench/resume.py
+	$(PY) bench/backends_overhead.py
 
 lint: venv ## ruff + mypy
 	$(VENV)/bin/ruff check wrapper tests

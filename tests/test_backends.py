@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, make_model
+from conftest import REPO, _missing, make_model
+from qwrap import envs
+from qwrap.errors import ToolchainMissingError
 from qwrap.workers import protocol as p
 
 pytestmark = pytest.mark.backend
@@ -35,12 +37,16 @@ WORKER_TIMEOUT_S = 900
 
 
 def env_python(backend: str) -> Path:
-    var = ENV_VARS[backend]
-    value = os.environ.get(var)
-    if not value:
-        pytest.skip(f"{var} is not set: point it at the {backend} environment's python "
-                    f"(qwrap env create {backend}) to run this test")
-    return Path(value)
+    """The backend environment's python: $QWRAP_ENV_<NAME>, else qwrap's own environment in
+    the cache (`make backend-envs`); missing -> skip, or fail under make test / CI."""
+    value = os.environ.get(ENV_VARS[backend])
+    if value:
+        return Path(value)
+    try:
+        return envs.find_env(backend).python
+    except ToolchainMissingError:
+        _missing(f"the {backend} environment", f"run `qwrap env create {backend}` or `make backend-envs`")
+        raise
 
 
 @dataclass

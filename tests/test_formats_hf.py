@@ -13,7 +13,7 @@ import pytest
 from conftest import qwrap_argv, run_qwrap
 from test_resume_faults import wait_for_child
 
-SMALL = ("--calib-samples", "4", "--calib-seq-len", "64")
+SMALL = ("--calib-samples", "4", "--calib-seq-len", "64", "--threads", "1")
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ def run(
     calib_samples: Annotated[int, typer.Option(help="AWQ/GPTQ calibration samples.")] = 128,
     calib_seq_len: Annotated[int, typer.Option(help="AWQ/GPTQ calibration sequence length (tokens).")] = 512,
     device: Annotated[str, typer.Option(help="AWQ/GPTQ device: auto (CUDA when present), cpu or cuda.")] = "auto",
-    threads: Annotated[int, typer.Option(help="Threads for llama.cpp tools (0: all cores).")] = 0,
+    threads: Annotated[int, typer.Option(help="Threads for llama.cpp tools and AWQ/GPTQ workers (0: all cores).")] = 0,
     stall_timeout: Annotated[float, typer.Option(help="Kill a tool that prints nothing for this many seconds.")] = 600.0,
     keep_intermediate: Annotated[bool, typer.Option(help="Keep the 16-bit GGUF in OUT/.checkpoint/work.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite existing artifacts.")] = False,
