@@ -157,3 +157,32 @@ def test_plan_catches_a_rejected_tokenizer_in_seconds(convert_python: Path, tmp_
     assert proc.returncode == 0, proc.stderr
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert not checks["tokenizer"]["ok"] and "pre-tokenizer" in checks["tokenizer"]["detail"]
+
+
+def test_events_stream_and_model_card(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    out = tmp_path / "o"
+    events_file = tmp_path / "events.ndjson"
+    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q8_0", "--events", str(events_file))
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    assert {e["schema"] for e in events} == {"qwrap.events/1"}
+    assert len({e["run_id"] for e in events}) == 1 and all(isinstance(e["ts"], float) for e in events)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished" and events[-1]["exit_code"] == 0
+    assert "artifact_validated" in kinds
+    started = [e["step"] for e in events if e["event"] == "step_started"]
+    assert started == ["gguf.convert", "gguf.quantize:Q8_0", "gguf.validate:Q8_0"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: tiny-llama\n") and "quantized_by: qwrap" in card
+    assert "tiny-llama-Q8_0.gguf" in card and "0c1e57098bba" in card and "llama-cli -m" in card
+    # A failing run ends its stream with the exit code too.
+    bad = run_qwrap("run", str(tmp_path / "missing"), "-o", str(out), "--events", str(tmp_path / "bad.ndjson"))
+    last = json.loads((tmp_path / "bad.ndjson").read_text().splitlines()[-1])
+    assert bad.returncode == 3 and last["event"] == "run_finished" and last["exit_code"] == 3
+
+
+def test_default_calibration_offline_says_pass_calib(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    proc = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "o"), "-q", "IQ2_XS", "--imatrix", "auto",
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 5, proc.stderr
+    assert "--calib" in proc.stderr and "WikiText-2" in proc.stderr

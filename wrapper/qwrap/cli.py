@@ -251,7 +251,10 @@ def formats(
 
 @app.command()
 def doctor(json_out: JsonFlag = False) -> None:
-    """Report the toolchain (paths, pinned commit), environments and GPU."""
+    """Report the toolchain (paths, pinned commit), environments and GPU.
+
+    Example: qwrap doctor --json
+    """
     from .doctor import collect, render
 
     info = collect()

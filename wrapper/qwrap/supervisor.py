@@ -255,6 +255,9 @@ def _feed(run: _Running, fd: int, data: bytes, is_event: bool) -> None:
 def _dispatch(run: _Running, raw: bytes, is_event: bool) -> None:
     text = raw.decode("utf-8", errors="replace")
     if is_event:
+        if run.log is not None:  # the step log keeps the events too, in full
+            run.log.write(b"[event] " + raw + b"\n")
+            run.log.flush()
         if run.on_event is not None and text.strip():
             run.on_event(text)
         return

@@ -30,7 +30,7 @@ from ..errors import (
 from ..hub import ModelSource
 from ..plan import Step, StepBuilder
 from ..request import Request
-from ..toolchain import REPO_ROOT, gpu_present
+from ..toolchain import REPO_ROOT, cache_root, gpu_present
 from ..workers import protocol as p
 
 VALIDATE_SAMPLES = 8
@@ -61,7 +61,12 @@ class Events:
         elif kind == "progress":
             self.ctx.reporter.step_progress(self.step_id, event["done"], event["total"], event["unit"])
         elif kind == "warning":
-            self.ctx.reporter.warning(f"{self.step_id}: {event['message']}")
+            # Libraries' warnings can be pages long (autoawq's deprecation notice): one line
+            # on screen, the whole text is in the step log.
+            lines = [line.strip() for line in str(event["message"]).splitlines() if line.strip()]
+            first = lines[0] if lines else ""
+            more = " (more in the step log)" if len(lines) > 1 else ""
+            self.ctx.reporter.warning(f"{self.step_id}: {first}{more}")
         elif kind == "result":
             self.result = event
         elif kind == "error":
@@ -143,7 +148,8 @@ def _worker_env(ctx: RunContext) -> dict[str, str | None]:
     return {
         "PYTHONPATH": str(REPO_ROOT / "wrapper"),
         "PYTHONUNBUFFERED": "1",
-        "GPTQMODEL_CPU_WORKERS": threads,  # gptqmodel needs it on small CPU hosts
+        # gptqmodel sizes its CPU worker pools from this and needs at least 2
+        "GPTQMODEL_CPU_WORKERS": str(max(2, os.cpu_count() or 1)),
         "OMP_NUM_THREADS": threads,
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -191,7 +197,7 @@ def _text(ctx: RunContext, portion: str, n: int, seq_len: int) -> p.TextSource:
     o = ctx.request.quant_options
     label = "wikitext2" if ctx.request.calib in (None, "wikitext2") else calib.name
     return p.TextSource(path=str(calib), n_samples=n, seq_len=seq_len, seed=o.seed, portion=portion,
-                        source=label, cache_dir=str(ctx.checkpoint / "calib-cache"))
+                        source=label, cache_dir=str(cache_root() / "calibration"))
 
 
 def _quantize(step: Step, ctx: RunContext) -> StepOutcome:
