@@ -71,6 +71,8 @@ def test_awq_and_gptq_end_to_end(hf_run: tuple[Path, dict], tiny_model: Path) ->
         for name in ("tokenizer.json", "tokenizer_config.json"):
             assert (folder / name).read_bytes() == (tiny_model / name).read_bytes()
         assert 3 < art["bits_per_weight"] < 16
+        calib = art["calibration"]
+        assert calib["n_samples"] == 4 and calib["seq_len"] == 64 and "seed" in calib
     assert not list(out.glob("*.partial"))
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "AWQ" in card and "KL " in card

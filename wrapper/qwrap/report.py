@@ -34,6 +34,7 @@ def _artifact(summary: StepSummary, by_id: dict[str, StepSummary], outcome: RunO
         "peak_rss_bytes": max(p.record.get("peak_rss_bytes", 0) for p in parts),
         "peak_gpu_bytes": max(p.record.get("peak_gpu_bytes", 0) for p in parts),
         "reused": summary.state == "skipped",
+        "calibration": producer.record.get("info", {}).get("metadata", {}).get("calibration"),
     }
 
 
