@@ -68,6 +68,7 @@ def test_awq_and_gptq_end_to_end(hf_run: tuple[Path, dict], tiny_model: Path) ->
         config = json.loads((folder / "config.json").read_text())
         assert config["quantization_config"]["bits"] == 4
         assert list(folder.glob("*.safetensors"))
+        assert all(f.stat().st_mode & 0o044 for f in folder.iterdir()), "artifact files not readable by others"
         for name in ("tokenizer.json", "tokenizer_config.json"):
             assert (folder / name).read_bytes() == (tiny_model / name).read_bytes()
         assert 3 < art["bits_per_weight"] < 16
@@ -98,3 +99,14 @@ def test_gptq_worker_killed_mid_run_resumes_identically(hf_run: tuple[Path, dict
     assert again.returncode == 0, again.stderr
     result = json.loads(again.stdout)
     assert result["artifacts"][0]["sha256"] == expected
+
+
+@pytest.mark.backend
+def test_plan_estimates_hf_sizes(hf_run: tuple[Path, dict], tiny_model: Path, tmp_path: Path, corpus: Path) -> None:
+    _, result = hf_run
+    proc = run_qwrap("plan", str(tiny_model), "-o", str(tmp_path / "p"), "--format", "awq", "--format", "gptq",
+                     "--calib", str(corpus), "--json")
+    assert proc.returncode == 0, proc.stderr
+    expected = {a["format"]: a["expected_bytes"] for a in json.loads(proc.stdout)["artifacts"]}
+    for art in result["artifacts"]:
+        assert abs(expected[art["format"]] - art["bytes"]) / art["bytes"] < 0.10, (art["format"], art["bytes"])

@@ -127,6 +127,27 @@ def gguf_plan(report: Report, request: Request, source: ModelSource) -> int:
     return total
 
 
+def hf_bytes(shape: Shape, bits: int, group: int) -> int:
+    """Expected size of an AWQ/GPTQ folder: packed linear weights plus a 16-bit scale and a
+    packed zero point per group; embeddings, lm_head and norms stay 16-bit."""
+    linear = shape.parameters - shape.vocab_embed - shape.output - shape.norms
+    per_group = (2 + bits / 8) / (group if group > 0 else 4096)
+    data = linear * (bits / 8 + per_group) + (shape.vocab_embed + shape.output + shape.norms) * 2
+    return int(data) + shape.metadata_bytes * 4  # tokenizer files copied along
+
+
+def hf_plan(report: Report, request: Request, source: ModelSource, fmt: str) -> int:
+    o = request.quant_options
+    size = hf_bytes(report.shape, o.bits, o.group_size)
+    name = f"{source.name}-{fmt.upper()}-{o.bits}bit-g{o.group_size}"
+    ram = report.shape.parameters * 4 + 1024 * MiB  # a float32 copy on CPU plus activations
+    report.steps.append({"id": f"{fmt}.quantize", "expected_bytes": size, "expected_peak_ram_bytes": ram})
+    report.steps.append({"id": f"{fmt}.validate", "expected_bytes": 0, "expected_peak_ram_bytes": ram})
+    report.artifacts.append({"format": fmt, "quant": f"{o.bits}bit-g{o.group_size}", "name": name,
+                             "expected_bytes": size, "bits_per_weight": size * 8 / max(report.shape.parameters, 1)})
+    return size
+
+
 def architecture_check(report: Report, config: dict[str, Any]) -> None:
     arch = (config.get("architectures") or [None])[0]
     report.architecture = arch
@@ -192,6 +213,9 @@ def run_preflight(request: Request, source: ModelSource, *, token: str | None = 
         if "gguf" in request.formats:
             architecture_check(report, config)
             needed += gguf_plan(report, request, source)
+        for fmt in ("awq", "gptq"):
+            if fmt in request.formats:
+                needed += hf_plan(report, request, source, fmt)
         disk_check(report, request.output, needed)
     except QwrapError:
         if strict:

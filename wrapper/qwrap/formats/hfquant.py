@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .. import envs
@@ -212,6 +213,7 @@ def _quantize(step: Step, ctx: RunContext) -> StepOutcome:
         checkpoint_dir=str(ctx.checkpoint / "layers" / f"{step.format}-{step.fingerprint[:12]}"),
     )
     events, peak = _run_worker(ctx, step, job, step.param("backend"), f"{step.format.upper()} quantization")
+    _normal_permissions(out)
     size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     bpw = size * 8 / ctx.parameters if ctx.parameters else None
     gpu = max((e.get("peak_gpu_bytes") or 0 for e in events.layers), default=0)
@@ -221,6 +223,15 @@ def _quantize(step: Step, ctx: RunContext) -> StepOutcome:
             "layer_peaks": [{"index": e["index"], "peak_rss_bytes": e["peak_rss_bytes"],
                              "peak_gpu_bytes": e.get("peak_gpu_bytes")} for e in events.layers]}
     return StepOutcome([out], info, peak, gpu)
+
+
+def _normal_permissions(folder: Path) -> None:
+    """Some libraries save through private temp files (mode 0600); artifacts on a shared
+    build server must be readable like any other file the user creates."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _validate(step: Step, ctx: RunContext) -> StepOutcome:
