@@ -74,7 +74,7 @@ def test_peak_rss_covers_the_whole_tree() -> None:
     result = supervisor.run(
         py("""
         import subprocess, sys
-        subprocess.run([sys.executable, "-c", "b = bytearray(200 * 2**20); import time; time.sleep(1.0)"])
+        subprocess.run([sys.executable, "-c", "b = bytearray(200 * 2**20); import time; time.sleep(2.5)"])
         """)
     )
     assert result.peak_rss_bytes > 200 * 2**20

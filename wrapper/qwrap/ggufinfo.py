@@ -6,11 +6,11 @@ know the newest types. Tests compare it with the pinned tree's own gguf-py.
 
 from __future__ import annotations
 
+import mmap
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -57,37 +57,54 @@ class GGUFInfo:
         return total
 
 
-def _reader(f: BinaryIO) -> Callable[[str], Any]:
-    def read(fmt: str) -> Any:
-        size = struct.calcsize("<" + fmt)
-        data = f.read(size)
-        if len(data) != size:
+class _Cursor:
+    """Reads the header straight out of a memory map: no per-field file reads, and
+    fixed-size arrays are skipped with one addition (vocabularies hold 100k+ entries)."""
+
+    def __init__(self, buf: mmap.mmap | bytes):
+        self.buf = buf
+        self.pos = 0
+
+    def read(self, fmt: str) -> Any:
+        try:
+            (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        except struct.error as exc:
+            raise GGUFFormatError("file ends inside the header (truncated?)") from exc
+        self.pos += struct.calcsize("<" + fmt)
+        return value
+
+    def skip(self, n: int) -> None:
+        self.pos += n
+        if self.pos > len(self.buf):
             raise GGUFFormatError("file ends inside the header (truncated?)")
-        return struct.unpack("<" + fmt, data)[0]
 
-    return read
+    def string(self) -> str:
+        length = self.read("Q")
+        if length > 1 << 30 or self.pos + length > len(self.buf):
+            raise GGUFFormatError("file ends inside the header (truncated?)")
+        data = self.buf[self.pos : self.pos + length]
+        self.pos += length
+        return bytes(data).decode("utf-8", errors="replace")
 
-
-def _string(f: BinaryIO, read: Callable[[str], Any]) -> str:
-    length = read("Q")
-    if length > 1 << 30:
-        raise GGUFFormatError("implausible string length in header")
-    data = f.read(length)
-    if len(data) != length:
-        raise GGUFFormatError("file ends inside the header (truncated?)")
-    return data.decode("utf-8", errors="replace")
-
-
-def _value(f: BinaryIO, read: Callable[[str], Any], vtype: int, keep_arrays: bool) -> Any:
-    if vtype in _SCALARS:
-        return read(_SCALARS[vtype])
-    if vtype == _STRING:
-        return _string(f, read)
-    if vtype == _ARRAY:
-        item_type, count = read("I"), read("Q")
-        items = [_value(f, read, item_type, keep_arrays) for _ in range(count)]
-        return items if keep_arrays else len(items)
-    raise GGUFFormatError(f"unknown metadata value type {vtype}")
+    def value(self, vtype: int, keep_arrays: bool) -> Any:
+        if vtype in _SCALARS:
+            return self.read(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            item_type, count = self.read("I"), self.read("Q")
+            if keep_arrays:
+                return [self.value(item_type, keep_arrays) for _ in range(count)]
+            if item_type in _SCALARS:
+                self.skip(count * struct.calcsize("<" + _SCALARS[item_type]))
+            elif item_type == _STRING:
+                for _ in range(count):
+                    self.skip(self.read("Q"))
+            else:
+                for _ in range(count):
+                    self.value(item_type, keep_arrays)
+            return count
+        raise GGUFFormatError(f"unknown metadata value type {vtype}")
 
 
 def read_info(path: Path, *, keep_arrays: bool = False) -> GGUFInfo:
@@ -95,21 +112,24 @@ def read_info(path: Path, *, keep_arrays: bool = False) -> GGUFInfo:
     with path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise GGUFFormatError(f"{path} is not a GGUF file (bad magic)")
-        read = _reader(f)
-        version = read("I")
-        n_tensors, n_kv = read("Q"), read("Q")
-        metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = _string(f, read)
-            metadata[key] = _value(f, read, read("I"), keep_arrays)
-        tensors = []
-        for _ in range(n_tensors):
-            name = _string(f, read)
-            dims = tuple(read("Q") for _ in range(read("I")))
-            tensors.append(TensorInfo(name, dims, read("I"), read("Q")))
-        alignment = metadata.get("general.alignment", 32)
-        alignment = alignment if isinstance(alignment, int) and alignment > 0 else 32
-        data_offset = -(-f.tell() // alignment) * alignment
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            cur = _Cursor(buf)
+            cur.skip(4)
+            version = cur.read("I")
+            n_tensors, n_kv = cur.read("Q"), cur.read("Q")
+            metadata: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = cur.string()
+                metadata[key] = cur.value(cur.read("I"), keep_arrays)
+            tensors = []
+            for _ in range(n_tensors):
+                name = cur.string()
+                dims = tuple(cur.read("Q") for _ in range(cur.read("I")))
+                tensors.append(TensorInfo(name, dims, cur.read("I"), cur.read("Q")))
+            end = cur.pos
+    alignment = metadata.get("general.alignment", 32)
+    alignment = alignment if isinstance(alignment, int) and alignment > 0 else 32
+    data_offset = -(-end // alignment) * alignment
     return GGUFInfo(version, metadata, tuple(tensors), data_offset)
 
 

@@ -47,7 +47,9 @@ ENV_BLOCKLIST = (
     "PYTHONSTARTUP",
 )
 
-SAMPLE_INTERVAL_S = 0.25
+SAMPLE_INTERVAL_S = 0.25  # how often the loop wakes (deadlines, signals)
+RSS_INTERVAL_S = 0.5  # memory samples: one /proc read per process in the tree
+TREE_INTERVAL_S = 1.0  # finding new descendants scans all of /proc: less often
 TAIL_LINES = 400
 
 LineCallback = Callable[[str], None]
@@ -95,6 +97,9 @@ class _Running:
     on_event: EventCallback | None
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     peak_rss: int = 0
+    tree: list[psutil.Process] = field(default_factory=list)
+    tree_at: float = -1e9
+    rss_at: float = -1e9
     last_output: float = field(default_factory=time.monotonic)
     buffers: dict[int, bytes] = field(default_factory=dict)
 
@@ -151,13 +156,29 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 def _tree_rss(pid: int) -> int:
+    return _rss(_tree(pid))
+
+
+def _rss(procs: list[psutil.Process]) -> int:
     total = 0
-    for p in _tree(pid):
+    for p in procs:
         try:
             total += p.memory_info().rss
         except psutil.Error:
             pass
     return total
+
+
+def _sample(run: _Running, now: float) -> None:
+    """Peak RSS of the whole tree, cheaply: the process list is refreshed every few
+    seconds, the RSS of known processes twice a second (the parent shares the CPUs)."""
+    if now - run.rss_at < RSS_INTERVAL_S:
+        return
+    if now - run.tree_at >= TREE_INTERVAL_S:
+        run.tree = _tree(run.proc.pid)
+        run.tree_at = now
+    run.rss_at = now
+    run.peak_rss = max(run.peak_rss, _rss(run.tree))
 
 
 def _signal_group(pid: int, signum: int) -> None:
@@ -430,7 +451,7 @@ def _supervise(
                 sel.unregister(fd)
         now = time.monotonic()
         if run.proc.poll() is None:
-            run.peak_rss = max(run.peak_rss, _tree_rss(run.proc.pid))
+            _sample(run, now)
         elif exited_at is None:
             exited_at = now
         elif now - exited_at > 2.0:
