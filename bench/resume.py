@@ -60,12 +60,22 @@ def main() -> None:
         remaining = sum(d for step, d in durations.items() if step not in done)
 
         start = time.perf_counter()
-        subprocess.run(qwrap(model, out, args.quants), check=True, capture_output=True)
+        again = subprocess.run(qwrap(model, out, args.quants), check=True, capture_output=True, text=True)
         rerun = time.perf_counter() - start
+        rerun_steps = {s["id"]: s for s in json.loads(again.stdout)["steps"]}
+        redone = {i for i, s in rerun_steps.items() if s["state"] == "done"}
+        redone_seconds = sum(rerun_steps[i]["seconds"] or 0.0 for i in redone)
     result = {"benchmark": "resume", "quants": args.quants, "uninterrupted_seconds": total,
               "killed_at_seconds": total / 2, "steps_done_before_kill": sorted(done),
               "remaining_step_seconds": remaining, "rerun_seconds": rerun,
               "ratio": rerun / remaining if remaining else None, "target": 1.05,
+              # Tool runs vary by +-1 s here, so also: did the rerun redo exactly the steps
+              # that were not done, and what did it cost beyond those steps in the same run?
+              "rerun_redid_exactly_the_remaining_steps": redone == set(durations) - done,
+              "rerun_step_seconds": redone_seconds,
+              "uninterrupted_steps": durations,
+              "rerun_steps": {i: rerun_steps[i]["seconds"] for i in sorted(redone)},
+              "rerun_wall_over_own_steps": rerun / redone_seconds if redone_seconds else None,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
