@@ -149,3 +149,17 @@ def test_pty_mode_reads_output() -> None:
     lines: list[str] = []
     result = supervisor.run(["sh", "-c", "test -t 1 && echo tty; echo there"], use_pty=True, on_line=lines.append)
     assert result.ok and lines == ["tty", "there"]
+
+
+def test_child_that_closes_its_output_is_still_supervised() -> None:
+    """Output closed early, process still running: the stall deadline still applies."""
+    code = "import os, time; print('bye', flush=True); os.close(1); os.close(2); time.sleep(60)"
+    started = time.monotonic()
+    result = supervisor.run(py(code), stall_timeout=1.0)
+    assert result.stalled and time.monotonic() - started < 15
+
+
+def test_peak_rss_of_a_short_tool_is_exact() -> None:
+    """A tool that finishes between two samples still reports its real peak (wait4)."""
+    result = supervisor.run(py("b = bytearray(150 * 2**20)"))
+    assert result.peak_rss_bytes > 150 * 2**20

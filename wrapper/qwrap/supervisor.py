@@ -169,6 +169,21 @@ def _rss(procs: list[psutil.Process]) -> int:
     return total
 
 
+def _reap(run: _Running) -> int | None:
+    """Like Popen.poll(), but through wait4 so that the kernel's own peak RSS of the child
+    is kept: exact even for tools that finish between two samples."""
+    proc = run.proc
+    if proc.returncode is None:
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            return proc.poll()
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            run.peak_rss = max(run.peak_rss, usage.ru_maxrss * 1024)
+    return proc.returncode
+
+
 def _sample(run: _Running, now: float) -> None:
     """Peak RSS of the whole tree, cheaply: the process list is refreshed every few
     seconds, the RSS of known processes twice a second (the parent shares the CPUs)."""
@@ -438,8 +453,12 @@ def _supervise(
     started = time.monotonic()
     exited_at: float | None = None
     outcome: str | int | None = None
-    while sel.get_map():
-        for key, _ in sel.select(timeout=SAMPLE_INTERVAL_S):
+    # Until the child has exited *and* its output is drained: a child that closes its
+    # output early is still watched for signals, stalls and deadlines.
+    while sel.get_map() or _reap(run) is None:
+        if not sel.get_map():
+            time.sleep(SAMPLE_INTERVAL_S)
+        for key, _ in sel.select(timeout=SAMPLE_INTERVAL_S) if sel.get_map() else ():
             fd = int(key.fd)
             try:
                 data = os.read(fd, 65536)
@@ -450,13 +469,13 @@ def _supervise(
             else:
                 sel.unregister(fd)
         now = time.monotonic()
-        if run.proc.poll() is None:
+        if _reap(run) is None:
             _sample(run, now)
         elif exited_at is None:
             exited_at = now
         elif now - exited_at > 2.0:
             break  # a grandchild holds the pipe open; the child itself is gone
-        if outcome is not None or run.proc.poll() is not None:
+        if outcome is not None or _reap(run) is not None:
             continue
         if latch.signum is not None:
             outcome = latch.signum
@@ -467,7 +486,8 @@ def _supervise(
         elif timeout is not None and now - started > timeout:
             outcome = "timeout"
             stop_tree(run.proc, policy, first=signal.SIGTERM)
-    run.proc.wait()
+    if _reap(run) is None:
+        run.proc.wait()
     _flush_buffers(run, event_r)
     if outcome is None and latch.signum is not None:
         outcome = latch.signum  # the signal arrived as the child was finishing
