@@ -75,6 +75,7 @@ def test_awq_and_gptq_end_to_end(hf_run: tuple[Path, dict], tiny_model: Path) ->
         calib = art["calibration"]
         assert calib["n_samples"] == 4 and calib["seq_len"] == 64 and "seed" in calib
     assert not list(out.glob("*.partial"))
+    assert not (out / ".checkpoint" / "layers").exists(), "layer checkpoints kept after success"
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "AWQ" in card and "KL " in card
 

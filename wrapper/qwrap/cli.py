@@ -91,7 +91,7 @@ def run(
     device: Annotated[str, typer.Option(help="AWQ/GPTQ device: auto (CUDA when present), cpu or cuda.")] = "auto",
     threads: Annotated[int, typer.Option(help="Threads for llama.cpp tools and AWQ/GPTQ workers (0: all cores).")] = 0,
     stall_timeout: Annotated[float, typer.Option(help="Kill a tool that prints nothing for this many seconds.")] = 600.0,
-    keep_intermediate: Annotated[bool, typer.Option(help="Keep the 16-bit GGUF in OUT/.checkpoint/work.")] = False,
+    keep_intermediate: Annotated[bool, typer.Option(help="Keep the 16-bit GGUF and AWQ/GPTQ layer checkpoints in OUT/.checkpoint.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite existing artifacts.")] = False,
     preflight: Annotated[bool, typer.Option(help="Check architecture and free disk before starting.")] = True,
     json_out: JsonFlag = False,

@@ -43,7 +43,7 @@ def _envs() -> dict[str, Any]:
     for name in envs.SPECS:
         try:
             env = envs.find_env(name)
-            out[name] = {"ok": True, "path": str(env.path)}
+            out[name] = {"ok": True, "path": str(env.path), "packages": envs.pinned(name)}
         except ToolchainMissingError as exc:
             out[name] = {"ok": False, "path": None, "fix": exc.hint or exc.message}
     return out

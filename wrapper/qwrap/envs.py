@@ -168,6 +168,20 @@ def ensure_env(name: str, *, on_line: Callable[[str], None] | None = None, rebui
     return env
 
 
+KEY_PACKAGES = ("transformers", "autoawq", "gptqmodel", "auto-gptq", "optimum", "numpy", "sentencepiece")
+
+
+def pinned(name: str) -> dict[str, str]:
+    """The main packages an environment's lock pins (and the shared torch)."""
+    found = {"torch": TORCH_VERSION}
+    for line in (LOCK_DIR / spec(name).lock).read_text().splitlines():
+        pkg, _, version = line.partition("==")
+        key = pkg.strip().lower().replace("_", "-")
+        if key in KEY_PACKAGES and version:
+            found[key] = version.strip()
+    return found
+
+
 def find_env(name: str) -> Env:
     """An existing environment (its marker says it passed its health check), or a clear
     error saying how to create it."""

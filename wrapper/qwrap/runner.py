@@ -235,10 +235,15 @@ class Runner:
 
 
 def remove_intermediates(ctx: RunContext) -> list[Path]:
-    """Delete non-deliverable outputs (the 16-bit GGUF, imatrix) after a successful run."""
+    """After a successful run, delete what only a resume needed: the 16-bit GGUF, the
+    imatrix, and AWQ/GPTQ per-layer checkpoints (as large as the model)."""
     removed: list[Path] = []
     if ctx.request.keep_intermediate:
         return removed
+    layers = ctx.checkpoint / "layers"
+    if layers.is_dir():
+        shutil.rmtree(layers)
+        removed.append(layers)
     for step in ctx.plan.steps:
         if step.deliverable:
             continue
