@@ -24,10 +24,9 @@ import textwrap
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "wrapper"))
+from _common import REPO, build_model, write_result
 
-from qwrap import envs  # noqa: E402
+from qwrap import envs
 
 SAMPLES, SEQ_LEN = 16, 128
 DIRECT = textwrap.dedent("""
@@ -56,7 +55,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "backends_overhead.json")
     args = parser.parse_args()
-    convert_py = envs.find_env("convert").python
     gptq_py = envs.find_env("gptqmodel").python
     corpus = REPO / "tests" / "data" / "corpus.txt"
     threads = str(os.cpu_count() or 1)
@@ -64,9 +62,7 @@ def main() -> None:
     direct_t, step_t, total_t = [], [], []
     with tempfile.TemporaryDirectory(prefix="qwrap-bench-") as tmp:
         work = Path(tmp)
-        model = work / "tiny-llama"
-        subprocess.run([str(convert_py), str(REPO / "scripts" / "make-tiny-model"), str(model), "--layers", "4"],
-                       check=True, stdout=subprocess.DEVNULL)
+        model = build_model(work / "tiny-llama", "--layers", "4")
         script = work / "direct.py"
         script.write_text(DIRECT)
         for i in range(args.runs):
@@ -96,11 +92,10 @@ def main() -> None:
     result = {"benchmark": "backends_overhead", "backend": "gptqmodel", "format": "gptq",
               "samples": SAMPLES, "seq_len": SEQ_LEN, "direct_seconds": direct_t,
               "qwrap_quantize_step_seconds": step_t, "qwrap_run_seconds": total_t,
-              "median_ratio_quantize": statistics.median(q / d for q, d in zip(step_t, direct_t)),
-              "median_ratio_whole_run": statistics.median(q / d for q, d in zip(total_t, direct_t)),
+              "median_ratio_quantize": statistics.median(q / d for q, d in zip(step_t, direct_t, strict=False)),
+              "median_ratio_whole_run": statistics.median(q / d for q, d in zip(total_t, direct_t, strict=False)),
               "target": 1.10, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 

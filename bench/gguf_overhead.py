@@ -22,11 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "wrapper"))
+from _common import REPO, build_model, write_result
 
-from qwrap import envs  # noqa: E402
-from qwrap.toolchain import find_toolchain  # noqa: E402
+from qwrap import envs
+from qwrap.toolchain import find_toolchain
 
 
 def timed(argv: list[str]) -> float:
@@ -70,9 +69,7 @@ def main() -> None:
     python = envs.find_env("convert").python
     with tempfile.TemporaryDirectory(prefix="qwrap-bench-") as tmp:
         work = Path(tmp)
-        model = work / "bench-100m"
-        subprocess.run([str(python), str(REPO / "scripts" / "make-tiny-model"), str(model), "--params-100m"],
-                       check=True, stdout=subprocess.DEVNULL)
+        model = build_model(work / "bench-100m", "--params-100m")
         qwrap_times, hand_times = [], []
         for i in range(args.runs):
             # Alternate the order so that cache warmth does not favour one side.
@@ -81,7 +78,7 @@ def main() -> None:
             for name, fn in (pair if i % 2 == 0 else pair[::-1]):
                 (qwrap_times if name == "qwrap" else hand_times).append(fn())
             print(f"run {i + 1}: qwrap {qwrap_times[-1]:.2f}s  hand {hand_times[-1]:.2f}s", flush=True)
-    ratios = [q / h for q, h in zip(qwrap_times, hand_times)]
+    ratios = [q / h for q, h in zip(qwrap_times, hand_times, strict=False)]
     result = {
         "benchmark": "gguf_overhead", "quant": args.quant, "runs": args.runs,
         "qwrap_seconds": qwrap_times, "hand_seconds": hand_times,
@@ -89,11 +86,10 @@ def main() -> None:
         # Identical tool runs vary by about +-1 s on this 2-core VM, so the ratio above is
         # noisy; this one compares qwrap's wall time with its own steps in the same run.
         "qwrap_step_seconds": STEP_SECONDS,
-        "median_wall_over_own_steps": statistics.median(q / s for q, s in zip(qwrap_times, STEP_SECONDS)),
+        "median_wall_over_own_steps": statistics.median(q / s for q, s in zip(qwrap_times, STEP_SECONDS, strict=False)),
         "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"median ratio {result['median_ratio']:.3f} (target <= 1.03); qwrap wall / its own steps "
           f"{result['median_wall_over_own_steps']:.3f} -> {args.out}")
 

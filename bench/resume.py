@@ -22,11 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "wrapper"))
+from _common import REPO, build_model, write_result
 
-from qwrap import envs  # noqa: E402
-from qwrap.journal import Journal  # noqa: E402
+from qwrap.journal import Journal
 
 
 def qwrap(model: Path, out: Path, quants: list[str]) -> list[str]:
@@ -39,12 +37,9 @@ def main() -> None:
     parser.add_argument("--quants", nargs="+", default=["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "resume.json")
     args = parser.parse_args()
-    python = envs.find_env("convert").python
     with tempfile.TemporaryDirectory(prefix="qwrap-bench-") as tmp:
         work = Path(tmp)
-        model = work / "bench-100m"
-        subprocess.run([str(python), str(REPO / "scripts" / "make-tiny-model"), str(model), "--params-100m"],
-                       check=True, stdout=subprocess.DEVNULL)
+        model = build_model(work / "bench-100m", "--params-100m")
         start = time.perf_counter()
         full = subprocess.run(qwrap(model, work / "full", args.quants), check=True, capture_output=True, text=True)
         total = time.perf_counter() - start
@@ -77,8 +72,7 @@ def main() -> None:
               "rerun_steps": {i: rerun_steps[i]["seconds"] for i in sorted(redone)},
               "rerun_wall_over_own_steps": rerun / redone_seconds if redone_seconds else None,
               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 
