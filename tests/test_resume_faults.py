@@ -249,3 +249,24 @@ def test_disk_full_then_resume(tiny_model: Path, tmp_path: Path, toolchain: Tool
         assert sha256_file(out / "tiny-llama-Q8_0.gguf") == {a["quant"]: a["sha256"] for a in result["artifacts"]}["Q8_0"]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.35, 0.6, 0.85])
+def test_sigkill_at_any_moment_then_rerun_is_identical(tiny_model: Path, tmp_path: Path, toolchain: Toolchain,
+                                                      fraction: float) -> None:
+    """Kill qwrap itself at several points of its run (SIGKILL: no cleanup at all); the
+    plain rerun must finish with exactly the artifacts of an uninterrupted run."""
+    quants = ("Q4_K_M", "Q8_0")
+    ref_out = tmp_path / "ref"
+    started = time.monotonic()
+    reference = shas(finish_tiny(ref_out, tiny_model, quants=quants))
+    duration = time.monotonic() - started
+    out = tmp_path / "o"
+    proc = subprocess.Popen(qwrap_argv("run", str(tiny_model), "-o", str(out), *qargs(quants)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    time.sleep(duration * fraction)
+    proc.kill()
+    proc.wait()
+    result = finish_tiny(out, tiny_model, quants=quants)
+    assert shas(result) == reference
+    assert not list(out.glob("*.partial"))
