@@ -86,3 +86,19 @@ def test_hub_model_end_to_end_with_token_hidden(tiny_model: Path, tmp_path: Path
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
     assert token not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_plan_of_a_hub_model_downloads_no_weights(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    with HubServer() as hub:
+        hub.add_repo("acme/tiny-llama", tiny_model)
+        proc = run_qwrap("plan", "acme/tiny-llama", "-o", str(tmp_path / "o"), "-q", "Q4_K_M", "--json",
+                         env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")})
+        downloaded = hub.downloads("acme/tiny-llama")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert "model.safetensors" not in downloaded and "config.json" in downloaded
+    assert plan["parameters"] > 3_000_000  # from the safetensors header, fetched by range request
+    checks = {c["name"]: c["ok"] for c in plan["checks"]}
+    assert checks["hub cache"] and checks["architecture"] and checks["tokenizer"]
+    assert plan["disk"]["hub_cache"]["download_bytes"] > 6_000_000

@@ -203,6 +203,27 @@ def disk_check(report: Report, output: Path, needed: int) -> None:
         )
 
 
+def hub_cache_check(report: Report, source: ModelSource) -> None:
+    """A Hub model's weights land in the Hugging Face cache, usually on another disk."""
+    if source.repo_id is None:
+        return
+    cache = source.path
+    while cache.name and cache.name != "hub":
+        cache = cache.parent
+    cache = cache if cache.name == "hub" else source.path
+    missing = report.shape.weight_bytes if not any(source.path.glob("*.safetensors")) else 0
+    where, free = _free(cache)
+    report.disk["hub_cache"] = {"path": str(where), "download_bytes": missing, "free_bytes": free}
+    ok = missing <= free
+    report.check("hub cache", ok, f"weights to download: {human_bytes(missing)}, {human_bytes(free)} free in {where}")
+    if not ok:
+        raise InsufficientDiskError(
+            f"downloading {source.repo_id} needs about {human_bytes(missing)} in {where}, which has "
+            f"{human_bytes(free)} free",
+            hint="Free space, or point HF_HOME at a bigger disk.",
+        )
+
+
 def run_preflight(request: Request, source: ModelSource, *, token: str | None = None,
                   strict: bool = True) -> Report:
     """The plan for ``request``; raises the first failing check when ``strict``."""
@@ -217,6 +238,7 @@ def run_preflight(request: Request, source: ModelSource, *, token: str | None = 
             if fmt in request.formats:
                 needed += hf_plan(report, request, source, fmt)
         disk_check(report, request.output, needed)
+        hub_cache_check(report, source)
     except QwrapError:
         if strict:
             raise
