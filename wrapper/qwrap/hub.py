@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qwrap.errors import (
     AuthError,
@@ -320,14 +320,17 @@ def parameter_counts(source: ModelSource, *, token: str | None = None) -> dict[s
     return {str(k): int(v) for k, v in meta.parameter_count.items()}
 
 
-def _header_counts(path: Path) -> dict[str, int]:
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's tensor entries (dtype, shape, offsets), read from its JSON header."""
     with path.open("rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
+    return {name: info for name, info in header.items() if name != "__metadata__"}
+
+
+def _header_counts(path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for info in safetensors_header(path).values():
         n = 1
         for dim in info["shape"]:
             n *= dim

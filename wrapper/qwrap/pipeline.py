@@ -13,7 +13,7 @@ from .formats import FORMATS
 from .hub import ModelSource, parameter_counts, resolve_model
 from .journal import Journal, fingerprint_tree, output_lock, sha256_file
 from .plan import Plan, StepBuilder
-from .preflight import Report, Shape, architecture_check, read_config, run_preflight, tokenizer_check
+from .preflight import Report, read_config, require_supported_architecture, run_preflight, tokenizer_check
 from .report import build_result
 from .request import Request, check_basic
 from .runner import Runner, RunOutcome, remove_intermediates
@@ -101,7 +101,7 @@ def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOu
     source = resolve_model(request.model, revision=request.revision, token=token)
     check_toolchain(request)
     if request.preflight and "gguf" in request.formats:
-        architecture_check(Report(request.model, None, Shape(0, 0, 0, 0, 0)), read_config(source))
+        require_supported_architecture(read_config(source))
     output = request.output
     output.mkdir(parents=True, exist_ok=True)
     with output_lock(output):

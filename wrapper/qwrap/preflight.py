@@ -148,23 +148,38 @@ def hf_plan(report: Report, request: Request, source: ModelSource, fmt: str) -> 
     return size
 
 
-def architecture_check(report: Report, config: dict[str, Any]) -> None:
+def _unsupported(arch: str | None) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"architecture {arch} is not supported by the pinned llama.cpp converter",
+        hint="`qwrap formats --architectures` lists what is; a newer llama.cpp may add it "
+        "(QWRAP_LLAMA_CPP_DIR).",
+    )
+
+
+def require_supported_architecture(config: dict[str, Any]) -> None:
+    """`run`'s check: refuse an architecture the converter does not register. An unreadable
+    registry is not a refusal; the converter itself will say."""
     arch = (config.get("architectures") or [None])[0]
-    report.architecture = arch
+    try:
+        supported = supported_architectures()
+    except QwrapError:
+        return
+    if arch not in supported:
+        raise _unsupported(arch)
+
+
+def architecture_check(report: Report, config: dict[str, Any]) -> None:
+    """`plan`'s check: the same, recorded in the report."""
+    arch = report.architecture = (config.get("architectures") or [None])[0]
     try:
         supported = supported_architectures()
     except QwrapError as exc:
         report.check("architecture", False, f"cannot read the converter's list: {exc.message}")
         return
-    if arch in supported:
-        report.check("architecture", True, f"{arch} is supported by the pinned converter")
-        return
-    report.check("architecture", False, f"{arch} is not supported by the pinned converter")
-    raise UnsupportedModelError(
-        f"architecture {arch} is not supported by the pinned llama.cpp converter",
-        hint="`qwrap formats --architectures` lists what is; a newer llama.cpp may add it "
-        "(QWRAP_LLAMA_CPP_DIR).",
-    )
+    ok = arch in supported
+    report.check("architecture", ok, f"{arch} is {'' if ok else 'not '}supported by the pinned converter")
+    if not ok:
+        raise _unsupported(arch)
 
 
 def tokenizer_check(report: Report, source: ModelSource) -> None:

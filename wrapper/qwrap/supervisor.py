@@ -155,10 +155,6 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _tree_rss(pid: int) -> int:
-    return _rss(_tree(pid))
-
-
 def _rss(procs: list[psutil.Process]) -> int:
     total = 0
     for p in procs:
@@ -353,71 +349,45 @@ def run(
     started = time.monotonic()
     latch = _SignalLatch()
     with latch.installed():  # from before the child exists: no signal may slip past it
-        return _start_and_supervise(
-            args, environment, cwd, (out_r, out_w), (event_r, event_w), log, log_path, on_line, on_event,
-            on_start, latch, stall_timeout, timeout, stop_policy, oom_before, started,
-        )
-
-
-def _start_and_supervise(
-    args: list[str],
-    environment: dict[str, str],
-    cwd: Path | None,
-    out: tuple[int, int],
-    events: tuple[int | None, int | None],
-    log: IO[bytes] | None,
-    log_path: Path | None,
-    on_line: LineCallback | None,
-    on_event: EventCallback | None,
-    on_start: Callable[[int, float], None] | None,
-    latch: _SignalLatch,
-    stall_timeout: float | None,
-    timeout: float | None,
-    stop_policy: StopPolicy,
-    oom_before: int | None,
-    started: float,
-) -> ProcessResult:
-    out_r, out_w = out
-    event_r, event_w = events
-    try:
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=out_w,
-            stderr=out_w,
-            cwd=cwd,
-            env=environment,
-            start_new_session=True,
-            pass_fds=(event_w,) if event_w is not None else (),
-            preexec_fn=_set_parent_death_signal,  # noqa: PLW1509 - single-threaded parent
-        )
-    except OSError:
-        for fd in (out_r, out_w, event_r, event_w):
-            if fd is not None:
-                os.close(fd)
-        if log is not None:
-            log.close()
-        raise
-    os.close(out_w)
-    if event_w is not None:
-        os.close(event_w)
-    if on_start is not None:
         try:
-            on_start(proc.pid, psutil.Process(proc.pid).create_time())
-        except psutil.Error:
-            pass
-    state = _Running(proc=proc, log=log, on_line=on_line, on_event=on_event)
-    try:
-        outcome = _supervise(state, out_r, event_r, latch, stall_timeout, timeout, stop_policy)
-    except BaseException:
-        stop_tree(proc, stop_policy)  # a callback raised: never leave the child behind
-        raise
-    finally:
-        for fd in (out_r, event_r):
-            if fd is not None:
-                os.close(fd)
-        if log is not None:
-            log.close()
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=out_w,
+                cwd=cwd,
+                env=environment,
+                start_new_session=True,
+                pass_fds=(event_w,) if event_w is not None else (),
+                preexec_fn=_set_parent_death_signal,  # noqa: PLW1509 - single-threaded parent
+            )
+        except OSError:
+            for fd in (out_r, out_w, event_r, event_w):
+                if fd is not None:
+                    os.close(fd)
+            if log is not None:
+                log.close()
+            raise
+        os.close(out_w)
+        if event_w is not None:
+            os.close(event_w)
+        if on_start is not None:
+            try:
+                on_start(proc.pid, psutil.Process(proc.pid).create_time())
+            except psutil.Error:
+                pass
+        state = _Running(proc=proc, log=log, on_line=on_line, on_event=on_event)
+        try:
+            outcome = _supervise(state, out_r, event_r, latch, stall_timeout, timeout, stop_policy)
+        except BaseException:
+            stop_tree(proc, stop_policy)  # a callback raised: never leave the child behind
+            raise
+        finally:
+            for fd in (out_r, event_r):
+                if fd is not None:
+                    os.close(fd)
+            if log is not None:
+                log.close()
     oom_after = _memory_cgroup_oom_kills()
     return ProcessResult(
         argv=tuple(args),

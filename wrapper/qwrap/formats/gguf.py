@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .. import envs
 from ..context import RunContext, StepOutcome, run_tool
 from ..errors import UsageError, ValidationFailedError
 from ..ggufinfo import GGUFFormatError, read_info
-from ..hub import ModelSource, parameter_counts
+from ..hub import ModelSource, parameter_counts, safetensors_header
 from ..journal import sha256_file
 from ..plan import Step, StepBuilder
 from ..progress import ChunkProgress, ConvertProgress, QuantizeProgress
@@ -206,7 +205,7 @@ def _convert(step: Step, ctx: RunContext) -> StepOutcome:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.unlink(missing_ok=True)
     python = envs.find_env("convert").python
-    n_tensors = sum(len(_tensor_names(p)) for p in sorted(ctx.source.path.glob("*.safetensors")))
+    n_tensors = sum(len(safetensors_header(p)) for p in sorted(ctx.source.path.glob("*.safetensors")))
     argv: list[str | os.PathLike[str]] = [
         python, tools.converter, ctx.source.path,
         "--outfile", tmp, "--outtype", step.param("outtype"),
@@ -225,12 +224,6 @@ def _convert(step: Step, ctx: RunContext) -> StepOutcome:
         "file_type": info.file_type,
     }
     return StepOutcome([out], facts, result.peak_rss_bytes)
-
-
-def _tensor_names(path: Path) -> list[str]:
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return [k for k in json.loads(f.read(size)) if k != "__metadata__"]
 
 
 def _imatrix(step: Step, ctx: RunContext) -> StepOutcome:
