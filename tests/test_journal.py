@@ -9,35 +9,43 @@ from pathlib import Path
 import pytest
 
 from qwrap.errors import JournalError, LockedError
-from qwrap.journal import Journal, describe_file, fingerprint_tree, output_lock, verify_file
+from qwrap.journal import Journal, StepRecord, StepState, describe_file, fingerprint_tree, output_lock, verify_file
 
 
 def test_records_fold_into_states(tmp_path: Path) -> None:
     j = Journal(tmp_path)
-    j.step_record("a", "started", "fp1")
-    j.step_record("a", "done", "fp1", outputs=[])
-    j.step_record("b", "started", "fp2")
+    j.record(StepRecord("a", StepState.STARTED, "fp1"))
+    j.record(StepRecord("a", StepState.DONE, "fp1", info={"bytes": 3}, seconds=1.5))
+    j.record(StepRecord("b", StepState.STARTED, "fp2"))
     states = j.states()
-    assert states["a"].state == "done" and states["b"].state == "started"
+    assert states["a"].state is StepState.DONE and states["b"].state is StepState.STARTED
+    assert states["a"].info == {"bytes": 3} and states["a"].seconds == 1.5
     assert all(json.loads(line)["v"] == 1 for line in j.path.read_text().splitlines())
 
 
 def test_truncated_last_line_is_ignored_with_warning_and_repaired(tmp_path: Path) -> None:
     j = Journal(tmp_path)
-    j.step_record("a", "done", "fp")
+    j.record(StepRecord("a", StepState.DONE, "fp"))
     with j.path.open("ab") as f:
         f.write(b'{"step": "b", "sta')  # a crash mid-write
     assert set(j.states()) == {"a"}
     assert j.warnings and "truncated" in j.warnings[0]
-    j.step_record("c", "done", "fp")  # the next write starts on a fresh line
+    j.record(StepRecord("c", StepState.DONE, "fp"))  # the next write starts on a fresh line
     assert set(Journal(tmp_path).states()) == {"a", "c"}
 
 
 def test_corruption_elsewhere_is_a_clear_error(tmp_path: Path) -> None:
     j = Journal(tmp_path)
-    j.step_record("a", "done", "fp")
+    j.record(StepRecord("a", StepState.DONE, "fp"))
     j.path.write_text("garbage\n" + j.path.read_text())
     with pytest.raises(JournalError, match="line 1"):
+        j.states()
+
+
+def test_a_record_with_an_unknown_state_is_a_journal_error(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.append({"step": "a", "state": "exploded", "fingerprint": "fp"})
+    with pytest.raises(JournalError, match="cannot read"):
         j.states()
 
 

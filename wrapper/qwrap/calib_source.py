@@ -16,11 +16,13 @@ from qwrap.errors import OfflineError, UsageError
 
 WIKITEXT_REPO = "Salesforce/wikitext"
 WIKITEXT_SPLITS = ("train", "validation", "test")
+TRAIN_FILE = "wikitext-2-raw-v1/train-00000-of-00001.parquet"
 _CALIB_HINT = "Pass --calib FILE with a plain text file to calibrate on instead."
 
 
-def wikitext2(split: str = "train", *, token: str | None = None) -> Path:
-    """The cached WikiText-2 raw ``split`` parquet file (downloaded on first use)."""
+def wikitext2(split: str = "train", *, token: str | None = None, local_only: bool = False) -> Path:
+    """The cached WikiText-2 raw ``split`` parquet file (downloaded on first use, unless
+    ``local_only``)."""
     if split not in WIKITEXT_SPLITS:
         raise UsageError(
             f"unknown WikiText-2 split '{split}'", hint=f"Use one of {', '.join(WIKITEXT_SPLITS)}."
@@ -36,7 +38,7 @@ def wikitext2(split: str = "train", *, token: str | None = None) -> Path:
             filename,
             repo_type="dataset",
             token=token,
-            local_files_only=constants.HF_HUB_OFFLINE,
+            local_files_only=constants.HF_HUB_OFFLINE or local_only,
         )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, TransportError, HfHubHTTPError) as exc:
         # Whatever the cause (offline, unreachable, missing on a mirror), the next step is the same.
@@ -59,3 +61,27 @@ def text_path(parquet: Path) -> Path:
 def conversion_argv(parquet: Path, *, python: str) -> list[str]:
     """The child command that writes ``text_path(parquet)``; ``python`` must have pyarrow."""
     return [python, "-m", "qwrap.workers.parquet_text", str(parquet), str(text_path(parquet))]
+
+
+def wikitext2_text(*, token: str | None = None) -> Path:
+    """WikiText-2's training text as a plain text file in the cache, converted once."""
+    parquet = wikitext2("train", token=token)
+    text = text_path(parquet)
+    if not text.exists():
+        from . import envs
+        from .children import run_checked
+        from .toolchain import REPO_ROOT, cache_root
+
+        python = str(envs.find_env("convert").python)
+        run_checked(conversion_argv(parquet, python=python), what="turning the WikiText-2 parquet file into text",
+                    log_path=cache_root() / "logs" / "wikitext2-text.log", env={"PYTHONPATH": str(REPO_ROOT / "wrapper")}, timeout=600)
+    return text
+
+
+def cached_text() -> Path | None:
+    """The text of WikiText-2 if it is already in the cache (for `plan`, which downloads nothing)."""
+    try:
+        text = text_path(wikitext2("train", local_only=True))
+    except OfflineError:
+        return None
+    return text if text.exists() else None

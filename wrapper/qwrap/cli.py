@@ -6,12 +6,13 @@ unexpected ones to a crash log; tracebacks on screen only with QWRAP_DEBUG=1.
 
 from __future__ import annotations
 
-import functools
+import inspect
 import json
 import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -20,6 +21,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import Interrupted, QwrapError, exit_code_for
+from .options import Option
 
 app = typer.Typer(
     name="qwrap",
@@ -36,8 +38,7 @@ app.add_typer(env_app, name="env")
 err_console = Console(stderr=True, soft_wrap=True)
 out_console = Console(width=None if sys.stdout.isatty() else 160)
 
-Model = Annotated[str, typer.Argument(help="Local Hugging Face model folder, or a Hub id `org/name`.")]
-Output = Annotated[Path, typer.Option("--output", "-o", help="Output folder (created if missing).")]
+MODEL_HELP = "Local Hugging Face model folder, or a Hub id `org/name`."
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 Events = Annotated[
     Optional[str], typer.Option("--events", help="Write NDJSON events (schema qwrap.events/1) to FILE, or - for stdout.")
@@ -68,94 +69,147 @@ def _reporter() -> Any:
     return RichReporter(err_console) if err_console.is_terminal else PlainReporter()
 
 
-def run(
-    model: Model,
-    output: Output = Path("qwrap-out"),
-    format: Annotated[list[str], typer.Option("--format", "-f", help="gguf, awq or gptq; repeatable (one download, one calibration set).")] = ["gguf"],  # noqa: B006
-    quant: Annotated[list[str], typer.Option("--quant", "-q", help="GGUF type, repeatable, case-insensitive (see `qwrap formats`).")] = ["Q4_K_M"],  # noqa: B006
-    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
-    token: Annotated[Optional[str], typer.Option(help="Hub token (default: HF_TOKEN or the stored login). Never logged.")] = None,
-    outtype: Annotated[str, typer.Option(help="GGUF 16-bit intermediate: auto (bf16 if the weights are bf16, else f16), f16, bf16, f32.")] = "auto",
-    imatrix: Annotated[Optional[str], typer.Option(help="GGUF importance matrix FILE, or `auto` to compute it from --calib.")] = None,
-    calib: Annotated[Optional[str], typer.Option(help="Calibration text FILE (.txt or .jsonl); default: WikiText-2 from the Hub.")] = None,
-    bits: Annotated[int, typer.Option(help="AWQ/GPTQ bits (AWQ: 4; GPTQ: 2, 3, 4 or 8).")] = 4,
-    group_size: Annotated[int, typer.Option(help="AWQ/GPTQ group size; must divide the layer widths.")] = 128,
-    awq_version: Annotated[str, typer.Option(help="AWQ kernel layout: gemm or gemv.")] = "gemm",
-    zero_point: Annotated[bool, typer.Option(help="AWQ asymmetric quantization with zero points.")] = True,
-    act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns in order of activation size.")] = False,
-    sym: Annotated[bool, typer.Option(help="GPTQ symmetric quantization.")] = True,
-    damp: Annotated[float, typer.Option(help="GPTQ dampening fraction.")] = 0.01,
-    backend: Annotated[list[str], typer.Option(help="autoawq or gptqmodel for AWQ; gptqmodel or auto-gptq for GPTQ; FORMAT=NAME to be explicit. Repeatable.")] = [],  # noqa: B006
-    calib_samples: Annotated[int, typer.Option(help="AWQ/GPTQ calibration samples.")] = 128,
-    calib_seq_len: Annotated[int, typer.Option(help="AWQ/GPTQ calibration sequence length (tokens).")] = 512,
-    device: Annotated[str, typer.Option(help="AWQ/GPTQ device: auto (CUDA when present), cpu or cuda.")] = "auto",
-    threads: Annotated[int, typer.Option(help="Threads for llama.cpp tools and AWQ/GPTQ workers (0: all cores).")] = 0,
-    stall_timeout: Annotated[float, typer.Option(help="Kill a tool that prints nothing for this many seconds.")] = 600.0,
-    keep_intermediate: Annotated[bool, typer.Option(help="Keep the 16-bit GGUF and AWQ/GPTQ layer checkpoints in OUT/.checkpoint.")] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite existing artifacts.")] = False,
-    preflight: Annotated[bool, typer.Option(help="Check architecture and free disk before starting.")] = True,
-    json_out: JsonFlag = False,
-    events: Events = None,
-) -> None:
-    """Quantize MODEL into OUTPUT; rerun the same command to resume after any interruption.
+RUN_DOC = """Quantize MODEL into OUTPUT; rerun the same command to resume after any interruption.
 
-    Examples:
+Independent steps run at the same time within --jobs cores: the validation of one type overlaps the quantization of the next, and several quantizations share the cores. `qwrap plan` with the same options shows every step, its estimates and the checks.
 
-      qwrap run ./Llama-3.2-1B -q Q4_K_M -q Q8_0 -o out/
+Examples:
 
-      qwrap run meta-llama/Llama-3.2-1B --revision main -q IQ3_XXS --imatrix auto --calib wiki.txt -o out/ --json
+  qwrap run ./Llama-3.2-1B -q Q4_K_M -q Q8_0 -o out/
 
-      qwrap run org/name --format gguf --format awq --format gptq --calib data.txt -o out/
-    """
-    options = dict(locals())
-    _execute(_request(options), token=token, json_out=json_out, events=events)
+  qwrap run meta-llama/Llama-3.2-1B --revision main -q IQ3_XXS --imatrix auto --calib wiki.txt -o out/ --json
+
+  qwrap run org/name --format gguf --format awq --format gptq --calib data.txt -o out/
+"""
+
+PLAN_DOC = """Show the plan `qwrap run` with the same options executes, and the checks, without heavy work.
+
+Every step with its inputs, outputs, parameters, fingerprint and estimates (output size, peak RAM, peak disk, time where a cost model exists); then the checks: architecture, tokenizer, disk, toolchain. `--json` prints it as one document (schema qwrap.plan/2). Only config.json, the tokenizer and the safetensors headers are read: a Hub model's weights are not downloaded.
+
+Examples:
+
+  qwrap plan ./Llama-3.2-1B -q Q4_K_M -q Q8_0 -o out/
+
+  qwrap plan meta-llama/Llama-3.2-1B -q Q4_K_M --json
+"""
 
 
-@app.command("plan")
-@functools.wraps(run)
-def plan(**options: Any) -> None:
-    """Show what `qwrap run` with the same options would do: steps, expected sizes, peak disk
-    and memory, and the checks (architecture, disk, quant types, toolchain) - without heavy work.
+def _run_options() -> tuple[Option, ...]:
+    from .formats import FORMATS
 
-    Examples:
+    names = ", ".join(FORMATS)
+    routes = "; ".join(f"{n.upper()}: {', '.join(f.BACKENDS)}" for n, f in FORMATS.items() if f.BACKENDS)
+    return (
+        Option("output", Path, Path("qwrap-out"), "Output folder (created if missing).", ("--output", "-o")),
+        Option("format", list[str], ["gguf"], f"{names}; repeatable (one download, one calibration set).",
+               ("--format", "-f")),
+        Option("revision", Optional[str], None, "Hub branch, tag or commit."),
+        Option("token", Optional[str], None, "Hub token (default: HF_TOKEN or the stored login). Never logged."),
+        Option("calib", Optional[str], None, "Calibration text FILE (.txt or .jsonl); default: WikiText-2 from the Hub."),
+        Option("backend", list[str], [], f"{routes}; FORMAT=NAME to be explicit. Repeatable."),
+        Option("jobs", int, 0, "CPU cores to keep busy with steps running at once (0: all usable cores)."),
+        Option("threads", int, 0, "Threads per tool (0: the free cores shared among the steps running at once)."),
+        Option("stall_timeout", float, 600.0, "Kill a tool that prints nothing for this many seconds."),
+        Option("keep_intermediate", bool, False, "Keep the 16-bit GGUF and AWQ/GPTQ layer checkpoints in OUT/.checkpoint."),
+        Option("force", bool, False, "Overwrite existing artifacts."),
+        Option("preflight", bool, True, "Check the model (architecture, group size) and free disk before starting."),
+        Option("json_out", bool, False, "Print one JSON document on stdout.", ("--json",)),
+        Option("events", Optional[str], None, "Write NDJSON events (schema qwrap.events/1) to FILE, or - for stdout."),
+    )
 
-      qwrap plan ./Llama-3.2-1B -q Q4_K_M -q Q8_0 -o out/
 
-      qwrap plan meta-llama/Llama-3.2-1B -q Q4_K_M --json   (downloads no weights)
-    """
+def _parameter(opt: Option, panel: str | None) -> inspect.Parameter:
+    info = typer.Option(*opt.flags, help=opt.help, rich_help_panel=panel)  # no flags: --x/--no-x for bools
+    return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=opt.default,
+                             annotation=Annotated[opt.type, info])
+
+
+def _command(impl: Callable[[dict[str, Any]], None], doc: str) -> Callable[..., None]:
+    """A typer command taking MODEL, the run options and every format's option group (each
+    under its own heading in --help), all mounted from the registry."""
+    from .formats import FORMATS
+
+    params = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                annotation=Annotated[str, typer.Argument(help=MODEL_HELP)])]
+    seen = {"model"}
+    for opt in _run_options():
+        params.append(_parameter(opt, None))
+        seen.add(opt.name)
+    for fmt in FORMATS.values():
+        for opt in fmt.OPTIONS:
+            if opt.name not in seen:
+                params.append(_parameter(opt, f"{fmt.TITLE} options"))
+                seen.add(opt.name)
+
+    def command(**values: Any) -> None:
+        impl(values)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = doc
+    return command
+
+
+def _run(values: dict[str, Any]) -> None:
+    _execute(_request(values), token=values["token"], json_out=values["json_out"], events=values["events"])
+
+
+def _plan(values: dict[str, Any]) -> None:
     from . import pipeline
 
-    report = pipeline.plan_only(_request(options), token=options["token"])
-    if options["json_out"]:
-        typer.echo(json.dumps(report.to_json(), indent=2))
+    report = pipeline.plan_only(_request(values), token=values["token"]).to_json()
+    if values["json_out"]:
+        typer.echo(json.dumps(report, indent=2))
     else:
         from .report import render_plan
 
-        render_plan(report.to_json(), out_console)
+        render_plan(report, out_console)
 
 
-app.command()(run)
+app.command("run")(_command(_run, RUN_DOC))
+app.command("plan")(_command(_plan, PLAN_DOC))
 
 
-def _request(o: dict[str, Any]) -> Any:
-    from .request import QuantOptions, Request, backends_from
+def _request(values: dict[str, Any]) -> Any:
+    from .formats import FORMATS
+    from .request import Request
 
-    model = o["model"]
+    model = values["model"]
     if Path(model).exists():
         model = str(Path(model).resolve())  # the journal must work from any directory
-    awq_backend, gptq_backend = backends_from(o["backend"], o["format"])
+    formats = tuple(dict.fromkeys(values["format"]))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        from .errors import UsageError
+
+        raise UsageError(f"unknown format {unknown[0]!r}", hint=f"Choose from: {', '.join(FORMATS)}.")
+    backends = backends_from(values["backend"], formats)
+    options = tuple((f, FORMATS[f].make_options(values, backends.get(f))) for f in formats)
+    calib = values["calib"]
     return Request(
-        model=model, output=Path(o["output"]).resolve(), formats=tuple(o["format"]), quants=tuple(o["quant"]),
-        revision=o["revision"], outtype=o["outtype"], imatrix=o["imatrix"], calib=o["calib"], force=o["force"],
-        keep_intermediate=o["keep_intermediate"], threads=o["threads"], stall_timeout=o["stall_timeout"],
-        preflight=o["preflight"],
-        quant_options=QuantOptions(
-            bits=o["bits"], group_size=o["group_size"], awq_version=o["awq_version"], zero_point=o["zero_point"],
-            act_order=o["act_order"], sym=o["sym"], damp=o["damp"], awq_backend=awq_backend,
-            gptq_backend=gptq_backend, calib_samples=o["calib_samples"], calib_seq_len=o["calib_seq_len"],
-            device=o["device"],
-        ),
+        model=model, output=Path(values["output"]).resolve(), formats=formats, format_options=options,
+        revision=values["revision"], calib=str(Path(calib).resolve()) if calib not in (None, "wikitext2") else calib,
+        force=values["force"], keep_intermediate=values["keep_intermediate"], threads=values["threads"],
+        jobs=values["jobs"], stall_timeout=values["stall_timeout"], preflight=values["preflight"],
     )
+
+
+def backends_from(values: list[str], formats: tuple[str, ...]) -> dict[str, str]:
+    """``--backend`` values -> {format: backend}. A bare name goes to every requested format
+    that knows it; ``FORMAT=NAME`` is explicit."""
+    from .errors import UsageError
+    from .formats import FORMATS
+
+    chosen: dict[str, str] = {}
+    for value in values:
+        fmt, _, name = value.rpartition("=")
+        targets = [fmt] if fmt else [f for f in formats if FORMATS[f].BACKENDS]
+        hits = [t for t in targets if t in FORMATS and name in FORMATS[t].BACKENDS]
+        if not hits:
+            known = "; ".join(f"{n.upper()}: {', '.join(f.BACKENDS)}" for n, f in FORMATS.items() if f.BACKENDS)
+            raise UsageError(f"--backend {value!r} does not apply to the requested formats",
+                             hint=f"{known}; use FORMAT=NAME to be explicit.")
+        chosen.update(dict.fromkeys(hits, name))
+    return chosen
 
 
 def _execute(request: Any, *, token: str | None, json_out: bool, events: str | None) -> None:
@@ -187,6 +241,7 @@ def _execute(request: Any, *, token: str | None, json_out: bool, events: str | N
         typer.echo(json.dumps(result, indent=2))
     elif events != "-":
         render_table(result, out_console)
+
 
 
 @app.command()
@@ -225,13 +280,13 @@ def status(output: OutDir, json_out: JsonFlag = False) -> None:
 def formats(
     architectures: Annotated[bool, typer.Option("--architectures", help="List the model architectures the pinned converter supports.")] = False,
 ) -> None:
-    """List the GGUF quant types with bits per weight and whether they need --imatrix.
+    """List every format and what it can make: GGUF quant types with bits per weight, AWQ/GPTQ bits and backends.
 
     Example: qwrap formats --architectures
     """
     from rich.table import Table
 
-    from .formats.gguf import ALIASES, QUANT_TYPES
+    from .formats import FORMATS
 
     if architectures:
         from .toolchain import supported_architectures
@@ -239,14 +294,16 @@ def formats(
         for name in sorted(supported_architectures()):
             typer.echo(name)
         return
-
-    table = Table(title="GGUF quant types (case-insensitive)")
-    for col in ("type", "bits/weight", "needs imatrix", "notes"):
-        table.add_column(col)
-    for q in QUANT_TYPES.values():
-        table.add_row(q.name, f"{q.bpw:.2f}", "yes" if q.needs_imatrix else "", q.note)
-    out_console.print(table)
-    out_console.print("Aliases: " + ", ".join(f"{a} = {t}" for a, t in ALIASES.items()))
+    for name, fmt in FORMATS.items():
+        listing = fmt.listing()
+        table = Table(title=f"{name}: {fmt.SUMMARY}")
+        for col in listing.columns:
+            table.add_column(col)
+        for row in listing.rows:
+            table.add_row(*row)
+        out_console.print(table)
+        if listing.note:
+            out_console.print(listing.note)
 
 
 @app.command()

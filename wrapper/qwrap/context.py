@@ -1,25 +1,23 @@
-"""What a format's step actions receive (RunContext) and return (StepOutcome)."""
+"""What a step action receives (its inputs' outputs and a narrow StepContext) and returns
+(a StepOutcome). Actions never see the request or the plan: only their own step."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import supervisor
-from .errors import Interrupted, OutputExistsError, UsageError
-from .failures import error_for
-from .hub import ModelSource
-from .plan import Plan
-from .request import Request
+from .children import LineParser, run_checked
+from .errors import OutputExistsError
 from .supervisor import ProcessResult
 
 
 class Reporter(Protocol):
-    """Where progress goes. The CLI renders it; formats never touch a terminal."""
+    """Where progress goes. The CLI renders it; formats never touch a terminal. Called from
+    the threads that run steps, so implementations must be thread-safe."""
 
     def step_started(self, step_id: str, label: str) -> None: ...
     def step_progress(self, step_id: str, done: float, total: float | None, unit: str) -> None: ...
@@ -45,17 +43,31 @@ class NullReporter:
         pass
 
 
-@dataclass
-class RunContext:
-    request: Request
-    source: ModelSource
+@dataclass(frozen=True)
+class InputOutputs:
+    """One input step's outputs (absolute paths, in its declared order) and the facts it returned."""
+
+    paths: tuple[Path, ...]
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.paths[0]
+
+
+Inputs = Mapping[str, InputOutputs]  # by the role the step gave the input
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """The runtime a step gets: where to write, how many threads, where progress and logs go."""
+
+    step_id: str
     output: Path
     reporter: Reporter
-    plan: Plan
-    calib: Path | None = None  # plain-text calibration file, resolved before planning
-    parameters: int = 0  # the source model's parameter count (for estimates)
-    # facts earlier steps recorded (e.g. the 16-bit tensor count), keyed by step id
-    facts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    threads: int = 1
+    stall_timeout: float | None = 600.0
+    force: bool = False
     # journals the pid of a started child so a later run can reap it if we die hard
     on_child_start: Callable[[int, float], None] | None = None
 
@@ -64,30 +76,44 @@ class RunContext:
         return self.output / ".checkpoint"
 
     @property
-    def work(self) -> Path:
-        return self.checkpoint / "work"
+    def log_path(self) -> Path:
+        return self.checkpoint / "logs" / (self.step_id.replace(":", "-") + ".log")
 
-    def log_path(self, step_id: str) -> Path:
-        return self.checkpoint / "logs" / (step_id.replace(":", "-") + ".log")
+    def path(self, rel: str) -> Path:
+        return self.output / rel
 
-    @property
-    def threads(self) -> int:
-        return self.request.threads or (os.cpu_count() or 1)
+    def progress(self, done: float, total: float | None, unit: str) -> None:
+        self.reporter.step_progress(self.step_id, done, total, unit)
 
-    def plan_outputs(self, step_id: str) -> tuple[str, ...]:
-        return self.plan.by_id()[step_id].outputs
-
-    def calib_text(self) -> Path:
-        if self.calib is None:
-            raise UsageError("this step needs calibration text", hint="Pass --calib FILE.txt.")
-        return self.calib
+    def warning(self, message: str) -> None:
+        self.reporter.warning(f"{self.step_id}: {message}")
 
     def check_final(self, final: Path) -> None:
         """Refuse to replace an existing final artifact without --force."""
-        if final.exists() and not self.request.force:
+        if final.exists() and not self.force:
             raise OutputExistsError(
                 f"{final} already exists", hint="Pass --force to overwrite it, or choose another --output."
             )
+
+    def run_tool(
+        self,
+        argv: list[str | os.PathLike[str]],
+        *,
+        what: str,
+        parser: LineParser | None = None,
+        env: dict[str, str | None] | None = None,
+        on_event: Callable[[str], None] | None = None,
+        use_pty: bool = False,
+        oom_extra: str = "",
+        cwd: Path | None = None,
+    ) -> ProcessResult:
+        """Run one supervised child for this step: progress to the reporter, output to the step
+        log, its pid to the journal; a failure becomes the matching QwrapError."""
+        return run_checked(
+            argv, what=what, log_path=self.log_path, env=env, cwd=cwd, parser=parser,
+            on_progress=self.progress, on_event=on_event, on_start=self.on_child_start,
+            use_pty=use_pty, stall_timeout=self.stall_timeout, oom_extra=oom_extra,
+        )
 
 
 def place(partial: Path, final: Path) -> None:
@@ -98,58 +124,15 @@ def place(partial: Path, final: Path) -> None:
     os.replace(partial, final)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepOutcome:
-    """What an action produced: output files (absolute) and facts for later steps/report."""
+    """What an action produced: output files (absolute) and its facts (journaled, handed to the
+    steps that read its outputs, and shown in the result)."""
 
-    outputs: list[Path] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
+    outputs: tuple[Path, ...] = ()
+    facts: Mapping[str, Any] = field(default_factory=dict)
     peak_rss_bytes: int = 0
     peak_gpu_bytes: int = 0
     # validated (partial, final) pairs: the runner journals "done" with the final names
     # first, then renames, so a kill between the two never leaves an unexplained final file
-    renames: list[tuple[Path, Path]] = field(default_factory=list)
-
-
-class _Parser(Protocol):
-    def feed(self, line: str) -> Any: ...
-
-
-def run_tool(
-    ctx: RunContext,
-    step_id: str,
-    argv: list[str | os.PathLike[str]],
-    *,
-    what: str,
-    parser: _Parser | None = None,
-    env: dict[str, str | None] | None = None,
-    on_event: Callable[[str], None] | None = None,
-    use_pty: bool = False,
-    oom_extra: str = "",
-    cwd: Path | None = None,
-) -> ProcessResult:
-    """Run one supervised tool for a step: progress to the reporter, output to the step
-    log, its pid to the journal; a failure becomes the matching QwrapError."""
-
-    def on_line(line: str) -> None:
-        if parser is not None:
-            p = parser.feed(line)
-            if p is not None:
-                ctx.reporter.step_progress(step_id, p.done, p.total, p.unit)
-
-    result = supervisor.run(
-        argv,
-        env=env,
-        log_path=ctx.log_path(step_id),
-        on_line=on_line,
-        on_event=on_event,
-        on_start=ctx.on_child_start,
-        use_pty=use_pty,
-        cwd=cwd,
-        stall_timeout=ctx.request.stall_timeout,
-    )
-    if result.stopped_by_signal is not None:
-        raise Interrupted(f"{what} stopped", signum=result.stopped_by_signal)
-    if not result.ok:
-        raise error_for(result, what, oom_extra=oom_extra)
-    return result
+    renames: tuple[tuple[Path, Path], ...] = ()

@@ -16,12 +16,14 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from .errors import JournalError, LockedError
 
@@ -31,6 +33,7 @@ JOURNAL_FILE = "journal.jsonl"
 SMALL_FILE = 1 << 20  # source files below this size are hashed, larger ones use size+mtime
 
 log = logging.getLogger(__name__)
+_APPEND_LOCK = threading.Lock()
 
 
 def checkpoint_dir(output: Path) -> Path:
@@ -74,7 +77,7 @@ def _hash_once(path: Path) -> str:
     return _HASHED[key]
 
 
-def describe_file(path: Path, base: Path) -> dict[str, Any]:
+def describe_file(path: Path, base: Path) -> OutputEntry:
     """What a 'done' record says about an output (file or folder): enough to re-verify it.
 
     Deliverables get a content hash. Scratch files under ``.checkpoint/work/`` (the 16-bit
@@ -89,7 +92,7 @@ def describe_file(path: Path, base: Path) -> dict[str, Any]:
     return {"path": rel, "bytes": _size(path), "sha256": digest}
 
 
-def verify_file(entry: dict[str, Any], base: Path) -> bool:
+def verify_file(entry: OutputEntry, base: Path) -> bool:
     path = base / entry["path"]
     try:
         if _size(path) != entry["bytes"]:
@@ -120,12 +123,70 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
-@dataclass
-class StepState:
+class StepState(str, Enum):
+    """A step's state: journaled (started, done, failed, interrupted) or decided by a run
+    (skipped: proven done; pending: not run yet)."""
+
+    STARTED = "started"
+    DONE = "done"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    SKIPPED = "skipped"
+    PENDING = "pending"
+
+
+class OutputEntry(TypedDict, total=False):
+    """What a 'done' record says about one output: enough to re-verify it."""
+
+    path: str  # relative to the output folder
+    bytes: int
+    sha256: str  # deliverables
+    mtime_ns: int  # scratch files under .checkpoint/work/, pinned by size and mtime
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One state change of one step (the state of a step is its last record)."""
+
     step: str
-    state: str  # started | done | failed | interrupted
+    state: StepState
     fingerprint: str
-    record: dict[str, Any] = field(default_factory=dict)
+    outputs: tuple[OutputEntry, ...] = ()
+    info: Mapping[str, Any] = field(default_factory=dict)  # the facts the step returned
+    seconds: float | None = None
+    peak_rss_bytes: int = 0
+    peak_gpu_bytes: int = 0
+    error: str | None = None
+    error_type: str | None = None
+    log: str | None = None
+    t: float | None = None
+
+    @classmethod
+    def from_json(cls, r: Mapping[str, Any]) -> StepRecord:
+        return cls(str(r["step"]), StepState(r["state"]), str(r.get("fingerprint", "")),
+                   tuple(r.get("outputs") or ()), dict(r.get("info") or {}), r.get("seconds"),
+                   int(r.get("peak_rss_bytes") or 0), int(r.get("peak_gpu_bytes") or 0), r.get("error"),
+                   r.get("error_type"), r.get("log"), r.get("t"))
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"step": self.step, "state": self.state.value, "fingerprint": self.fingerprint}
+        if self.state is StepState.DONE:
+            data.update(outputs=list(self.outputs), info=dict(self.info), seconds=self.seconds,
+                        peak_rss_bytes=self.peak_rss_bytes, peak_gpu_bytes=self.peak_gpu_bytes)
+        elif self.state in (StepState.FAILED, StepState.INTERRUPTED):
+            data.update(error=self.error, error_type=self.error_type, seconds=self.seconds)
+            if self.log:
+                data["log"] = self.log
+        return data
+
+
+@dataclass(frozen=True)
+class ChildRecord:
+    """A child process started for a step, so a later run can reap it if qwrap was killed."""
+
+    step: str
+    pid: int
+    create_time: float
 
 
 class Journal:
@@ -168,12 +229,21 @@ class Journal:
             out.append(record)
         return out
 
-    def states(self) -> dict[str, StepState]:
-        states: dict[str, StepState] = {}
+    def states(self) -> dict[str, StepRecord]:
+        """Every step's last record."""
+        states: dict[str, StepRecord] = {}
         for r in self.records():
             if "step" in r:
-                states[r["step"]] = StepState(r["step"], r["state"], r.get("fingerprint", ""), r)
+                try:
+                    states[r["step"]] = StepRecord.from_json(r)
+                except (KeyError, ValueError, TypeError) as exc:
+                    raise JournalError(f"{self.path} has a step record qwrap cannot read ({exc!r}): {r}",
+                                       hint=f"Move {self.dir} aside to start this output folder afresh.") from exc
         return states
+
+    def children(self) -> list[ChildRecord]:
+        return [ChildRecord(str(r["step_ref"]), int(r["pid"]), float(r["create_time"]))
+                for r in self.records() if r.get("kind") == "child"]
 
     def run_header(self) -> dict[str, Any] | None:
         header = None
@@ -187,15 +257,24 @@ class Journal:
 
     # -- writing -------------------------------------------------------------
     def append(self, record: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._repair_tail()
+        """One line, written whole and fsync'd. Several steps run at once: the lock keeps their
+        lines from interleaving (O_APPEND writes of one line are atomic on local filesystems)."""
         line = json.dumps({"v": SCHEMA, "t": round(time.time(), 3), **record}, sort_keys=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with _APPEND_LOCK:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._repair_tail()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def record(self, rec: StepRecord) -> None:
+        self.append(rec.to_json())
+
+    def child(self, rec: ChildRecord) -> None:
+        self.append({"kind": "child", "step_ref": rec.step, "pid": rec.pid, "create_time": rec.create_time})
 
     def _repair_tail(self) -> None:
         """Cut a truncated last line so that the next record starts on a line of its own."""
@@ -215,11 +294,8 @@ class Journal:
             f.truncate(keep)
             os.fsync(f.fileno())
 
-    def step_record(self, step: str, state: str, fp: str, **extra: Any) -> None:
-        self.append({"step": step, "state": state, "fingerprint": fp, **extra})
 
-
-def outputs_verified(entries: Iterable[dict[str, Any]], base: Path) -> bool:
+def outputs_verified(entries: Iterable[OutputEntry], base: Path) -> bool:
     return all(verify_file(e, base) for e in entries)
 
 

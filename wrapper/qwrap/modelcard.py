@@ -38,32 +38,25 @@ def _artifact_table(result: dict[str, Any], output: Path) -> str:
 
 
 def _usage(result: dict[str, Any], output: Path) -> str:
-    parts = []
-    gguf = [a for a in result["artifacts"] if a["format"] == "gguf"]
-    if gguf:
-        name = os.path.relpath(gguf[0]["path"], output)
-        parts.append(f"llama.cpp:\n\n```sh\nllama-cli -m {name} -p \"Hello\"\nllama-server -m {name}\n```")
-    folders = [a for a in result["artifacts"] if a["format"] in ("awq", "gptq")]
-    if folders:
-        name = os.path.relpath(folders[0]["path"], output)
-        parts.append(
-            "transformers:\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            f"model = AutoModelForCausalLM.from_pretrained(\"{name}\", device_map=\"auto\")\n"
-            f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n```\n\n"
-            f"vLLM:\n\n```sh\nvllm serve {name}\n```"
-        )
+    """Each format says how its artifacts are used; formats with the same text say it once."""
+    from .formats import FORMATS
+
+    parts: list[str] = []
+    for name, fmt in FORMATS.items():
+        paths = [os.path.relpath(a["path"], output) for a in result["artifacts"] if a["format"] == name]
+        text = fmt.card_usage(paths) if paths else ""
+        if text and text not in parts:
+            parts.append(text)
     return "\n\n".join(parts)
 
 
-def render(result: dict[str, Any], output: Path, calib: Path | None) -> str:
+def render(result: dict[str, Any], output: Path, calib: str | None) -> str:
     model = result["model"]
     req = result["request"]
     source = model["repo_id"] or model["path"]
     revision = f" at revision `{model['revision']}`" if model.get("revision") else ""
-    command = "qwrap run " + shlex.quote(req["model"]) + " " + " ".join(
-        [f"--format {f}" for f in req["formats"]] + [f"--quant {q}" for q in req["quants"]]
-    )
-    calib_line = f"`{calib.name}`" if calib else "none (not needed for these formats)"
+    command = " ".join(shlex.quote(a) for a in result.get("command") or []) or "qwrap run " + shlex.quote(req["model"])
+    calib_line = f"`{calib}`" if calib else "none (not needed for these formats)"
     return "\n\n".join([
         _front_matter(result),
         MARKER,
@@ -77,7 +70,7 @@ def render(result: dict[str, Any], output: Path, calib: Path | None) -> str:
     ]) + "\n"
 
 
-def write(result: dict[str, Any], output: Path, calib: Path | None) -> Path | None:
+def write(result: dict[str, Any], output: Path, calib: str | None) -> Path | None:
     path = output / "README.md"
     if path.exists() and MARKER not in path.read_text(errors="replace"):
         return None

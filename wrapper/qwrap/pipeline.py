@@ -1,122 +1,114 @@
-"""request -> checks -> plan -> run -> result: the whole of ``qwrap run`` minus rendering."""
+"""request -> model -> checks -> plan -> run -> result: the whole of ``qwrap run`` and ``qwrap
+plan`` minus rendering. Both build the plan here, the same way, so they agree on every step."""
 
 from __future__ import annotations
 
-import os
-import sys
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import calib_source, modelcard, supervisor
-from .context import Reporter, RunContext
-from .errors import QwrapError, UsageError
+from . import calib_source, modelcard
+from .checks import raise_first_failure
+from .context import Reporter
+from .errors import UsageError
 from .formats import FORMATS
-from .hub import ModelSource, parameter_counts, resolve_model
-from .journal import Journal, fingerprint_tree, output_lock, sha256_file
-from .plan import Plan, StepBuilder
-from .preflight import Report, read_config, require_supported_architecture, run_preflight, tokenizer_check
+from .hub import ModelSource, resolve_model
+from .journal import Journal, output_lock, sha256_file
+from .model import Calibration, ModelInfo, model_info
+from .plan import Plan, PlanBuilder
+from .preflight import (
+    PlanReport,
+    check_toolchain,
+    disk_check,
+    hub_cache_check,
+    model_checks,
+    needs_calibration,
+    toolchain_check,
+)
 from .report import build_result
-from .request import Request, check_basic
-from .runner import Runner, RunOutcome, remove_intermediates
-from .toolchain import REPO_ROOT, find_toolchain, read_pin
+from .request import Request, check_basic, safe_argv
+from .runner import Runner, RunSettings, StepSummary, remove_intermediates
+from .toolchain import read_pin
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    request: Request
+    model: ModelInfo
+    plan: Plan
+    summaries: list[StepSummary]
+    warnings: list[str]
+
+    @property
+    def source(self) -> ModelSource:
+        return self.model.source
 
 
 def validate(request: Request) -> None:
     check_basic(request)
     for fmt in request.formats:
         if fmt not in FORMATS:
-            raise UsageError(f"format {fmt} is not available in this qwrap build")
-        FORMATS[fmt].validate_options(request)
+            raise UsageError(f"unknown format {fmt!r}", hint=f"Choose from: {', '.join(FORMATS)}.")
+        FORMATS[fmt].validate(request.options(fmt))
 
 
-def needs_calibration(request: Request) -> bool:
-    return request.imatrix == "auto" or any(f in ("awq", "gptq") for f in request.formats)
-
-
-def resolve_calibration(request: Request, token: str | None, reporter: Reporter) -> Path | None:
-    """A plain-text calibration file: --calib FILE, or WikiText-2 converted once in a child."""
+def calibration(request: Request, token: str | None, *, fetch: bool) -> Calibration | None:
+    """The calibration text: --calib FILE, or WikiText-2 (fetched and turned into text once, in
+    the cache, when ``fetch``; `plan` only looks in the cache)."""
     if not needs_calibration(request):
         return None
     if request.calib not in (None, "wikitext2"):
-        return Path(str(request.calib)).resolve()
-    parquet = calib_source.wikitext2("train", token=token)
-    text = calib_source.text_path(parquet)
-    if not text.exists():
-        from . import envs
-
-        python = str(envs.find_env("convert").python)
-        argv = calib_source.conversion_argv(parquet, python=python)
-        result = supervisor.run(argv, env={"PYTHONPATH": str(REPO_ROOT / "wrapper")})
-        if not result.ok:
-            raise UsageError(
-                "could not turn the WikiText-2 parquet file into text",
-                hint="Pass --calib FILE with a plain text file.",
-            )
-    return text
+        path = Path(str(request.calib)).resolve()
+        return Calibration(f"sha256:{sha256_file(path)}", path.name, str(path))
+    identity = f"hf-dataset:{calib_source.WIKITEXT_REPO}/{calib_source.TRAIN_FILE}"
+    text = calib_source.wikitext2_text(token=token) if fetch else calib_source.cached_text()
+    return Calibration(identity, "wikitext2", str(text) if text else None)
 
 
-def build_plan(request: Request, source: ModelSource, calib: Path | None) -> Plan:
-    pin = read_pin().commit
-    calib_sha = sha256_file(calib) if calib is not None else None
-    b = StepBuilder(fingerprint_tree(source.path), pin)
+def build_plan(request: Request, model: ModelInfo) -> Plan:
+    b = PlanBuilder(model.fingerprint, read_pin().commit, model.shape.parameters)
     for fmt in request.formats:
-        FORMATS[fmt].add_steps(b, request, source, calib_sha)
+        FORMATS[fmt].add_steps(b, request.options(fmt), model)
     return b.plan()
 
 
-def check_toolchain(request: Request) -> None:
-    """Every tool and environment the run needs exists, before any heavy work."""
-    from . import envs
-
-    if "gguf" in request.formats:
-        tools = find_toolchain()
-        tools.converter  # noqa: B018 - raises with the fix when missing
-    if "gguf" in request.formats or (needs_calibration(request) and request.calib in (None, "wikitext2")):
-        envs.find_env("convert")
-    o = request.quant_options
-    if "awq" in request.formats:
-        envs.find_env(o.awq_backend)
-    if "gptq" in request.formats:
-        envs.find_env(o.gptq_backend)
-    if {"awq", "gptq"} & set(request.formats):
-        envs.find_env("gptqmodel")  # validation reloads artifacts there
-
-
-def plan_only(request: Request, *, token: str | None) -> Report:
-    """`qwrap plan`: every check and estimate, no weights downloaded, nothing written."""
+def plan_only(request: Request, *, token: str | None) -> PlanReport:
+    """`qwrap plan`: the plan `run` would execute, every check and estimate; no weights
+    downloaded, nothing written."""
     validate(request)
     source = resolve_model(request.model, revision=request.revision, token=token, weights=False)
-    report = run_preflight(request, source, token=token, strict=False)
-    if "gguf" in request.formats:
-        tokenizer_check(report, source)
-    try:
-        check_toolchain(request)
-        report.check("toolchain", True, "llama.cpp build and environments present")
-    except QwrapError as exc:
-        report.check("toolchain", False, f"{exc.message} ({exc.hint})")
-    return report
+    model = model_info(source, calibration(request, token, fetch=False), token=token)
+    checks = model_checks(request, model, thorough=True)
+    plan = build_plan(request, model)
+    disk, disk_info = disk_check(plan, request.output)
+    hub, hub_info = hub_cache_check(model)
+    checks += [disk, *([hub] if hub else []), toolchain_check(request)]
+    return PlanReport(request, model, plan, tuple(checks), {**disk_info, **({"hub_cache": hub_info} if hub else {})})
 
 
 def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOutcome:
     validate(request)
     source = resolve_model(request.model, revision=request.revision, token=token)
+    model = model_info(source, None, token=token)
+    if request.preflight:
+        raise_first_failure(model_checks(request, model, thorough=False))
     check_toolchain(request)
-    if request.preflight and "gguf" in request.formats:
-        require_supported_architecture(read_config(source))
     output = request.output
     output.mkdir(parents=True, exist_ok=True)
     with output_lock(output):
-        calib = resolve_calibration(request, token, reporter)
-        plan = build_plan(request, source, calib)
+        model = dataclasses.replace(model, calibration=calibration(request, token, fetch=True))
+        plan = build_plan(request, model)
         journal = Journal(output)
-        journal.append({"kind": "run", "request": request.to_json(), "argv": _safe_argv(),
+        journal.append({"kind": "run", "request": request.to_json(), "argv": safe_argv(),
                         "source": {"path": str(source.path), "repo_id": source.repo_id,
                                    "revision": source.revision, "name": source.name}})
-        ctx = RunContext(request, source, output, reporter, plan, calib,
-                         parameters=sum(parameter_counts(source, token=token).values()))
-        summaries = Runner(ctx, journal).run()
-        remove_intermediates(ctx)
-        outcome = RunOutcome(request, source, plan, summaries, journal.warnings)
-        modelcard.write(build_result(outcome), output, calib)
+        settings = RunSettings(output, reporter, request.jobs, request.threads, request.stall_timeout,
+                               request.force, request.preflight)
+        summaries = Runner(plan, journal, settings).run()
+        if not request.keep_intermediate:
+            remove_intermediates(plan, output)
+        outcome = RunOutcome(request, model, plan, summaries, journal.warnings)
+        modelcard.write(build_result(outcome), output, model.calibration.label if model.calibration else None)
     return outcome
 
 
@@ -128,19 +120,8 @@ def request_from_journal(output: Path) -> Request:
             f"{output} has no qwrap journal to resume from",
             hint="Pass the folder given as --output to a previous `qwrap run`.",
         )
-    return Request.from_json(header["request"])
-
-
-def _safe_argv() -> list[str]:
-    """Our command line with any token value removed."""
-    out: list[str] = []
-    skip = False
-    for arg in sys.argv:
-        if skip:
-            out.append("***")
-            skip = False
-            continue
-        if arg == "--token":
-            skip = True
-        out.append("--token=***" if arg.startswith("--token=") else arg)
-    return [os.path.basename(out[0]), *out[1:]] if out else out
+    try:
+        return Request.from_json(header["request"])
+    except (KeyError, TypeError) as exc:
+        raise UsageError(f"the journal in {output} records a request this qwrap cannot read ({exc!r})",
+                         hint="Run `qwrap run` with the options again.") from exc

@@ -1,41 +1,51 @@
-"""The run result: one schema-versioned JSON document (``--json``) and a rich table."""
+"""The run result: one schema-versioned JSON document (``--json``) and the terminal tables for
+`run` and `plan`. The formats contribute their own fields to each artifact row."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .runner import RunOutcome, StepSummary
+from .formats import FORMATS, producer_chain
+from .journal import StepState
+from .request import safe_argv
 from .toolchain import read_pin
 from .units import human_bytes
+
+if TYPE_CHECKING:
+    from .pipeline import RunOutcome
+    from .runner import StepSummary
 
 RESULT_SCHEMA = "qwrap.result/1"
 
 
-def _artifact(summary: StepSummary, by_id: dict[str, StepSummary], outcome: RunOutcome) -> dict[str, Any]:
+def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: RunOutcome) -> dict[str, Any]:
     step = summary.step
-    chain = [by_id[i] for i in step.inputs if i in by_id and by_id[i].step.format == step.format]
-    producer = chain[0] if chain else summary
-    out = (summary.record.get("outputs") or [{}])[0]
-    parts = [summary, producer] if producer is not summary else [summary]
-    return {
+    parts = [by_id[s.id] for s in producer_chain(step, outcome.plan) if s.id in by_id]
+    record = summary.record
+    out: Mapping[str, Any] = record.outputs[0] if record and record.outputs else {}
+    inputs = {role: by_id[i].facts for role, i in step.inputs if i in by_id}
+    row: dict[str, Any] = {
         "format": step.format,
-        "quant": step.param("quant") or step.param("label"),
+        "quant": step.param("quant"),
         "path": str(outcome.request.output / out.get("path", step.outputs[0])),
         "bytes": out.get("bytes"),
         "sha256": out.get("sha256"),
-        "bits_per_weight": producer.record.get("info", {}).get("bits_per_weight"),
-        "validated": bool(summary.record.get("info", {}).get("validated")),
-        "quality": summary.record.get("info", {}).get("quality"),
-        "seconds": round(sum(p.record.get("seconds", 0.0) for p in parts), 3),
-        "peak_rss_bytes": max(p.record.get("peak_rss_bytes", 0) for p in parts),
-        "peak_gpu_bytes": max(p.record.get("peak_gpu_bytes", 0) for p in parts),
-        "reused": summary.state == "skipped",
-        "calibration": producer.record.get("info", {}).get("metadata", {}).get("calibration"),
+        "bits_per_weight": None,
+        "validated": bool(summary.facts.get("validated")),
+        "quality": None,
+        "seconds": round(sum((p.record.seconds or 0.0) if p.record else 0.0 for p in parts), 3),
+        "peak_rss_bytes": max((p.record.peak_rss_bytes if p.record else 0) for p in parts),
+        "peak_gpu_bytes": max((p.record.peak_gpu_bytes if p.record else 0) for p in parts),
+        "reused": summary.state is StepState.SKIPPED,
+        "calibration": None,
     }
+    row.update(FORMATS[step.format].result_fields(summary.facts, inputs))
+    return row
 
 
 def build_result(outcome: RunOutcome) -> dict[str, Any]:
@@ -49,23 +59,34 @@ def build_result(outcome: RunOutcome) -> dict[str, Any]:
                   "repo_id": src.repo_id, "revision": src.revision},
         "toolchain": {"llama_cpp_commit": read_pin().commit},
         "request": outcome.request.to_json(),
+        "command": safe_argv(),
         "artifacts": artifacts,
         "steps": [
-            {"id": s.step.id, "state": s.state, "seconds": s.record.get("seconds"),
-             "peak_rss_bytes": s.record.get("peak_rss_bytes")}
+            {"id": s.step.id, "state": s.state.value, "fingerprint": s.step.fingerprint,
+             "seconds": s.record.seconds if s.record else None,
+             "peak_rss_bytes": s.record.peak_rss_bytes if s.record else None}
             for s in outcome.summaries
         ],
         "warnings": outcome.warnings,
     }
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}s" if value >= 10 else f"{value:.1f}s"
+
+
 def render_plan(plan: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]{plan['model']}[/bold]: {plan['architecture']}, {plan['parameters']:,} parameters")
-    table = Table(title="steps")
-    for col in ("step", "expected output", "expected peak RAM"):
+    table = Table(title="plan (what `qwrap run` with these options executes)")
+    for col in ("step", "reads", "output", "peak RAM", "peak disk", "time"):
         table.add_column(col)
     for s in plan["steps"]:
-        table.add_row(s["id"], human_bytes(s["expected_bytes"]), human_bytes(s["expected_peak_ram_bytes"]))
+        e = s["estimates"]
+        table.add_row(s["id"], ", ".join(s["inputs"].values()) or "-", human_bytes(e["output_bytes"]),
+                      human_bytes(e["peak_ram_bytes"]), human_bytes(e["peak_disk_bytes"]), _seconds(e["seconds"]))
+    t = plan["totals"]
+    table.add_row("[bold]total[/bold]", "", human_bytes(t["output_bytes"]), human_bytes(t["peak_ram_bytes"]),
+                  human_bytes(t["peak_disk_bytes"]), _seconds(t["seconds"]) + " (one after another)")
     console.print(table)
     disk = plan.get("disk") or {}
     if disk:

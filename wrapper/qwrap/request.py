@@ -1,111 +1,91 @@
 """The validated run request: what the user asked for, as one immutable value.
 
-The token is deliberately not part of it: a request is written to the journal and the
-JSON result, and a token must never be.
+Run-level settings live here; each format's own option values (a frozen dataclass the format
+defines) are carried in ``format_options`` by format name, so this module names no format.
+The token is deliberately not part of it: a request is written to the journal and the JSON
+result, and a token must never be.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-
-FORMATS = ("gguf", "awq", "gptq")
-OUTTYPES = ("auto", "f16", "bf16", "f32")
-
-
-@dataclass(frozen=True)
-class QuantOptions:
-    """AWQ/GPTQ options (ignored by GGUF)."""
-
-    bits: int = 4
-    group_size: int = 128
-    awq_version: str = "gemm"
-    zero_point: bool = True
-    act_order: bool = False
-    sym: bool = True
-    damp: float = 0.01
-    awq_backend: str = "autoawq"
-    gptq_backend: str = "gptqmodel"
-    calib_samples: int = 128
-    calib_seq_len: int = 512
-    seed: int = 0
-    device: str = "auto"
 
 
 @dataclass(frozen=True)
 class Request:
     model: str
     output: Path
-    formats: tuple[str, ...] = ("gguf",)
-    quants: tuple[str, ...] = ("Q4_K_M",)
+    formats: tuple[str, ...]
+    format_options: tuple[tuple[str, Any], ...] = ()  # (format name, its options value)
     revision: str | None = None
-    outtype: str = "auto"
-    imatrix: str | None = None  # a file path, "auto", or None
     calib: str | None = None  # a text file, "wikitext2", or None (= wikitext2 when needed)
     force: bool = False
     keep_intermediate: bool = False
-    threads: int = 0  # 0: all cores
+    threads: int = 0  # 0: chosen by the runner from --jobs and the steps running at once
+    jobs: int = 0  # CPU cores the run may keep busy; 0: all usable cores
     stall_timeout: float | None = 600.0
     trust_remote_code: bool = False
     preflight: bool = True
-    quant_options: QuantOptions = field(default_factory=QuantOptions)
+
+    def options(self, fmt: str) -> Any:
+        return dict(self.format_options)[fmt]
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "format_options"}
         data["output"] = str(self.output)
+        data["formats"] = list(self.formats)
+        data["format_options"] = {name: dataclasses.asdict(o) for name, o in self.format_options}
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Request:
+        from .formats import FORMATS
+
         data = dict(data)
+        formats = tuple(data.get("formats", ()))
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise UsageError(f"the journal asks for formats this qwrap does not have: {', '.join(unknown)}")
+        saved = data.get("format_options", {})
+        data["format_options"] = tuple((f, FORMATS[f].options_from_json(saved.get(f, {}))) for f in formats)
         data["output"] = Path(data["output"])
-        data["formats"] = tuple(data.get("formats", ("gguf",)))
-        data["quants"] = tuple(data.get("quants", ()))
-        data["quant_options"] = QuantOptions(**data.get("quant_options", {}))
+        data["formats"] = formats
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-AWQ_BACKENDS = ("autoawq", "gptqmodel")
-GPTQ_BACKENDS = ("gptqmodel", "auto-gptq")
-
-
-def backends_from(values: list[str], formats: list[str]) -> tuple[str, str]:
-    """``--backend`` values -> (awq backend, gptq backend). A bare name goes to every
-    requested format that knows it; ``awq=NAME`` / ``gptq=NAME`` are explicit."""
-    awq, gptq = QuantOptions.awq_backend, QuantOptions.gptq_backend
-    for value in values:
-        fmt, _, name = value.rpartition("=")
-        targets = [fmt] if fmt else [f for f in formats if f in ("awq", "gptq")]
-        known = False
-        for target in targets:
-            if target == "awq" and name in AWQ_BACKENDS:
-                awq, known = name, True
-            elif target == "gptq" and name in GPTQ_BACKENDS:
-                gptq, known = name, True
-        if not known:
-            raise UsageError(
-                f"--backend {value!r} does not apply to the requested formats",
-                hint=f"AWQ: {', '.join(AWQ_BACKENDS)}; GPTQ: {', '.join(GPTQ_BACKENDS)}; "
-                "use awq=NAME or gptq=NAME to be explicit.",
-            )
-    return awq, gptq
-
-
 def check_basic(request: Request) -> None:
     """Checks that need no format knowledge."""
-    for fmt in request.formats:
-        if fmt not in FORMATS:
-            raise UsageError(f"unknown format {fmt!r}", hint=f"Choose from: {', '.join(FORMATS)}.")
-    if request.outtype not in OUTTYPES:
-        raise UsageError(
-            f"unknown --outtype {request.outtype!r}", hint=f"Choose from: {', '.join(OUTTYPES)}."
-        )
+    if not request.formats:
+        raise UsageError("no format given", hint="Pass --format gguf (repeatable).")
     if request.threads < 0:
-        raise UsageError("--threads must be 0 (all cores) or a positive number")
+        raise UsageError("--threads must be 0 (chosen per step) or a positive number")
+    if request.jobs < 0:
+        raise UsageError("--jobs must be 0 (all cores) or a positive number")
     if request.stall_timeout is not None and request.stall_timeout <= 0:
         raise UsageError("--stall-timeout must be positive")
+    if request.calib not in (None, "wikitext2") and not Path(request.calib).is_file():
+        raise UsageError(f"--calib file {request.calib} does not exist",
+                         hint="Pass a plain text (.txt) or JSON-lines (.jsonl) file, or leave --calib out for WikiText-2.")
+
+
+def safe_argv() -> list[str]:
+    """Our command line with any token value removed (for the journal and the model card)."""
+    out: list[str] = []
+    skip = False
+    for arg in sys.argv:
+        if skip:
+            out.append("***")
+            skip = False
+            continue
+        if arg == "--token":
+            skip = True
+        out.append("--token=***" if arg.startswith("--token=") else arg)
+    return [os.path.basename(out[0]), *out[1:]] if out else out

@@ -1,85 +1,134 @@
-"""Execute a plan: skip what the journal proves done, run the rest, record every outcome.
+"""Execute a plan as a DAG: skip what the journal proves done, run the rest - independent steps
+at the same time, within a CPU budget - and record every outcome.
 
-A step is skipped when its last record is ``done`` with the same fingerprint and its
-outputs still have the recorded size and sha256 - or when nothing still needed consumes
-it (e.g. the 16-bit intermediate once every quant is validated). Needs are computed
-from the deliverables backwards, so a rerun does exactly the missing work.
+A step is skipped when its last record is ``done`` with the same fingerprint and its outputs
+still have the recorded size and sha256 - or when nothing still needed consumes it (e.g. the
+16-bit intermediate once every quant is validated). Needs are computed from the deliverables
+backwards, so a rerun does exactly the missing work.
+
+Concurrency: each running step has a thread that waits on its child processes (the children do
+the work; the threads only supervise). The main thread schedules: a step starts when its
+inputs are done and the cores it will use fit in ``--jobs``; a multi-threaded tool gets the free
+cores shared among the multi-threaded steps ready at that moment, so several quantizations
+share two cores instead of queueing. Steps nearest to a deliverable go first (the validation of
+one type overlaps the quantization of the next). Ctrl-C/SIGTERM reach the main thread only: it
+asks the supervisor to stop every child, waits for every step to record "interrupted", then
+raises. A failure starts nothing new; steps already running finish and are kept.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from . import supervisor
-from .context import RunContext, StepOutcome, place
+from .context import InputOutputs, Reporter, StepContext, StepOutcome, place
 from .errors import InsufficientDiskError, Interrupted, OutputExistsError, QwrapError
 from .formats import FORMATS
-from .hub import ModelSource
-from .journal import Journal, StepState, describe_file, outputs_verified
+from .journal import ChildRecord, Journal, OutputEntry, StepRecord, StepState, describe_file, outputs_verified
 from .plan import Plan, Step
-from .request import Request
 from .units import human_bytes
 
+WAIT_S = 0.2  # how often the scheduler wakes while steps run (signals, finished steps)
 
-@dataclass
+
+@dataclass(frozen=True)
+class RunSettings:
+    output: Path
+    reporter: Reporter
+    jobs: int = 0  # cores the run may keep busy; 0: the cores this process may use
+    threads: int = 0  # threads per tool; 0: the runner shares the free cores
+    stall_timeout: float | None = 600.0
+    force: bool = False
+    preflight: bool = True  # check free disk before starting
+
+    @property
+    def budget(self) -> int:
+        return self.jobs or usable_cores()
+
+
+@dataclass(frozen=True)
 class StepSummary:
     step: Step
-    state: str  # done | skipped | failed | interrupted | pending
-    record: dict[str, Any] = field(default_factory=dict)
+    state: StepState
+    record: StepRecord | None = None
+
+    @property
+    def facts(self) -> Mapping[str, Any]:
+        return self.record.info if self.record else {}
 
 
-@dataclass
-class RunOutcome:
-    request: Request
-    source: ModelSource
-    plan: Plan
-    summaries: list[StepSummary]
-    warnings: list[str]
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.signum: int | None = None
 
 
 @contextmanager
-def _signals_raise() -> Iterator[None]:
-    """Between children, Ctrl-C / SIGTERM raise Interrupted so the journal gets a record."""
+def _stop_on_signals() -> Iterator[_Stop]:
+    """Ctrl-C / SIGTERM: stop every running child, start nothing new (main thread only)."""
+    stop = _Stop()
 
     def handler(signum: int, _frame: object) -> None:
-        raise Interrupted(signum=signum)
+        stop.signum = stop.signum or signum
+        supervisor.request_stop(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield stop
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        supervisor.clear_stop()
+
+
+@dataclass
+class _Running:
+    step: Step
+    cores: int
+    thread: threading.Thread
 
 
 class Runner:
-    def __init__(self, ctx: RunContext, journal: Journal):
-        self.ctx = ctx
+    def __init__(self, plan: Plan, journal: Journal, settings: RunSettings):
+        self.plan = plan
         self.journal = journal
-        self.plan: Plan = ctx.plan
+        self.settings = settings
+        self.output = settings.output
         self._verified: dict[str, bool] = {}
+        self._by_id = plan.by_id()
+        self._distance = self._distances()
 
     # -- deciding -------------------------------------------------------------
-    def _done_ok(self, step: Step, states: dict[str, StepState]) -> bool:
+    def _done_ok(self, step: Step, states: Mapping[str, StepRecord]) -> bool:
         if step.id not in self._verified:
             st = states.get(step.id)
             self._verified[step.id] = (
                 st is not None
-                and st.state == "done"
+                and st.state is StepState.DONE
                 and st.fingerprint == step.fingerprint
-                and outputs_verified(st.record.get("outputs", []), self.ctx.output)
+                and outputs_verified(st.outputs, self.output)
             )
         return self._verified[step.id]
 
-    def needed(self, states: dict[str, StepState]) -> set[str]:
+    def needed(self, states: Mapping[str, StepRecord]) -> set[str]:
         need: set[str] = set()
         for step in reversed(self.plan.steps):
             consumers = self.plan.consumers(step.id)
@@ -88,20 +137,25 @@ class Runner:
                 need.add(step.id)
         return need
 
+    def _distances(self) -> dict[str, int]:
+        """Steps from each step to the nearest deliverable: the scheduler's priority."""
+        dist: dict[str, int] = {}
+        for step in reversed(self.plan.steps):
+            below = [dist[c.id] + 1 for c in self.plan.consumers(step.id) if c.id in dist]
+            dist[step.id] = 0 if step.deliverable else min(below, default=0)
+        return dist
+
     def reap_orphans(self) -> None:
         """Children of a qwrap that was SIGKILLed: kill them, and close their steps."""
         states = self.journal.states()
-        for rec in self.journal.records():
-            if rec.get("kind") != "child":
-                continue
-            st = states.get(rec["step_ref"])
-            if st is not None and st.state == "started":
-                supervisor.reap_orphans(int(rec["pid"]), float(rec["create_time"]))
+        for child in self.journal.children():
+            st = states.get(child.step)
+            if st is not None and st.state is StepState.STARTED:
+                supervisor.reap_orphans(child.pid, child.create_time)
         for st in states.values():
-            if st.state == "started":
-                self.journal.step_record(
-                    st.step, "interrupted", st.fingerprint, error="qwrap itself was killed mid-step"
-                )
+            if st.state is StepState.STARTED:
+                self.journal.record(StepRecord(st.step, StepState.INTERRUPTED, st.fingerprint,
+                                               error="qwrap itself was killed mid-step"))
 
     # -- running --------------------------------------------------------------
     def run(self) -> list[StepSummary]:
@@ -109,146 +163,190 @@ class Runner:
         states = self.journal.states()
         need = self.needed(states)
         self._refuse_overwrites(need)
-        if self.ctx.request.preflight:
+        if self.settings.preflight:
             self._check_disk(need)
-        summaries = []
-        with _signals_raise():
-            for step in self.plan.steps:
-                if step.id not in need:
-                    st = states.get(step.id)
-                    if st is not None:
-                        self.ctx.facts[step.id] = st.record.get("info", {})
-                    summaries.append(StepSummary(step, "skipped", st.record if st else {}))
-                    self.ctx.reporter.step_finished(step.id, "skipped", step.label)
+        summaries: dict[str, StepSummary] = {}
+        for step in self.plan.steps:
+            if step.id not in need:
+                summaries[step.id] = StepSummary(step, StepState.SKIPPED, states.get(step.id))
+                self.settings.reporter.step_finished(step.id, "skipped", step.label)
+        self._execute([s for s in self.plan.steps if s.id in need], summaries)
+        return [summaries.get(s.id, StepSummary(s, StepState.PENDING)) for s in self.plan.steps]
+
+    def _execute(self, pending: list[Step], summaries: dict[str, StepSummary]) -> None:
+        results: queue.Queue[tuple[str, StepSummary | BaseException]] = queue.Queue()
+        running: dict[str, _Running] = {}
+        failure: BaseException | None = None
+        with _stop_on_signals() as stop:
+            while pending or running:
+                if failure is None and stop.signum is None:
+                    self._start_ready(pending, running, summaries, results)
+                if not running:
+                    break
+                try:
+                    step_id, result = results.get(timeout=WAIT_S)
+                except queue.Empty:
                     continue
-                summaries.append(self._run_step(step))
-        return summaries
+                running.pop(step_id).thread.join()
+                if isinstance(result, StepSummary):
+                    summaries[step_id] = result
+                elif failure is None or isinstance(failure, Interrupted):
+                    failure = result if failure is None else failure
+        if stop.signum is not None:
+            raise Interrupted(signum=stop.signum)
+        if failure is not None:
+            raise failure
+        if pending:  # cannot happen for a plan built in order; say so rather than stop quietly
+            raise RuntimeError(f"steps never became ready: {[s.id for s in pending]}")
+
+    def _start_ready(self, pending: list[Step], running: dict[str, _Running], summaries: dict[str, StepSummary],
+                     results: queue.Queue[tuple[str, StepSummary | BaseException]]) -> None:
+        available = {i for i, s in summaries.items() if s.record is not None and s.state is not StepState.PENDING}
+        ready = sorted((s for s in pending if all(i in available for i in s.input_ids)),
+                       key=lambda s: (self._distance[s.id], self.plan.steps.index(s)))
+        free = self.settings.budget - sum(r.cores for r in running.values())
+        for step in ready:
+            if running and (free < 1 or not self._memory_allows(step, running)):
+                break
+            threaded_ready = sum(1 for s in ready if s.threaded and s.id not in running)
+            threads = self._threads_for(step, free, threaded_ready)
+            cores = threads if step.threaded else 1
+            inputs = self._inputs(step, summaries)
+            thread = threading.Thread(target=self._thread, args=(step, threads, inputs, results),
+                                      name=f"step {step.id}", daemon=True)
+            running[step.id] = _Running(step, cores, thread)
+            pending.remove(step)
+            free -= cores
+            thread.start()
+
+    def _threads_for(self, step: Step, free: int, threaded_ready: int) -> int:
+        if self.settings.threads:
+            return self.settings.threads
+        if not step.threaded:
+            return 1
+        return max(1, free // max(1, threaded_ready))
+
+    def _memory_allows(self, step: Step, running: dict[str, _Running]) -> bool:
+        """Start a step beside others only if all of their estimated peaks fit in free memory."""
+        wanted = step.estimate.peak_ram_bytes + sum(r.step.estimate.peak_ram_bytes for r in running.values())
+        return wanted <= psutil.virtual_memory().available
+
+    def _inputs(self, step: Step, summaries: Mapping[str, StepSummary]) -> dict[str, InputOutputs]:
+        return {role: InputOutputs(tuple(self.output / rel for rel in self._by_id[i].outputs), summaries[i].facts)
+                for role, i in step.inputs}
+
+    def _thread(self, step: Step, threads: int, inputs: dict[str, InputOutputs],
+                results: queue.Queue[tuple[str, StepSummary | BaseException]]) -> None:
+        try:
+            results.put((step.id, self._run_step(step, threads, inputs)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+            results.put((step.id, exc))
 
     def _refuse_overwrites(self, need: set[str]) -> None:
-        if self.ctx.request.force:
+        if self.settings.force:
             return
         for step in self.plan.steps:
             if step.deliverable and step.id in need:
                 for rel in step.outputs:
-                    if (self.ctx.output / rel).exists():
+                    if (self.output / rel).exists():
                         raise OutputExistsError(
-                            f"{self.ctx.output / rel} already exists and this run did not make it",
+                            f"{self.output / rel} already exists and this run did not make it",
                             hint="Pass --force to overwrite it, or choose another --output.",
                         )
 
-    def _estimate(self, step: Step) -> int:
-        return FORMATS[step.format].estimate_bytes(step, self.ctx.parameters)
-
     def _check_disk(self, need: set[str]) -> None:
-        wanted = sum(self._estimate(s) for s in self.plan.steps if s.id in need)
-        free = shutil.disk_usage(self.ctx.output).free
+        wanted = sum(s.estimate.peak_disk_bytes for s in self.plan.steps if s.id in need)
+        free = shutil.disk_usage(self.output).free
         if wanted > free:
             raise InsufficientDiskError(
-                f"{self.ctx.output} has {human_bytes(free)} free; this run needs about "
-                f"{human_bytes(wanted)} there",
+                f"{self.output} has {human_bytes(free)} free; this run needs about {human_bytes(wanted)} there",
                 hint="Free space or choose another --output; --no-preflight skips this check.",
             )
 
     def _disk_short(self, step: Step) -> bool:
         """Tools do not always say ENOSPC (llama-quantize: 'iostream error'): a failed step
         with less free space left than its output needs is reported as a full disk."""
-        return shutil.disk_usage(self.ctx.output).free < self._estimate(step)
+        return shutil.disk_usage(self.output).free < step.estimate.output_bytes
 
     def _disk_error(self, step: Step, cause: QwrapError) -> InsufficientDiskError:
-        where = self.ctx.output / step.outputs[0] if step.outputs else self.ctx.output
+        where = self.output / step.outputs[0] if step.outputs else self.output
         return InsufficientDiskError(
-            f"the disk filled up writing {where}: about {human_bytes(self._estimate(step))} needed, "
-            f"{human_bytes(shutil.disk_usage(self.ctx.output).free)} free",
+            f"the disk filled up writing {where}: about {human_bytes(step.estimate.output_bytes)} needed, "
+            f"{human_bytes(shutil.disk_usage(self.output).free)} free",
             hint="Free space (or choose another --output) and run the same command again: "
             "finished steps are kept." + (f" Tool log: {cause.log_path}" if cause.log_path else ""),
             log_path=cause.log_path,
         )
 
-    def _on_child(self, step: Step) -> Any:
+    def _on_child(self, step: Step) -> Callable[[int, float], None]:
         def record(pid: int, create_time: float) -> None:
-            self.journal.append(
-                {"kind": "child", "step_ref": step.id, "pid": pid, "create_time": create_time}
-            )
+            self.journal.child(ChildRecord(step.id, pid, create_time))
 
         return record
 
-    def _run_step(self, step: Step) -> StepSummary:
-        self.ctx.reporter.step_started(step.id, step.label)
-        self.journal.step_record(step.id, "started", step.fingerprint)
-        self.ctx.on_child_start = self._on_child(step)
+    def _run_step(self, step: Step, threads: int, inputs: dict[str, InputOutputs]) -> StepSummary:
+        s = self.settings
+        s.reporter.step_started(step.id, step.label)
+        self.journal.record(StepRecord(step.id, StepState.STARTED, step.fingerprint))
+        ctx = StepContext(step.id, self.output, s.reporter, threads, s.stall_timeout, s.force, self._on_child(step))
         started = time.monotonic()
         try:
-            outcome = FORMATS[step.format].execute(step, self.ctx)
+            outcome = FORMATS[step.format].execute(step, inputs, ctx)
         except Interrupted as exc:
-            self._record_failure(step, "interrupted", exc, started)
+            self._record_failure(step, StepState.INTERRUPTED, exc, started)
             raise
         except QwrapError as exc:
             if isinstance(exc, InsufficientDiskError) or self._disk_short(step):
                 exc = self._disk_error(step, exc)
-            self._record_failure(step, "failed", exc, started)
+            self._record_failure(step, StepState.FAILED, exc, started)
             raise exc from None
-        except KeyboardInterrupt:
-            interrupted = Interrupted(signum=signal.SIGINT)
-            self._record_failure(step, "interrupted", interrupted, started)
-            raise interrupted from None
         except BaseException as exc:
-            self._record_failure(step, "failed", exc, started)
+            self._record_failure(step, StepState.FAILED, exc, started)
             raise
         return self._record_done(step, outcome, started)
 
     def _record_done(self, step: Step, outcome: StepOutcome, started: float) -> StepSummary:
-        seconds = round(time.monotonic() - started, 3)
-        outputs = [describe_file(p, self.ctx.output) for p in outcome.outputs]
+        outputs: list[OutputEntry] = [describe_file(p, self.output) for p in outcome.outputs]
         for partial, final in outcome.renames:
-            outputs.append({**describe_file(partial, self.ctx.output), "path": os.path.relpath(final, self.ctx.output)})
-        record = {
-            "outputs": outputs,
-            "info": outcome.info,
-            "seconds": seconds,
-            "peak_rss_bytes": outcome.peak_rss_bytes,
-            "peak_gpu_bytes": outcome.peak_gpu_bytes,
-        }
-        self.journal.step_record(step.id, "done", step.fingerprint, **record)
+            outputs.append({**describe_file(partial, self.output), "path": os.path.relpath(final, self.output)})
+        record = StepRecord(step.id, StepState.DONE, step.fingerprint, tuple(outputs), dict(outcome.facts),
+                            round(time.monotonic() - started, 3), outcome.peak_rss_bytes, outcome.peak_gpu_bytes)
+        self.journal.record(record)
         for partial, final in outcome.renames:
             place(partial, final)
-        self.ctx.facts[step.id] = outcome.info
-        self.ctx.reporter.step_finished(step.id, "done", step.label)
+        reporter = self.settings.reporter
+        reporter.step_finished(step.id, "done", step.label)
         if step.deliverable:
             for out in outputs:
-                self.ctx.reporter.artifact_ready(step.id, str(self.ctx.output / out["path"]), outcome.info)
-        return StepSummary(step, "done", record)
+                reporter.artifact_ready(step.id, str(self.output / out["path"]), dict(outcome.facts))
+        return StepSummary(step, StepState.DONE, record)
 
-    def _record_failure(self, step: Step, state: str, exc: BaseException, started: float) -> None:
+    def _record_failure(self, step: Step, state: StepState, exc: BaseException, started: float) -> None:
         for rel in step.outputs:  # never leave a half-written file under a tracked name
-            path = self.ctx.output / rel
+            path = self.output / rel
             if path.name.endswith(".partial") and path.is_file():
                 path.unlink()
-        error = {
-            "error": str(exc) or type(exc).__name__,
-            "error_type": type(exc).__name__,
-            "seconds": round(time.monotonic() - started, 3),
-        }
-        if isinstance(exc, QwrapError) and exc.log_path:
-            error["log"] = exc.log_path
-        self.journal.step_record(step.id, state, step.fingerprint, **error)
-        self.ctx.reporter.step_finished(step.id, state, str(exc))
+        log = exc.log_path if isinstance(exc, QwrapError) else None
+        self.journal.record(StepRecord(step.id, state, step.fingerprint, error=str(exc) or type(exc).__name__,
+                                       error_type=type(exc).__name__, log=log,
+                                       seconds=round(time.monotonic() - started, 3)))
+        self.settings.reporter.step_finished(step.id, state.value, str(exc))
 
 
-def remove_intermediates(ctx: RunContext) -> list[Path]:
-    """After a successful run, delete what only a resume needed: the 16-bit GGUF, the
-    imatrix, and AWQ/GPTQ per-layer checkpoints (as large as the model)."""
+def remove_intermediates(plan: Plan, output: Path) -> list[Path]:
+    """After a successful run, delete what only a resume needed: outputs of steps that are not
+    deliverables under ``.checkpoint/work/`` (the 16-bit GGUF, the imatrix) and every step's
+    scratch folders (AWQ/GPTQ per-layer checkpoints, as large as the model)."""
     removed: list[Path] = []
-    if ctx.request.keep_intermediate:
-        return removed
-    layers = ctx.checkpoint / "layers"
-    if layers.is_dir():
-        shutil.rmtree(layers)
-        removed.append(layers)
-    for step in ctx.plan.steps:
+    for step in plan.steps:
+        for rel in step.scratch:
+            if (output / rel).is_dir():
+                shutil.rmtree(output / rel)
+                removed.append(output / rel)
         if step.deliverable:
             continue
         for rel in step.outputs:
-            path = ctx.output / rel
+            path = output / rel
             if rel.startswith(".checkpoint/work/") and path.is_file():
                 path.unlink()
                 removed.append(path)

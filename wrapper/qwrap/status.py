@@ -20,17 +20,16 @@ def collect(output: Path) -> dict[str, Any]:
     header = journal.run_header() or {}
     steps = []
     for st in journal.states().values():
-        r = st.record
         steps.append({
             "step": st.step,
-            "state": st.state,
-            "seconds": r.get("seconds"),
-            "peak_rss_bytes": r.get("peak_rss_bytes"),
-            "peak_gpu_bytes": r.get("peak_gpu_bytes"),
-            "outputs": [o["path"] for o in r.get("outputs", [])],
-            "error": r.get("error"),
-            "log": r.get("log"),
-            "time": r.get("t"),
+            "state": st.state.value,
+            "seconds": st.seconds,
+            "peak_rss_bytes": st.peak_rss_bytes,
+            "peak_gpu_bytes": st.peak_gpu_bytes,
+            "outputs": [o["path"] for o in st.outputs],
+            "error": st.error,
+            "log": st.log,
+            "time": st.t,
         })
     return {"schema": "qwrap.status/1", "output": str(output), "model": header.get("request", {}).get("model"),
             "steps": steps, "warnings": journal.warnings}

@@ -104,6 +104,27 @@ class _Running:
     buffers: dict[int, bytes] = field(default_factory=dict)
 
 
+class _StopRequest:
+    """A stop every running supervision loop obeys, in any thread: the runner's main thread sets
+    it when Ctrl-C/SIGTERM arrives while several steps run (only the main thread gets signals)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+
+STOP = _StopRequest()
+
+
+def request_stop(signum: int) -> None:
+    """Stop every child now running (interrupt -> terminate -> kill) and start no new one."""
+    if STOP.signum is None:
+        STOP.signum = signum
+
+
+def clear_stop() -> None:
+    STOP.signum = None
+
+
 class _SignalLatch:
     """Turns SIGINT/SIGTERM into a flag the supervision loop acts on (main thread only)."""
 
@@ -138,13 +159,24 @@ def child_env(overrides: Mapping[str, str | None] | None = None) -> dict[str, st
     return env
 
 
-def _set_parent_death_signal() -> None:
-    """In the child before exec: die with SIGKILL when qwrap dies (Linux prctl)."""
+def _load_libc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
-        pass
+        return None
+
+
+# Loaded once here, not in the forked child: the runner starts children from several threads,
+# and between fork and exec the child must not take locks (dlopen's) another thread may hold.
+_LIBC = _load_libc()
+
+
+def _set_parent_death_signal() -> None:
+    """In the child before exec: die with SIGKILL when qwrap dies (Linux prctl). The signal
+    fires when the *thread* that started the child ends; supervising threads outlive their
+    children, so that is when qwrap dies."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -329,6 +361,8 @@ def run(
     later qwrap can reap it if this one is killed.
     """
     args = [os.fspath(a) for a in argv]
+    if STOP.signum is not None:  # stopping: a child started now would only be stopped again
+        return ProcessResult(tuple(args), -STOP.signum, 0.0, 0, log_path, (), stopped_by_signal=STOP.signum)
     environment = child_env(env)
     event_r = event_w = None
     if on_event is not None:
@@ -359,7 +393,7 @@ def run(
                 env=environment,
                 start_new_session=True,
                 pass_fds=(event_w,) if event_w is not None else (),
-                preexec_fn=_set_parent_death_signal,  # noqa: PLW1509 - single-threaded parent
+                preexec_fn=_set_parent_death_signal,  # noqa: PLW1509 - takes no lock (see _LIBC)
             )
         except OSError:
             for fd in (out_r, out_w, event_r, event_w):
@@ -447,8 +481,9 @@ def _supervise(
             break  # a grandchild holds the pipe open; the child itself is gone
         if outcome is not None or _reap(run) is not None:
             continue
-        if latch.signum is not None:
-            outcome = latch.signum
+        signum = latch.signum or STOP.signum
+        if signum is not None:
+            outcome = signum
             stop_tree(run.proc, policy, first=signal.SIGINT)
         elif stall_timeout is not None and now - run.last_output > stall_timeout:
             outcome = "stalled"
@@ -459,8 +494,8 @@ def _supervise(
     if _reap(run) is None:
         run.proc.wait()
     _flush_buffers(run, event_r)
-    if outcome is None and latch.signum is not None:
-        outcome = latch.signum  # the signal arrived as the child was finishing
+    if outcome is None and (latch.signum or STOP.signum) is not None:
+        outcome = latch.signum or STOP.signum  # the signal arrived as the child was finishing
     sel.close()
     return outcome
 

@@ -1,33 +1,84 @@
 """The formats, one module each with the same shape, registered in one dict.
 
-Like pre-commit's languages: each module exposes ``NAME``, ``validate_options(request)``,
-``add_steps(builder, request, source, calib_sha)`` and ``execute(step, ctx)``; the
-Protocol below lets the type checker verify every one.
+Like pre-commit's languages: each module owns everything about its format - its option
+group, option validation, its steps and their estimates, its checks, its actions and worker
+payloads, its rows in the plan, the result and the model card - and the ``Format`` Protocol
+below lets the type checker verify every one. Nothing outside ``formats/``, ``workers/`` and
+this registry names a format: adding one is a module, its worker, its lock and a line here
+(docs/architecture.md says how).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-from ..context import RunContext, StepOutcome
-from ..hub import ModelSource
-from ..plan import Step, StepBuilder
-from ..request import Request
+from ..checks import Check
+from ..context import Inputs, StepContext, StepOutcome
+from ..model import ModelInfo
+from ..options import Listing, Option
+from ..plan import Plan, PlanBuilder, Step
 from . import awq, gguf, gptq
 
 
 class Format(Protocol):
     NAME: str
+    TITLE: str  # the heading of its option group in --help
+    SUMMARY: str  # one line for docs and `qwrap formats`
+    OPTIONS: tuple[Option, ...]  # its option group (shared options may appear in several groups)
+    BACKENDS: tuple[str, ...]  # --backend choices, the default first; () when there is no choice
 
-    def validate_options(self, request: Request) -> None: ...
+    def make_options(self, values: Mapping[str, Any], backend: str | None) -> Any:
+        """The format's options value from the CLI values of its OPTIONS (and --backend)."""
+        ...
 
-    def add_steps(
-        self, b: StepBuilder, request: Request, source: ModelSource, calib_sha: str | None
-    ) -> None: ...
+    def options_from_json(self, data: Mapping[str, Any]) -> Any: ...
 
-    def execute(self, step: Step, ctx: RunContext) -> StepOutcome: ...
+    def validate(self, options: Any) -> None:
+        """Everything checkable before the model is resolved; raises UsageError & co."""
+        ...
 
-    def estimate_bytes(self, step: Step, parameters: int) -> int: ...
+    def needs_calibration(self, options: Any) -> bool: ...
+
+    def requirements(self, options: Any) -> tuple[str, ...]:
+        """What must be installed: "llama.cpp" and/or environment names (envs.py)."""
+        ...
+
+    def checks(self, options: Any, model: ModelInfo, *, thorough: bool) -> list[Check]:
+        """Model checks before heavy work; ``thorough`` (for `plan`) may run quick tools."""
+        ...
+
+    def add_steps(self, b: PlanBuilder, options: Any, model: ModelInfo) -> None: ...
+
+    def execute(self, step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome: ...
+
+    def plan_artifact(self, step: Step, plan: Plan) -> dict[str, Any]:
+        """A deliverable step's row in `plan`: quant, name, expected_bytes, bits_per_weight."""
+        ...
+
+    def result_fields(self, own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """A deliverable's result fields (bits_per_weight, quality, calibration, ...) from its
+        own facts and its inputs' facts (by role)."""
+        ...
+
+    def listing(self) -> Listing:
+        """What it can make, for `qwrap formats`."""
+        ...
+
+    def card_usage(self, paths: list[str]) -> str:
+        """How to use these artifacts (relative paths), for the model card."""
+        ...
 
 
 FORMATS: dict[str, Format] = {"gguf": gguf, "awq": awq, "gptq": gptq}
+
+
+def producer_chain(step: Step, plan: Plan) -> list[Step]:
+    """A deliverable and the steps of its own format that it reads, nearest first."""
+    by_id = plan.by_id()
+    chain = [step]
+    for input_id in step.input_ids:
+        upstream = by_id.get(input_id)
+        if upstream is not None and upstream.format == step.format and not upstream.deliverable:
+            chain.append(upstream)
+    return chain

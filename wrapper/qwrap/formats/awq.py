@@ -3,31 +3,66 @@ backend's own environment; the artifact is a standard Hugging Face folder."""
 
 from __future__ import annotations
 
-from ..context import RunContext, StepOutcome
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..checks import Check
 from ..errors import UsageError
-from ..hub import ModelSource
-from ..plan import Step, StepBuilder
-from ..request import Request
+from ..model import ModelInfo
+from ..options import Listing, Option
+from ..plan import PlanBuilder
 from . import hfquant
+from .hfquant import card_usage, execute, plan_artifact, result_fields  # noqa: F401 - the Format's functions
 
 NAME = "awq"
+TITLE = hfquant.PANEL
+SUMMARY = "a Hugging Face folder, 4-bit activation-aware quantization (autoawq or gptqmodel)"
+BACKENDS: tuple[str, ...] = ("autoawq", "gptqmodel")
+VERSIONS = ("gemm", "gemv")
+
+OPTIONS: tuple[Option, ...] = (
+    *hfquant.COMMON_OPTIONS,
+    Option("awq_version", str, "gemm", "AWQ kernel layout: gemm or gemv."),
+    Option("zero_point", bool, True, "AWQ asymmetric quantization with zero points."),
+)
 
 
-def validate_options(request: Request) -> None:
-    o = request.quant_options
-    hfquant.check_common(request, NAME, o.awq_backend)
-    if o.awq_version not in ("gemm", "gemv"):
+@dataclass(frozen=True)
+class Options(hfquant.Common):
+    awq_version: str = "gemm"
+    zero_point: bool = True
+
+
+def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
+    return hfquant.make(Options, values, backend or BACKENDS[0])
+
+
+def options_from_json(data: Mapping[str, Any]) -> Options:
+    return hfquant.from_json(Options, data, BACKENDS[0])
+
+
+def validate(o: Options) -> None:
+    hfquant.validate_common(o, NAME)
+    if o.awq_version not in VERSIONS:
         raise UsageError(f"--awq-version must be gemm or gemv, not {o.awq_version!r}")
 
 
-def add_steps(b: StepBuilder, request: Request, source: ModelSource, calib_sha: str | None) -> None:
-    o = request.quant_options
-    hfquant.add_quant_steps(b, request, source, calib_sha, fmt=NAME, backend=o.awq_backend,
-                            params={"zero_point": o.zero_point, "version": o.awq_version})
+def needs_calibration(o: Options) -> bool:
+    return True
 
 
-def execute(step: Step, ctx: RunContext) -> StepOutcome:
-    return hfquant.execute(step, ctx)
+def requirements(o: Options) -> tuple[str, ...]:
+    return hfquant.requirements(o)
 
 
-estimate_bytes = hfquant.estimate_bytes
+def checks(o: Options, model: ModelInfo, *, thorough: bool) -> list[Check]:
+    return hfquant.checks(o, model, thorough=thorough)
+
+
+def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
+    hfquant.add_steps(b, o, model, fmt=NAME, own={"zero_point": o.zero_point, "version": o.awq_version})
+
+
+def listing() -> Listing:
+    return hfquant.listing(NAME, BACKENDS)

@@ -4,29 +4,40 @@ matrix, quantize each requested type with llama-quantize, validate each artifact
 Steps (ids): ``gguf.convert`` -> [``gguf.imatrix``] -> ``gguf.quantize:<T>`` ->
 ``gguf.validate:<T>``. The 16-bit intermediate lives in ``.checkpoint/work/``; each
 quantized file is written as ``<final>.partial`` and renamed by its validate step.
+This module owns everything GGUF: options, checks, steps, estimates, actions and rows.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 from .. import envs
-from ..context import RunContext, StepOutcome, run_tool
-from ..errors import UsageError, ValidationFailedError
-from ..ggufinfo import GGUFFormatError, read_info
-from ..hub import ModelSource, parameter_counts, safetensors_header
+from ..checks import Check
+from ..children import run_checked
+from ..context import Inputs, StepContext, StepOutcome
+from ..errors import QwrapError, UnsupportedModelError, UsageError, ValidationFailedError
+from ..ggufinfo import GGUFFormatError, GGUFInfo, read_info
+from ..hub import safetensors_header
 from ..journal import sha256_file
-from ..plan import Step, StepBuilder
+from ..model import MiB, ModelInfo, Shape
+from ..options import Listing, Option
+from ..plan import Estimate, Plan, PlanBuilder, Step
 from ..progress import ChunkProgress, ConvertProgress, QuantizeProgress
-from ..request import Request
-from ..toolchain import find_toolchain
+from ..toolchain import cache_root, find_toolchain, supported_architectures
 
 NAME = "gguf"
+TITLE = "GGUF (llama.cpp)"
+SUMMARY = "llama.cpp files: one 16-bit conversion, then any of the quant types in `qwrap formats`"
+BACKENDS: tuple[str, ...] = ()
 IMATRIX_CHUNKS = 128
 VALIDATE_PROMPT = "Once upon a time"
+OUTTYPES = ("auto", "f16", "bf16", "f32")
+K_QUANT_OUTPUT_BPW = 6.5625  # output.weight of K-quant mixes is Q6_K
 
 
 @dataclass(frozen=True)
@@ -77,10 +88,26 @@ QUANT_TYPES: dict[str, QuantType] = {
         _q("IQ1_S", 24, 1.56, "1-bit i-quant, very high loss", True),
     )
 }
+
 ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
 # Types llama-quantize quantizes without importance weights: an imatrix changes nothing.
 IMATRIX_IGNORED = {"F32", "F16", "BF16", "Q8_0"}
 OUTTYPE_NAMES = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
+
+OPTIONS: tuple[Option, ...] = (
+    Option("quant", list[str], ["Q4_K_M"], "GGUF type, repeatable, case-insensitive (see `qwrap formats`).",
+           ("--quant", "-q")),
+    Option("outtype", str, "auto", "GGUF 16-bit intermediate: auto (bf16 if the weights are bf16, else f16), "
+           "f16, bf16, f32."),
+    Option("imatrix", Optional[str], None, "GGUF importance matrix FILE, or `auto` to compute it from --calib."),
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    quants: tuple[str, ...] = ("Q4_K_M",)
+    outtype: str = "auto"
+    imatrix: str | None = None  # a file path, "auto", or None
 
 
 def normalize_quant(name: str) -> str:
@@ -94,194 +121,276 @@ def normalize_quant(name: str) -> str:
     return key
 
 
-def uses_imatrix(quant: str, request: Request) -> bool:
-    return request.imatrix is not None and quant not in IMATRIX_IGNORED
+def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
+    imatrix = values.get("imatrix")
+    if imatrix not in (None, "auto"):
+        imatrix = str(Path(imatrix).resolve())
+    return Options(tuple(values.get("quant") or ()), values.get("outtype", "auto"), imatrix)
 
 
-def validate_options(request: Request) -> None:
+def options_from_json(data: Mapping[str, Any]) -> Options:
+    return Options(tuple(data.get("quants", ("Q4_K_M",))), data.get("outtype", "auto"), data.get("imatrix"))
+
+
+def validate(o: Options) -> None:
     """Everything that can be checked before any work."""
-    quants = [normalize_quant(q) for q in request.quants]
+    quants = [normalize_quant(q) for q in o.quants]
     if not quants:
         raise UsageError("no GGUF quant type given", hint="Pass --quant Q4_K_M (repeatable).")
+    if o.outtype not in OUTTYPES:
+        raise UsageError(f"unknown --outtype {o.outtype!r}", hint=f"Choose from: {', '.join(OUTTYPES)}.")
     needing = [q for q in quants if QUANT_TYPES[q].needs_imatrix]
-    if needing and request.imatrix is None:
+    if needing and o.imatrix is None:
         raise UsageError(
             f"{', '.join(needing)} need(s) an importance matrix",
             hint="Add `--imatrix auto --calib FILE.txt` (computed once with llama-imatrix), "
             "or `--imatrix FILE` for a precomputed one.",
         )
-    if request.imatrix not in (None, "auto") and not Path(request.imatrix).is_file():
-        raise UsageError(f"--imatrix file {request.imatrix} does not exist")
-    if request.calib not in (None, "wikitext2") and not Path(request.calib).is_file():
-        raise UsageError(f"--calib file {request.calib} does not exist")
+    if o.imatrix not in (None, "auto") and not Path(o.imatrix).is_file():
+        raise UsageError(f"--imatrix file {o.imatrix} does not exist")
 
 
-def source_outtype(source: ModelSource, request: Request) -> str:
-    """bf16 when the source weights are bf16, else f16 (unless --outtype says otherwise)."""
-    if request.outtype != "auto":
-        return request.outtype
-    dtypes = parameter_counts(source)
-    if dtypes:
-        return "bf16" if max(dtypes, key=lambda d: dtypes[d]) == "BF16" else "f16"
+def needs_calibration(o: Options) -> bool:
+    return o.imatrix == "auto"
+
+
+def requirements(o: Options) -> tuple[str, ...]:
+    return ("llama.cpp", "convert")
+
+
+# -- checks --------------------------------------------------------------------------
+
+
+def _unsupported(arch: str | None) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"architecture {arch} is not supported by the pinned llama.cpp converter",
+        hint="`qwrap formats --architectures` lists what is; a newer llama.cpp may add it "
+        "(QWRAP_LLAMA_CPP_DIR).",
+    )
+
+
+def _architecture_check(model: ModelInfo) -> Check:
+    arch = model.architecture
     try:
-        config = json.loads((source.path / "config.json").read_text())
-    except (OSError, ValueError):
-        return "f16"
+        supported = supported_architectures()
+    except QwrapError as exc:  # an unreadable registry is not a refusal: the converter will say
+        return Check("architecture", False, f"cannot read the converter's list: {exc.message}")
+    ok = arch in supported
+    return Check("architecture", ok, f"{arch} is {'' if ok else 'not '}supported by the pinned converter",
+                 None if ok else _unsupported(arch))
+
+
+def _tokenizer_check(model: ModelInfo) -> Check:
+    """A vocab-only conversion (seconds, no weights needed) catches tokenizers the pinned
+    converter rejects, such as unknown BPE pre-tokenizers, before hours of work."""
+    try:
+        converter = find_toolchain().converter
+        python = envs.find_env("convert").python
+    except QwrapError as exc:
+        return Check("tokenizer", False, f"not checked: {exc.message}")
+    logs = cache_root() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"vocab-check-{model.source.name}.log"
+    log.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qwrap-vocab-") as tmp:
+        try:
+            run_checked([python, converter, model.source.path, "--vocab-only", "--outfile", Path(tmp) / "v.gguf"],
+                        what="vocab-only conversion", log_path=log, timeout=600)
+        except QwrapError as exc:
+            return Check("tokenizer", False, exc.message, exc)
+    return Check("tokenizer", True, "the pinned converter accepts the tokenizer")
+
+
+def checks(o: Options, model: ModelInfo, *, thorough: bool) -> list[Check]:
+    found = [_architecture_check(model)]
+    if thorough and found[0].ok:
+        found.append(_tokenizer_check(model))
+    return found
+
+
+# -- steps and estimates ---------------------------------------------------------------
+
+
+def source_outtype(o: Options, shape: Shape, config: Mapping[str, Any]) -> str:
+    """bf16 when the source weights are bf16, else f16 (unless --outtype says otherwise)."""
+    if o.outtype != "auto":
+        return o.outtype
+    if shape.main_dtype:
+        return "bf16" if shape.main_dtype == "BF16" else "f16"
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "")
     return "bf16" if dtype == "bfloat16" else "f16"
 
 
-def artifact_name(source: ModelSource, quant: str) -> str:
-    return f"{source.name}-{quant}.gguf"
+def artifact_name(model_name: str, quant: str) -> str:
+    return f"{model_name}-{quant}.gguf"
 
 
-def add_steps(b: StepBuilder, request: Request, source: ModelSource, calib_sha: str | None) -> None:
-    outtype = source_outtype(source, request)
-    intermediate = f".checkpoint/work/{source.name}-{OUTTYPE_NAMES[outtype]}.gguf"
-    convert = b.add(
-        "gguf.convert", "gguf.convert", NAME, f"convert to {OUTTYPE_NAMES[outtype]} GGUF",
-        outputs=(intermediate,), params={"outtype": outtype},
-    )
+def gguf_bytes(shape: Shape, quant: str) -> int:
+    """Expected file size of one GGUF type: 1-D norms stay F32, the output matrix of K-quant
+    mixes is Q6_K, everything else takes the type's bits per weight."""
+    bpw = QUANT_TYPES[quant].bpw
+    out_bpw = K_QUANT_OUTPUT_BPW if "_K" in quant and bpw < K_QUANT_OUTPUT_BPW else bpw
+    matrices = shape.parameters - shape.norms - shape.output
+    data = matrices * bpw / 8 + shape.output * out_bpw / 8 + shape.norms * 4
+    return int(data) + shape.metadata_bytes
+
+
+def intermediate_bytes(shape: Shape, outtype: str) -> int:
+    norms_f32 = shape.norms * 2  # norms are written as F32 even in a 16-bit file
+    return shape.parameters * (4 if outtype == "f32" else 2) + (0 if outtype == "f32" else norms_f32) \
+        + shape.metadata_bytes
+
+
+# Cost model, measured on a 2-core VM (bench/results/): the converter is Python with a fixed
+# start-up (torch import); llama-quantize and llama-simple are memory-bound C++.
+CONVERT_STARTUP_S = 4.0
+CONVERT_BYTES_PER_S = 120e6
+QUANTIZE_PARAMS_PER_S = 60e6  # per thread, K-quants; legacy/8-bit types are faster
+VALIDATE_STARTUP_S = 0.4
+
+
+def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
+    """The one estimator of every GGUF step kind (plan, run's disk check, disk-full messages)."""
+    inter = intermediate_bytes(shape, params.get("outtype") or "f16")
+    if kind == "gguf.convert":
+        return Estimate(inter, int(shape.weight_bytes * 0.3) + 600 * MiB, inter,
+                        CONVERT_STARTUP_S + shape.weight_bytes / CONVERT_BYTES_PER_S)
+    if kind == "gguf.imatrix":
+        size = shape.parameters // 50
+        return Estimate(size, inter + 300 * MiB, size, None)
+    quant = params["quant"]
+    size = gguf_bytes(shape, quant)
+    if kind == "gguf.quantize":
+        return Estimate(size, inter + 200 * MiB, size, shape.parameters / QUANTIZE_PARAMS_PER_S)
+    return Estimate(0, size + 200 * MiB, 0, VALIDATE_STARTUP_S + size / 2e9)  # gguf.validate: a rename
+
+
+def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
+    shape, name = model.shape, model.source.name
+    outtype = source_outtype(o, shape, model.config)
+    intermediate = f".checkpoint/work/{name}-{OUTTYPE_NAMES[outtype]}.gguf"
+    model_file = {"model": str(model.source.path)}
+    params: dict[str, Any] = {"outtype": outtype}
+    convert = b.add("gguf.convert", "gguf.convert", NAME, f"convert to {OUTTYPE_NAMES[outtype]} GGUF",
+                    outputs=(intermediate,), params=params, files=model_file,
+                    estimate=estimate("gguf.convert", params, shape))
     imatrix: Step | None = None
-    if request.imatrix == "auto":
-        imatrix = b.add(
-            "gguf.imatrix", "gguf.imatrix", NAME, "compute importance matrix",
-            inputs=(convert.id,), outputs=(".checkpoint/work/imatrix.gguf",),
-            params={"calib_sha256": calib_sha, "chunks": IMATRIX_CHUNKS},
-        )
-    user_imatrix = None
-    if request.imatrix not in (None, "auto"):
-        user_imatrix = sha256_file(Path(request.imatrix))
-    for quant in dict.fromkeys(normalize_quant(q) for q in request.quants):
-        final = artifact_name(source, quant)
-        inputs: tuple[str, ...] = (convert.id,)
-        params: dict[str, object] = {"quant": quant}
-        if uses_imatrix(quant, request):
+    if o.imatrix == "auto":
+        calib = model.calibration
+        params = {"calib": calib.identity if calib else None, "chunks": IMATRIX_CHUNKS, "outtype": outtype}
+        imatrix = b.add("gguf.imatrix", "gguf.imatrix", NAME, "compute importance matrix",
+                        inputs={"model": convert.id}, outputs=(".checkpoint/work/imatrix.gguf",), params=params,
+                        files={"calib": calib.path} if calib and calib.path else {},
+                        estimate=estimate("gguf.imatrix", params, shape), threaded=True)
+    user_imatrix = o.imatrix if o.imatrix not in (None, "auto") else None
+    user_sha = sha256_file(Path(user_imatrix)) if user_imatrix else None
+    for quant in dict.fromkeys(normalize_quant(q) for q in o.quants):
+        final = artifact_name(name, quant)
+        inputs = {"model": convert.id}
+        files: dict[str, str] = {}
+        params = {"quant": quant, "outtype": outtype}
+        if o.imatrix is not None and quant not in IMATRIX_IGNORED:
             if imatrix is not None:
-                inputs += (imatrix.id,)
-            params["imatrix_sha256"] = user_imatrix
-        q = b.add(
-            f"gguf.quantize:{quant}", "gguf.quantize", NAME, f"quantize {quant}",
-            inputs=inputs, outputs=(final + ".partial",), params=params,
-        )
-        b.add(
-            f"gguf.validate:{quant}", "gguf.validate", NAME, f"validate {quant}",
-            inputs=(q.id, convert.id), outputs=(final,), params={"quant": quant}, deliverable=True,
-        )
-
-
-def estimate_bytes(step: Step, parameters: int) -> int:
-    """Disk a step's outputs will take (for the preflight check and disk-full messages)."""
-    if step.kind == "gguf.convert":
-        return parameters * (4 if step.param("outtype") == "f32" else 2)
-    if step.kind == "gguf.quantize":
-        return int(parameters * QUANT_TYPES[step.param("quant")].bpw / 8 * 1.05) + (1 << 20)
-    if step.kind == "gguf.imatrix":
-        return parameters // 50 + (1 << 20)
-    return 0
+                inputs["imatrix"] = imatrix.id
+            else:
+                files["imatrix"] = str(user_imatrix)
+            params["imatrix_sha256"] = user_sha
+        q = b.add(f"gguf.quantize:{quant}", "gguf.quantize", NAME, f"quantize {quant}",
+                  inputs=inputs, outputs=(final + ".partial",), params=params, files=files,
+                  estimate=estimate("gguf.quantize", params, shape), threaded=True)
+        params = {"quant": quant, "outtype": outtype}
+        b.add(f"gguf.validate:{quant}", "gguf.validate", NAME, f"validate {quant}",
+              inputs={"artifact": q.id, "source": convert.id}, outputs=(final,), params=params,
+              estimate=estimate("gguf.validate", params, shape), deliverable=True)
 
 
 # -- actions -------------------------------------------------------------------------
 
 
-def execute(step: Step, ctx: RunContext) -> StepOutcome:
-    actions = {
-        "gguf.convert": _convert,
-        "gguf.imatrix": _imatrix,
-        "gguf.quantize": _quantize,
-        "gguf.validate": _validate,
-    }
-    return actions[step.kind](step, ctx)
+def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    actions = {"gguf.convert": _convert, "gguf.imatrix": _imatrix, "gguf.quantize": _quantize,
+               "gguf.validate": _validate}
+    return actions[step.kind](step, inputs, ctx)
 
 
 def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def _convert(step: Step, ctx: RunContext) -> StepOutcome:
+def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     tools = find_toolchain()
-    out = ctx.output / step.outputs[0]
+    model = Path(step.file("model"))
+    out = ctx.path(step.outputs[0])
     tmp = _partial(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.unlink(missing_ok=True)
     python = envs.find_env("convert").python
-    n_tensors = sum(len(safetensors_header(p)) for p in sorted(ctx.source.path.glob("*.safetensors")))
-    argv: list[str | os.PathLike[str]] = [
-        python, tools.converter, ctx.source.path,
-        "--outfile", tmp, "--outtype", step.param("outtype"),
-    ]
-    result = run_tool(
-        ctx, step.id, argv, what="convert_hf_to_gguf.py",
-        parser=ConvertProgress(n_tensors or None), env={"PYTHONUNBUFFERED": "1"},
-        oom_extra="--no-lazy is off by default; close other jobs",
-    )
+    n_tensors = sum(len(safetensors_header(p)) for p in sorted(model.glob("*.safetensors")))
+    argv: list[str | os.PathLike[str]] = [python, tools.converter, model, "--outfile", tmp,
+                                          "--outtype", step.param("outtype")]
+    result = ctx.run_tool(argv, what="convert_hf_to_gguf.py", parser=ConvertProgress(n_tensors or None),
+                          env={"PYTHONUNBUFFERED": "1"}, oom_extra="--no-lazy is off by default; close other jobs")
     info = _read_header(tmp, "the converter's output")
     os.replace(tmp, out)
-    facts = {
-        "architecture": info.architecture,
-        "tensor_count": len(info.tensors),
-        "parameter_count": info.parameter_count,
-        "file_type": info.file_type,
-    }
-    return StepOutcome([out], facts, result.peak_rss_bytes)
+    facts = {"architecture": info.architecture, "tensor_count": len(info.tensors),
+             "parameter_count": info.parameter_count, "file_type": info.file_type}
+    return StepOutcome((out,), facts, result.peak_rss_bytes)
 
 
-def _imatrix(step: Step, ctx: RunContext) -> StepOutcome:
+def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     tools = find_toolchain()
-    model = ctx.output / ctx.plan_outputs(step.inputs[0])[0]
-    out = ctx.output / step.outputs[0]
+    out = ctx.path(step.outputs[0])
     tmp = out.with_name("imatrix.partial.gguf")  # llama-imatrix picks its format from the suffix
     tmp.unlink(missing_ok=True)
-    calib = ctx.calib_text()
+    if "calib" not in dict(step.files):
+        raise UsageError("computing an importance matrix needs calibration text", hint="Pass --calib FILE.txt.")
     argv: list[str | os.PathLike[str]] = [
-        tools.tool("llama-imatrix"), "-m", model, "-f", calib, "-o", tmp,
-        "-t", str(ctx.threads), "-c", "512", "--chunks", str(step.param("chunks")),
-        "--log-jsonl",
+        tools.tool("llama-imatrix"), "-m", inputs["model"].path, "-f", step.file("calib"), "-o", tmp,
+        "-t", str(ctx.threads), "-c", "512", "--chunks", str(step.param("chunks")), "--log-jsonl",
     ]
-    result = run_tool(ctx, step.id, argv, what="llama-imatrix", parser=ChunkProgress())
+    result = ctx.run_tool(argv, what="llama-imatrix", parser=ChunkProgress())
     if not tmp.is_file():
         raise ValidationFailedError(f"llama-imatrix exited 0 but wrote no {tmp}")
     os.replace(tmp, out)
-    return StepOutcome([out], {}, result.peak_rss_bytes)
+    return StepOutcome((out,), {}, result.peak_rss_bytes)
 
 
-def _quantize(step: Step, ctx: RunContext) -> StepOutcome:
+def _quantize(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     tools = find_toolchain()
-    source = ctx.output / ctx.plan_outputs("gguf.convert")[0]
-    out = ctx.output / step.outputs[0]
+    out = ctx.path(step.outputs[0])
     out.unlink(missing_ok=True)  # llama-quantize can leave a partial file on failure
     quant = step.param("quant")
     argv: list[str | os.PathLike[str]] = [tools.tool("llama-quantize")]
-    if uses_imatrix(quant, ctx.request):
-        imatrix = ctx.output / ctx.plan_outputs("gguf.imatrix")[0] if ctx.request.imatrix == "auto" \
-            else Path(str(ctx.request.imatrix))
-        argv += ["--imatrix", imatrix]
-    argv += [source, out, quant, str(ctx.threads)]
+    if "imatrix" in inputs:
+        argv += ["--imatrix", inputs["imatrix"].path]
+    elif "imatrix" in dict(step.files):
+        argv += ["--imatrix", step.file("imatrix")]
+    argv += [inputs["model"].path, out, quant, str(ctx.threads)]
     try:
-        result = run_tool(ctx, step.id, argv, what=f"llama-quantize {quant}", parser=QuantizeProgress())
+        result = ctx.run_tool(argv, what=f"llama-quantize {quant}", parser=QuantizeProgress())
     except BaseException:
         out.unlink(missing_ok=True)
         raise
     info = _read_header(out, f"llama-quantize's {quant} output")
     size = out.stat().st_size
     bpw = size * 8 / info.parameter_count if info.parameter_count else 0.0
-    return StepOutcome([out], {"bits_per_weight": round(bpw, 3), "bytes": size}, result.peak_rss_bytes)
+    return StepOutcome((out,), {"bits_per_weight": round(bpw, 3), "bytes": size}, result.peak_rss_bytes)
 
 
-def _read_header(path: Path, what: str):  # type: ignore[no-untyped-def]
+def _read_header(path: Path, what: str) -> GGUFInfo:
     try:
         return read_info(path)
     except (OSError, GGUFFormatError) as exc:
         raise ValidationFailedError(f"{what} {path} is not a readable GGUF file: {exc}") from exc
 
 
-def _validate(step: Step, ctx: RunContext) -> StepOutcome:
+def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     """Read the header back, compare with the 16-bit source, load it in llama.cpp and
     generate a few tokens; only then rename the partial file to its final name."""
     quant = step.param("quant")
-    partial = ctx.output / ctx.plan_outputs(step.inputs[0])[0]
-    final = ctx.output / step.outputs[0]
-    source = ctx.facts.get("gguf.convert", {})
+    partial = inputs["artifact"].path
+    final = ctx.path(step.outputs[0])
+    source = inputs["source"].facts
     info = _read_header(partial, f"the {quant} artifact")
     expected = QUANT_TYPES[quant].ftype
     problems = []
@@ -294,17 +403,36 @@ def _validate(step: Step, ctx: RunContext) -> StepOutcome:
     if problems:
         raise ValidationFailedError(f"{quant} artifact failed header checks: " + "; ".join(problems))
     tools = find_toolchain()
-    argv: list[str | os.PathLike[str]] = [
-        tools.tool("llama-simple"), "-m", partial, "-n", "8", VALIDATE_PROMPT,
-    ]
-    result = run_tool(ctx, step.id, argv, what=f"loading {quant} in llama.cpp")
-    generated = "\n".join(result.tail)
-    if VALIDATE_PROMPT not in generated:
+    argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", partial, "-n", "8", VALIDATE_PROMPT]
+    result = ctx.run_tool(argv, what=f"loading {quant} in llama.cpp")
+    if VALIDATE_PROMPT not in "\n".join(result.tail):
         raise ValidationFailedError(f"llama.cpp loaded {quant} but generated nothing")
     ctx.check_final(final)
-    return StepOutcome(
-        [],
-        {"validated": True, "architecture": info.architecture, "tensor_count": len(info.tensors)},
-        result.peak_rss_bytes,
-        renames=[(partial, final)],
-    )
+    facts = {"validated": True, "architecture": info.architecture, "tensor_count": len(info.tensors)}
+    return StepOutcome((), facts, result.peak_rss_bytes, renames=((partial, final),))
+
+
+# -- rows ------------------------------------------------------------------------------
+
+
+def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
+    quant = step.param("quant")
+    producer = plan.by_id()[str(step.input_id("artifact"))]
+    return {"format": NAME, "quant": quant, "name": Path(step.outputs[0]).name,
+            "expected_bytes": producer.estimate.output_bytes, "bits_per_weight": QUANT_TYPES[quant].bpw}
+
+
+def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    return {"bits_per_weight": inputs.get("artifact", {}).get("bits_per_weight"), "quality": own.get("quality"),
+            "calibration": None}
+
+
+def card_usage(paths: list[str]) -> str:
+    name = paths[0]
+    return f"llama.cpp:\n\n```sh\nllama-cli -m {name} -p \"Hello\"\nllama-server -m {name}\n```"
+
+
+def listing() -> Listing:
+    rows = tuple((q.name, f"{q.bpw:.2f}", "yes" if q.needs_imatrix else "", q.note) for q in QUANT_TYPES.values())
+    return Listing(("type (--quant, case-insensitive)", "bits/weight", "needs --imatrix", "notes"), rows,
+                   "Aliases: " + ", ".join(f"{a} = {t}" for a, t in ALIASES.items()))

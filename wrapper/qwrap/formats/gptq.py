@@ -3,23 +3,52 @@ only), each in its own environment; the artifact is a standard Hugging Face fold
 
 from __future__ import annotations
 
-from ..context import RunContext, StepOutcome
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..checks import Check
 from ..errors import BackendUnavailableError, UsageError
-from ..hub import ModelSource
-from ..plan import Step, StepBuilder
-from ..request import Request
+from ..model import ModelInfo
+from ..options import Listing, Option
+from ..plan import PlanBuilder
 from ..toolchain import gpu_present
 from . import hfquant
+from .hfquant import card_usage, execute, plan_artifact, result_fields  # noqa: F401 - the Format's functions
 
 NAME = "gptq"
+TITLE = hfquant.PANEL
+SUMMARY = "a Hugging Face folder, 2/3/4/8-bit GPTQ (gptqmodel, or auto-gptq on CUDA)"
+BACKENDS: tuple[str, ...] = ("gptqmodel", "auto-gptq")
+
+OPTIONS: tuple[Option, ...] = (
+    *hfquant.COMMON_OPTIONS,
+    Option("act_order", bool, False, "GPTQ: quantize columns in order of activation size."),
+    Option("sym", bool, True, "GPTQ symmetric quantization."),
+    Option("damp", float, 0.01, "GPTQ dampening fraction."),
+)
 
 
-def validate_options(request: Request) -> None:
-    o = request.quant_options
-    hfquant.check_common(request, NAME, o.gptq_backend)
+@dataclass(frozen=True)
+class Options(hfquant.Common):
+    act_order: bool = False
+    sym: bool = True
+    damp: float = 0.01
+
+
+def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
+    return hfquant.make(Options, values, backend or BACKENDS[0])
+
+
+def options_from_json(data: Mapping[str, Any]) -> Options:
+    return hfquant.from_json(Options, data, BACKENDS[0])
+
+
+def validate(o: Options) -> None:
+    hfquant.validate_common(o, NAME)
     if not 0 < o.damp < 1:
         raise UsageError(f"--damp must be between 0 and 1, not {o.damp}")
-    if o.gptq_backend == "auto-gptq" and (o.device == "cpu" or not gpu_present()):
+    if o.backend == "auto-gptq" and (o.device == "cpu" or not gpu_present()):
         # auto-gptq refuses to quantize without CUDA; say so before any model is loaded.
         raise BackendUnavailableError(
             "auto-gptq (archived upstream) can only quantize on a CUDA GPU, and none is available here",
@@ -27,14 +56,21 @@ def validate_options(request: Request) -> None:
         )
 
 
-def add_steps(b: StepBuilder, request: Request, source: ModelSource, calib_sha: str | None) -> None:
-    o = request.quant_options
-    hfquant.add_quant_steps(b, request, source, calib_sha, fmt=NAME, backend=o.gptq_backend,
-                            params={"sym": o.sym, "act_order": o.act_order, "damp": o.damp})
+def needs_calibration(o: Options) -> bool:
+    return True
 
 
-def execute(step: Step, ctx: RunContext) -> StepOutcome:
-    return hfquant.execute(step, ctx)
+def requirements(o: Options) -> tuple[str, ...]:
+    return hfquant.requirements(o)
 
 
-estimate_bytes = hfquant.estimate_bytes
+def checks(o: Options, model: ModelInfo, *, thorough: bool) -> list[Check]:
+    return hfquant.checks(o, model, thorough=thorough)
+
+
+def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
+    hfquant.add_steps(b, o, model, fmt=NAME, own={"sym": o.sym, "act_order": o.act_order, "damp": o.damp})
+
+
+def listing() -> Listing:
+    return hfquant.listing(NAME, BACKENDS)

@@ -1,23 +1,26 @@
-"""What AWQ and GPTQ share: a quantize step run by a backend worker in its own environment,
-then a validate step that reloads the artifact in a separate worker and measures its KL
-divergence against the unquantized model, then renames ``NAME.partial`` to ``NAME``.
+"""What AWQ and GPTQ share: their common options, a quantize step run by a backend worker in
+its own environment, then a validate step that reloads the artifact in a separate worker and
+measures its KL divergence against the unquantized model, then renames ``NAME.partial`` to
+``NAME``.
 
 Workers talk JSON-line events (workers/protocol.py) on their own channel; this module
-turns them into progress, warnings, journal facts and qwrap errors.
+turns them into progress, warnings, facts and qwrap errors. awq.py and gptq.py add their
+own options and worker-job fields.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import envs
-from ..context import RunContext, StepOutcome, run_tool
+from ..checks import Check
+from ..context import Inputs, StepContext, StepOutcome
 from ..errors import (
     BackendUnavailableError,
     Interrupted,
@@ -28,68 +31,53 @@ from ..errors import (
     UsageError,
     ValidationFailedError,
 )
-from ..hub import ModelSource
-from ..plan import Step, StepBuilder
-from ..request import Request
+from ..model import MiB, ModelInfo, Shape
+from ..options import Listing, Option
+from ..plan import Estimate, Plan, PlanBuilder, Step
 from ..toolchain import REPO_ROOT, cache_root, gpu_present
 from ..workers import protocol as p
 
 VALIDATE_SAMPLES = 8
 VALIDATE_SEQ_LEN = 128
 DEVICES = ("auto", "cpu", "cuda")
+PANEL = "AWQ and GPTQ"
+
+COMMON_OPTIONS = (
+    Option("bits", int, 4, "AWQ/GPTQ bits (AWQ: 4; GPTQ: 2, 3, 4 or 8)."),
+    Option("group_size", int, 128, "AWQ/GPTQ group size; must divide the layer widths."),
+    Option("calib_samples", int, 128, "AWQ/GPTQ calibration samples."),
+    Option("calib_seq_len", int, 512, "AWQ/GPTQ calibration sequence length (tokens)."),
+    Option("device", str, "auto", "AWQ/GPTQ device: auto (CUDA when present), cpu or cuda."),
+)
 
 
-@dataclass
-class Events:
-    """What a worker said, collected while it runs."""
+@dataclass(frozen=True)
+class Common:
+    """The options AWQ and GPTQ share; each format's Options extends it."""
 
-    ctx: RunContext
-    step_id: str
-    result: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    layers: list[dict[str, Any]] = field(default_factory=list)
-
-    def __call__(self, line: str) -> None:
-        try:
-            event = p.parse_event(line)
-        except p.ProtocolError as exc:
-            self.ctx.reporter.warning(f"{self.step_id}: ignored a malformed worker event ({exc})")
-            return
-        kind = event["event"]
-        if kind == "layer_done":
-            self.layers.append(event)
-            self.ctx.reporter.step_progress(self.step_id, event["index"] + 1, event["total"], "layers")
-        elif kind == "progress":
-            self.ctx.reporter.step_progress(self.step_id, event["done"], event["total"], event["unit"])
-        elif kind == "warning":
-            # Libraries' warnings can be pages long (autoawq's deprecation notice): one line
-            # on screen, the whole text is in the step log.
-            lines = [line.strip() for line in str(event["message"]).splitlines() if line.strip()]
-            first = lines[0] if lines else ""
-            more = " (more in the step log)" if len(lines) > 1 else ""
-            self.ctx.reporter.warning(f"{self.step_id}: {first}{more}")
-        elif kind == "result":
-            self.result = event
-        elif kind == "error":
-            self.error = event
+    backend: str
+    bits: int = 4
+    group_size: int = 128
+    calib_samples: int = 128
+    calib_seq_len: int = 512
+    seed: int = 0
+    device: str = "auto"
 
 
-def artifact_name(source: ModelSource, fmt: str, bits: int, group: int) -> str:
-    return f"{source.name}-{fmt.upper()}-{bits}bit-g{group}"
+OptionsT = TypeVar("OptionsT", bound=Common)
 
 
-def read_widths(source: ModelSource) -> list[int]:
-    """The layer widths a group size must divide (hidden and intermediate sizes)."""
-    try:
-        config = json.loads((source.path / "config.json").read_text())
-    except (OSError, ValueError):
-        return []
-    text = config.get("text_config", config)
-    return [int(text[k]) for k in ("hidden_size", "intermediate_size") if isinstance(text.get(k), int)]
+def make(cls: type[OptionsT], values: Mapping[str, Any], backend: str) -> OptionsT:
+    names = {f.name for f in fields(cls)} - {"backend"}
+    return cls(backend=backend, **{k: v for k, v in values.items() if k in names})
 
 
-def check_common(request: Request, fmt: str, backend: str) -> None:
-    o = request.quant_options
+def from_json(cls: type[OptionsT], data: Mapping[str, Any], default_backend: str) -> OptionsT:
+    names = {f.name for f in fields(cls)}
+    return cls(**{"backend": default_backend, **{k: v for k, v in data.items() if k in names}})
+
+
+def validate_common(o: Common, fmt: str) -> None:
     if o.bits not in p.BITS[fmt]:
         raise UsageError(f"{fmt.upper()} supports --bits {', '.join(map(str, p.BITS[fmt]))}, not {o.bits}")
     if o.group_size != -1 and o.group_size not in (32, 64, 128, 256, 512, 1024):
@@ -101,74 +89,164 @@ def check_common(request: Request, fmt: str, backend: str) -> None:
                                       hint="Use --device cpu (or auto).")
     if o.calib_samples < 1 or o.calib_seq_len < 16:
         raise UsageError("--calib-samples must be >= 1 and --calib-seq-len >= 16")
-    if (backend, fmt) not in p.WORKER_MODULES:
-        raise UsageError(f"backend {backend} does not produce {fmt.upper()}")
+    if (o.backend, fmt) not in p.WORKER_MODULES:
+        raise UsageError(f"backend {o.backend} does not produce {fmt.upper()}")
 
 
-def check_group_divides(source: ModelSource, group: int) -> None:
-    for width in read_widths(source):
-        if group > 0 and width % group:
-            raise UsageError(
-                f"--group-size {group} does not divide the model's layer width {width}",
-                hint="Choose a group size that divides " + " and ".join(map(str, read_widths(source))) + ".",
-            )
+def requirements(o: Common) -> tuple[str, ...]:
+    return (o.backend, p.VALIDATE_BACKEND)  # validation reloads artifacts there
 
 
-def add_quant_steps(b: StepBuilder, request: Request, source: ModelSource, calib_sha: str | None,
-                    *, fmt: str, backend: str, params: dict[str, Any]) -> None:
-    o = request.quant_options
-    check_group_divides(source, o.group_size)
-    final = artifact_name(source, fmt, o.bits, o.group_size)
-    common = {"backend": backend, "bits": o.bits, "group_size": o.group_size, "calib_sha256": calib_sha,
+def read_widths(config: Mapping[str, Any]) -> list[int]:
+    """The layer widths a group size must divide (hidden and intermediate sizes)."""
+    text = config.get("text_config", config)
+    return [int(text[k]) for k in ("hidden_size", "intermediate_size") if isinstance(text.get(k), int)]
+
+
+def checks(o: Common, model: ModelInfo, *, thorough: bool) -> list[Check]:
+    widths = read_widths(model.config)
+    bad = [w for w in widths if o.group_size > 0 and w % o.group_size]
+    if not bad:
+        return [Check("group size", True, f"{o.group_size} divides the layer widths {widths}")]
+    error = UsageError(f"--group-size {o.group_size} does not divide the model's layer width {bad[0]}",
+                       hint="Choose a group size that divides " + " and ".join(map(str, widths)) + ".")
+    return [Check("group size", False, error.message, error)]
+
+
+# -- steps and estimates ---------------------------------------------------------------
+
+
+def artifact_name(model_name: str, fmt: str, bits: int, group: int) -> str:
+    return f"{model_name}-{fmt.upper()}-{bits}bit-g{group}"
+
+
+def folder_bytes(shape: Shape, bits: int, group: int) -> int:
+    """Expected size of an AWQ/GPTQ folder: packed linear weights plus a 16-bit scale and a
+    packed zero point per group; embeddings, lm_head and norms stay 16-bit."""
+    linear = shape.parameters - shape.vocab_embed - shape.output - shape.norms
+    per_group = (2 + bits / 8) / (group if group > 0 else 4096)
+    data = linear * (bits / 8 + per_group) + (shape.vocab_embed + shape.output + shape.norms) * 2
+    return int(data) + shape.metadata_bytes * 4  # tokenizer files copied along
+
+
+def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
+    """The one estimator of both AWQ/GPTQ step kinds."""
+    ram = shape.parameters * 4 + 1024 * MiB  # a float32 copy on CPU plus activations
+    if kind == "hf.quantize":
+        size = folder_bytes(shape, params["bits"], params["group_size"])
+        return Estimate(size, ram, 2 * size)  # the folder plus its per-layer checkpoints
+    return Estimate(0, ram, 0)
+
+
+def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Mapping[str, Any]) -> None:
+    """``own``: the format's worker-job fields (e.g. AWQ's zero_point and version)."""
+    shape = model.shape
+    final = artifact_name(model.source.name, fmt, o.bits, o.group_size)
+    calib = model.calibration
+    files = {"model": str(model.source.path), **({"calib": calib.path} if calib and calib.path else {})}
+    params = {"backend": o.backend, "bits": o.bits, "group_size": o.group_size,
+              "calib": calib.identity if calib else None, "calib_label": calib.label if calib else None,
               "calib_samples": o.calib_samples, "calib_seq_len": o.calib_seq_len, "seed": o.seed,
-              "device": o.device, **params}
-    q = b.add(f"{fmt}.quantize", "hf.quantize", fmt, f"{fmt.upper()} quantize ({backend})",
-              outputs=(final + ".partial",), params=common)
+              "device": o.device, "job": dict(own)}
+    # per-layer checkpoints, named by the step's fingerprint so other options never reuse them
+    q = b.add(f"{fmt}.quantize", "hf.quantize", fmt, f"{fmt.upper()} quantize ({o.backend})",
+              outputs=(final + ".partial",), params=params, files=files,
+              estimate=estimate("hf.quantize", params, shape), threaded=True,
+              scratch=(f".checkpoint/layers/{fmt}-{{fingerprint}}",))
+    params = {"samples": VALIDATE_SAMPLES, "seq_len": VALIDATE_SEQ_LEN, "quant": f"{o.bits}bit-g{o.group_size}",
+              "calib_label": params["calib_label"], "seed": o.seed, "device": o.device}
     b.add(f"{fmt}.validate", "hf.validate", fmt, f"{fmt.upper()} validate",
-          inputs=(q.id,), outputs=(final,),
-          params={"samples": VALIDATE_SAMPLES, "seq_len": VALIDATE_SEQ_LEN, "quant": f"{o.bits}bit-g{o.group_size}"},
-          deliverable=True)
+          inputs={"artifact": q.id}, outputs=(final,), params=params, files=files,
+          estimate=estimate("hf.validate", params, shape), deliverable=True)
 
 
-def estimate_bytes(step: Step, parameters: int) -> int:
-    if step.kind == "hf.quantize":
-        bits = step.param("bits", 4)
-        return int(parameters * (bits / 8 + 4 / max(step.param("group_size", 128), 32)) * 1.1) + (16 << 20)
-    return 0
+def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
+    producer = plan.by_id()[str(step.input_id("artifact"))]
+    size = producer.estimate.output_bytes
+    return {"format": step.format, "quant": step.param("quant"), "name": Path(step.outputs[0]).name,
+            "expected_bytes": size,
+            "bits_per_weight": round(size * 8 / plan.parameters, 3) if plan.parameters else None}
+
+
+def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    produced = inputs.get("artifact", {})
+    return {"bits_per_weight": produced.get("bits_per_weight"), "quality": own.get("quality"),
+            "calibration": produced.get("metadata", {}).get("calibration")}
+
+
+def card_usage(paths: list[str]) -> str:
+    name = paths[0]
+    return (
+        "transformers:\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"model = AutoModelForCausalLM.from_pretrained(\"{name}\", device_map=\"auto\")\n"
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n```\n\n"
+        f"vLLM:\n\n```sh\nvllm serve {name}\n```"
+    )
 
 
 # -- actions ---------------------------------------------------------------------------
 
 
-def execute(step: Step, ctx: RunContext) -> StepOutcome:
-    return _quantize(step, ctx) if step.kind == "hf.quantize" else _validate(step, ctx)
+@dataclass
+class Events:
+    """What a worker said, collected while it runs."""
+
+    ctx: StepContext
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, line: str) -> None:
+        try:
+            event = p.parse_event(line)
+        except p.ProtocolError as exc:
+            self.ctx.warning(f"ignored a malformed worker event ({exc})")
+            return
+        kind = event["event"]
+        if kind == "layer_done":
+            self.layers.append(event)
+            self.ctx.progress(event["index"] + 1, event["total"], "layers")
+        elif kind == "progress":
+            self.ctx.progress(event["done"], event["total"], event["unit"])
+        elif kind == "warning":
+            # Libraries' warnings can be pages long (autoawq's deprecation notice): one line
+            # on screen, the whole text is in the step log.
+            lines = [line.strip() for line in str(event["message"]).splitlines() if line.strip()]
+            more = " (more in the step log)" if len(lines) > 1 else ""
+            self.ctx.warning(f"{lines[0] if lines else ''}{more}")
+        elif kind == "result":
+            self.result = event
+        elif kind == "error":
+            self.error = event
 
 
-def _worker_env(ctx: RunContext) -> dict[str, str | None]:
-    threads = str(ctx.threads)
+def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    return _quantize(step, ctx) if step.kind == "hf.quantize" else _validate(step, inputs, ctx)
+
+
+def _worker_env(ctx: StepContext) -> dict[str, str | None]:
     return {
         "PYTHONPATH": str(REPO_ROOT / "wrapper"),
         "PYTHONUNBUFFERED": "1",
         # gptqmodel sizes its CPU worker pools from this and needs at least 2
         "GPTQMODEL_CPU_WORKERS": str(max(2, os.cpu_count() or 1)),
-        "OMP_NUM_THREADS": threads,
+        "OMP_NUM_THREADS": str(ctx.threads),
         "TOKENIZERS_PARALLELISM": "false",
     }
 
 
-def _run_worker(ctx: RunContext, step: Step, job: p.QuantizeJob | p.ValidateJob, env_name: str,
-                what: str) -> tuple[Events, int]:
+def _run_worker(ctx: StepContext, job: p.QuantizeJob | p.ValidateJob, env_name: str, what: str) -> tuple[Events, int]:
     python = envs.find_env(env_name).python
     jobs = ctx.checkpoint / "jobs"
     jobs.mkdir(parents=True, exist_ok=True)
-    job_file = p.write_job(job, jobs / f"{step.id.replace(':', '-')}.json")
-    events = Events(ctx, step.id)
+    job_file = p.write_job(job, jobs / f"{ctx.step_id.replace(':', '-')}.json")
+    events = Events(ctx)
     argv: list[str | os.PathLike[str]] = [python, "-m", p.worker_module(job), job_file]
+    # cwd: libraries that drop log files into the working directory (gptqmodel) do it there
+    cwd = ctx.checkpoint / "logs" / "libraries"
+    cwd.mkdir(parents=True, exist_ok=True)
     try:
-        # cwd: libraries that drop log files into the working directory (gptqmodel) do it there
-        cwd = ctx.checkpoint / "logs" / "libraries"
-        cwd.mkdir(parents=True, exist_ok=True)
-        result = run_tool(ctx, step.id, argv, what=what, env=_worker_env(ctx), on_event=events, cwd=cwd)
+        result = ctx.run_tool(argv, what=what, env=_worker_env(ctx), on_event=events, cwd=cwd)
     except Interrupted:
         raise
     except QwrapError as exc:
@@ -193,36 +271,41 @@ def _from_event(error: dict[str, Any], what: str, log: str | None) -> QwrapError
     return cls(f"{what}: {error['message']}", hint=hint.strip() or None, log_path=log)
 
 
-def _text(ctx: RunContext, portion: str, n: int, seq_len: int) -> p.TextSource:
-    calib = ctx.calib_text()
-    o = ctx.request.quant_options
-    label = "wikitext2" if ctx.request.calib in (None, "wikitext2") else calib.name
-    return p.TextSource(path=str(calib), n_samples=n, seq_len=seq_len, seed=o.seed, portion=portion,
-                        source=label, cache_dir=str(cache_root() / "calibration"))
+def _text(step: Step, portion: str, n: int, seq_len: int) -> p.TextSource:
+    if "calib" not in dict(step.files):
+        raise UsageError("this step needs calibration text", hint="Pass --calib FILE.txt.")
+    return p.TextSource(path=step.file("calib"), n_samples=n, seq_len=seq_len, seed=step.param("seed", 0),
+                        portion=portion, source=step.param("calib_label") or "",
+                        cache_dir=str(cache_root() / "calibration"))
 
 
-def _quantize(step: Step, ctx: RunContext) -> StepOutcome:
-    o = ctx.request.quant_options
-    out = ctx.output / step.outputs[0]
-    shutil.rmtree(out, ignore_errors=True)  # per-layer state lives in checkpoint_dir, not here
+def _quantize(step: Step, ctx: StepContext) -> StepOutcome:
+    out = ctx.path(step.outputs[0])
+    shutil.rmtree(out, ignore_errors=True)  # per-layer state lives in the scratch folder, not here
+    prm = dict(step.params)
     job = p.QuantizeJob(
-        backend=step.param("backend"), format=step.format, model=str(ctx.source.path), output_dir=str(out),
-        calibration=_text(ctx, "calibration", o.calib_samples, o.calib_seq_len),
-        bits=o.bits, group_size=o.group_size, zero_point=o.zero_point, version=o.awq_version,
-        sym=o.sym, act_order=o.act_order, damp=o.damp, device=o.device,
-        checkpoint_dir=str(ctx.checkpoint / "layers" / f"{step.format}-{step.fingerprint[:12]}"),
+        backend=prm["backend"], format=step.format, model=step.file("model"), output_dir=str(out),
+        calibration=_text(step, "calibration", prm["calib_samples"], prm["calib_seq_len"]),
+        bits=prm["bits"], group_size=prm["group_size"], device=prm["device"],
+        checkpoint_dir=str(ctx.path(step.scratch[0])), **prm["job"],
     )
-    events, peak = _run_worker(ctx, step, job, step.param("backend"), f"{step.format.upper()} quantization")
+    events, peak = _run_worker(ctx, job, prm["backend"], f"{step.format.upper()} quantization")
     _normal_permissions(out)
     size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
-    bpw = size * 8 / ctx.parameters if ctx.parameters else None
+    parameters = _parameters(Path(step.file("model")))
     gpu = max((e.get("peak_gpu_bytes") or 0 for e in events.layers), default=0)
     assert events.result is not None
-    info = {"metadata": events.result.get("metadata", {}), "layers": len(events.layers),
-            "bits_per_weight": round(bpw, 3) if bpw else None,
-            "layer_peaks": [{"index": e["index"], "peak_rss_bytes": e["peak_rss_bytes"],
-                             "peak_gpu_bytes": e.get("peak_gpu_bytes")} for e in events.layers]}
-    return StepOutcome([out], info, peak, gpu)
+    facts = {"metadata": events.result.get("metadata", {}), "layers": len(events.layers),
+             "bits_per_weight": round(size * 8 / parameters, 3) if parameters else None,
+             "layer_peaks": [{"index": e["index"], "peak_rss_bytes": e["peak_rss_bytes"],
+                              "peak_gpu_bytes": e.get("peak_gpu_bytes")} for e in events.layers]}
+    return StepOutcome((out,), facts, peak, gpu)
+
+
+def _parameters(model: Path) -> int:
+    from ..hub import ModelSource, parameter_counts
+
+    return sum(parameter_counts(ModelSource(model, model.name, None, None)).values())
 
 
 def _normal_permissions(folder: Path) -> None:
@@ -234,18 +317,26 @@ def _normal_permissions(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _validate(step: Step, ctx: RunContext) -> StepOutcome:
-    partial = ctx.output / ctx.plan_outputs(step.inputs[0])[0]
-    final = ctx.output / step.outputs[0]
-    job = p.ValidateJob(model=str(ctx.source.path), quantized=str(partial),
-                        text=_text(ctx, "held_out", step.param("samples"), step.param("seq_len")),
-                        device=ctx.request.quant_options.device)
-    events, peak = _run_worker(ctx, step, job, p.VALIDATE_BACKEND, f"validating {final.name}")
+def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    partial = inputs["artifact"].path
+    final = ctx.path(step.outputs[0])
+    job = p.ValidateJob(model=step.file("model"), quantized=str(partial),
+                        text=_text(step, "held_out", step.param("samples"), step.param("seq_len")),
+                        device=step.param("device"))
+    events, peak = _run_worker(ctx, job, p.VALIDATE_BACKEND, f"validating {final.name}")
     assert events.result is not None
     meta = events.result.get("metadata", {})
     kl = meta.get("kl_divergence")
     if not meta.get("finite", False) or kl is None or not math.isfinite(kl):
         raise ValidationFailedError(f"{final.name} produced non-finite logits or no KL divergence")
     ctx.check_final(final)
-    info = {"validated": True, "kl_divergence": kl, "quality": f"KL {kl:.4f}", "tokens": meta.get("tokens")}
-    return StepOutcome([], info, peak, renames=[(partial, final)])
+    facts = {"validated": True, "kl_divergence": kl, "quality": f"KL {kl:.4f}", "tokens": meta.get("tokens")}
+    return StepOutcome((), facts, peak, renames=((partial, final),))
+
+
+
+def listing(fmt: str, backends: tuple[str, ...]) -> Listing:
+    rows = tuple((str(b), "128 (32-1024, must divide the layer widths)", ", ".join(backends)) for b in p.BITS[fmt])
+    return Listing(("--bits", "--group-size", "--backend (default first)"), rows,
+                   f"Artifact: a Hugging Face folder <model>-{fmt.upper()}-<bits>bit-g<group>, loadable by "
+                   "transformers and vLLM.")

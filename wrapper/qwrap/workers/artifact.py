@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +44,7 @@ def use_source_files(source: Path, out: Path) -> None:
         shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
 
 
-def edit_json(path: Path, edit: Any) -> None:
+def edit_json(path: Path, edit: Callable[[Any], None]) -> None:
     """Rewrite a JSON file through ``edit(data)``, keeping key order and 2-space indent."""
     data = json.loads(path.read_text(encoding="utf-8"))
     edit(data)

@@ -18,7 +18,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwrap.workers import protocol as p
 from qwrap.workers.runtime import (
@@ -30,6 +30,9 @@ from qwrap.workers.runtime import (
     run,
     versions,
 )
+
+if TYPE_CHECKING:
+    from qwrap.workers.layerstore import LayerStore
 
 CHECKPOINT_SUBDIR = "autoawq"
 
@@ -128,7 +131,7 @@ def _quantizer_class() -> type:
     from awq.utils.module import get_op_name
 
     class CheckpointingQuantizer(AwqQuantizer):
-        def __init__(self, *args: Any, store: Any, meter: LayerMeter, **kwargs: Any):
+        def __init__(self, *args: Any, store: LayerStore, meter: LayerMeter, **kwargs: Any) -> None:
             self.store = store
             self.meter = meter
             self.index = -1

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -148,7 +149,7 @@ def load_samples(spec: TextSource, tokenizer: Any, tokenizer_dir: Path) -> Sampl
     return Samples(ids=ids, metadata=meta, cache_hit=hit)
 
 
-def _save_atomic(path: Path, write: Any) -> None:
+def _save_atomic(path: Path, write: Callable[[Path], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

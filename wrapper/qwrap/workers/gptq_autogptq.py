@@ -14,7 +14,6 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 from qwrap.workers import protocol as p
 from qwrap.workers.runtime import LayerMeter, WorkerError, check_group_size, resolve_device, run, versions, warn
@@ -82,7 +81,7 @@ class _LayerLog(logging.Handler):
 
     PATTERN = re.compile(r"Start quantizing layer (\d+)/(\d+)")
 
-    def __init__(self, meter: LayerMeter):
+    def __init__(self, meter: LayerMeter) -> None:
         super().__init__(level=logging.INFO)
         self.meter = meter
         self.current: tuple[int, int] | None = None
@@ -95,7 +94,7 @@ class _LayerLog(logging.Handler):
             self.meter.start()
             p.emit(p.LayerStarted(index=self.current[0], total=self.current[1]))
 
-    def finish(self) -> Any:
+    def finish(self) -> None:
         if self.current is not None:
             p.emit(self.meter.stop(*self.current))
             self.current = None

@@ -116,7 +116,7 @@ def _checkpoint_config(job: p.QuantizeJob, model_type: str) -> Any:
 class Listener:
     """GPTQModel's layer_callback / subset_callback, turned into protocol events."""
 
-    def __init__(self, total: int, meter: LayerMeter, *, checkpointed: bool):
+    def __init__(self, total: int, meter: LayerMeter, *, checkpointed: bool) -> None:
         self.total = total
         self.meter = meter
         self.checkpointed = checkpointed

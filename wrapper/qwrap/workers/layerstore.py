@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 
 
 class LayerStore:
-    def __init__(self, root: Path | None, fingerprint: str):
+    def __init__(self, root: Path | None, fingerprint: str) -> None:
         self.root = root
         self.fingerprint = fingerprint
         if root is not None:
@@ -97,10 +97,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def source_fingerprint(model_dir: Path) -> dict[str, Any]:
+def source_fingerprint(model_dir: Path) -> dict[str, list[int | str]]:
     """Cheap identity of a model folder: config hash plus size and head/tail hash of every
     weight file (hashing whole multi-GB shards on every start would cost minutes)."""
-    result: dict[str, Any] = {}
+    result: dict[str, list[int | str]] = {}
     for path in sorted(model_dir.iterdir()):
         if path.name == "config.json" or path.suffix in (".safetensors", ".bin"):
             result[path.name] = [path.stat().st_size, _head_tail_sha256(path)]

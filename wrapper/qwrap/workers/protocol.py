@@ -17,9 +17,9 @@ import os
 import sys
 import threading
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 PROTOCOL_VERSION = 1
 EVENT_FD_ENV = "QWRAP_EVENT_FD"
@@ -121,6 +121,8 @@ class ValidateJob:
 
 
 Job = QuantizeJob | ValidateJob
+# What ``_build`` constructs from a JSON object.
+_Built = TypeVar("_Built", QuantizeJob, ValidateJob, TextSource)
 
 
 def worker_module(job: Job) -> str:
@@ -147,7 +149,7 @@ def load_job(path: str | Path) -> Job:
     return job_from_dict(data)
 
 
-def job_from_dict(data: Any) -> Job:
+def job_from_dict(data: object) -> Job:
     if not isinstance(data, dict):
         raise ProtocolError("a job must be a JSON object")
     if data.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
@@ -163,7 +165,7 @@ def job_from_dict(data: Any) -> Job:
     return job
 
 
-def _build(cls: Any, data: dict[str, Any], *, nested: dict[str, Any]) -> Any:
+def _build(cls: type[_Built], data: dict[str, Any], *, nested: dict[str, type[TextSource]]) -> _Built:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -180,7 +182,7 @@ def _build(cls: Any, data: dict[str, Any], *, nested: dict[str, Any]) -> Any:
     return cls(**values)
 
 
-def _required(f: Any) -> bool:
+def _required(f: Field[Any]) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
@@ -304,7 +306,7 @@ class Error:
 
 
 Event = Started | LayerStarted | LayerDone | Progress | WarningEvent | CheckpointSaved | Result | Error
-EVENT_TYPES: dict[str, type] = {
+EVENT_TYPES: dict[str, type[Event]] = {
     cls.name: cls
     for cls in (Started, LayerStarted, LayerDone, Progress, WarningEvent, CheckpointSaved, Result, Error)
 }

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from types import FrameType
+from typing import Any, NoReturn, TextIO, TypeVar
 
 from qwrap.workers import protocol as p
 
@@ -30,14 +31,14 @@ OOM_HINT = RESUME_HINT + " Lower --calib-samples or --calib-seq-len to reduce pe
 class WorkerError(Exception):
     """An expected failure, reported as an ``error`` event of ``kind``."""
 
-    def __init__(self, kind: str, message: str, *, hint: str | None = None):
+    def __init__(self, kind: str, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.hint = hint
 
 
 def versions(*dists: str) -> dict[str, str]:
-    found = {}
+    found: dict[str, str] = {}
     for name in ("torch", "transformers", *dists):
         try:
             found[name] = metadata.version(name)
@@ -103,7 +104,7 @@ def run(expected: type[J], body: Callable[[J], None], *, backend: str) -> NoRetu
     os._exit(code)
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
+def _raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -153,7 +154,7 @@ def _capture_warnings() -> None:
     original = warnings.showwarning
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: Any = None, line: str | None = None) -> None:
+             file: TextIO | None = None, line: str | None = None) -> None:
         text = f"{category.__name__}: {message}"
         if text not in seen:
             seen.add(text)
