@@ -19,6 +19,7 @@ import pytest
 
 from conftest import make_model, qwrap_argv, run_qwrap
 from qwrap.journal import Journal, sha256_file
+from qwrap.plan import StepState
 from qwrap.toolchain import Toolchain
 
 pytestmark = pytest.mark.slow
@@ -95,9 +96,12 @@ def test_sigkill_of_the_tool_then_resume_is_identical(medium_model: Path, tmp_pa
     assert "SIGKILL" in err and "again" in err
     assert Journal(out).states()["gguf.quantize:Q8_0"].state == "failed"
     no_partial_finals(out)
+    # Steps running beside it finished and were kept; nothing new was started after the failure.
+    done_before = {name for name, st in Journal(out).states().items() if st.state is StepState.DONE}
+    assert "gguf.convert" in done_before
     result = finish(out, medium_model)
     steps = {s["id"]: s["state"] for s in result["steps"]}
-    assert steps["gguf.convert"] == "skipped" and steps["gguf.validate:Q4_K_M"] == "skipped"
+    assert all(steps[name] == "skipped" for name in done_before), (done_before, steps)
     assert steps["gguf.quantize:Q8_0"] == "done"
     assert shas(result) == reference
 
@@ -128,7 +132,12 @@ def test_interrupt_and_terminate(medium_model: Path, tmp_path: Path, signum: int
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
-    assert Journal(out).states()["gguf.quantize:Q4_K_M"].state == "interrupted"
+    states = Journal(out).states()
+    assert states["gguf.quantize:Q4_K_M"].state == "interrupted"
+    # every step that was running beside it was stopped too, and says so
+    assert not [name for name, st in states.items() if st.state is StepState.STARTED]
+    assert not [c for c in Journal(out).children() if psutil.pid_exists(c.pid)
+                and psutil.Process(c.pid).status() != psutil.STATUS_ZOMBIE]
     assert not list(out.glob("*.partial"))
     no_partial_finals(out)
     assert shas(finish(out, medium_model)) == reference
@@ -223,7 +232,7 @@ def test_oom_kill_is_reported_with_peak_memory(tiny_model: Path, tmp_path: Path,
     assert proc.returncode == 12, proc.stderr
     assert "out of memory" in proc.stderr and "Peak memory" in proc.stderr and "--threads" in proc.stderr
     st = Journal(out).states()["gguf.convert"]
-    assert st.state == "failed" and st.record["error_type"] == "OutOfMemoryError"
+    assert st.state == "failed" and st.error_type == "OutOfMemoryError"
 
 
 def test_disk_full_then_resume(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:

@@ -101,7 +101,7 @@ def _run_options() -> tuple[Option, ...]:
     routes = "; ".join(f"{n.upper()}: {', '.join(f.BACKENDS)}" for n, f in FORMATS.items() if f.BACKENDS)
     return (
         Option("output", Path, Path("qwrap-out"), "Output folder (created if missing).", ("--output", "-o")),
-        Option("format", list[str], ["gguf"], f"{names}; repeatable (one download, one calibration set).",
+        Option("format", list[str], [next(iter(FORMATS))], f"{names}; repeatable (one download, one calibration set).",
                ("--format", "-f")),
         Option("revision", Optional[str], None, "Hub branch, tag or commit."),
         Option("token", Optional[str], None, "Hub token (default: HF_TOKEN or the stored login). Never logged."),
@@ -323,7 +323,7 @@ def doctor(json_out: JsonFlag = False) -> None:
 
 @env_app.command("create")
 def env_create(
-    name: Annotated[str, typer.Argument(help="convert, autoawq, gptqmodel or auto-gptq.")],
+    name: Annotated[str, typer.Argument(help="convert (the GGUF converter) or a backend: autoawq, gptqmodel, auto-gptq.")],
     rebuild: Annotated[bool, typer.Option(help="Recreate even if healthy.")] = False,
 ) -> None:
     """Create (or verify) an isolated environment in the cache. Example: qwrap env create convert"""

@@ -8,11 +8,13 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .children import LineParser, run_checked
 from .errors import OutputExistsError
-from .supervisor import ProcessResult
+
+if TYPE_CHECKING:  # the supervisor (psutil, subprocess) loads only when a step runs: --help stays fast
+    from .children import LineParser
+    from .supervisor import ProcessResult
 
 
 class Reporter(Protocol):
@@ -109,6 +111,8 @@ class StepContext:
     ) -> ProcessResult:
         """Run one supervised child for this step: progress to the reporter, output to the step
         log, its pid to the journal; a failure becomes the matching QwrapError."""
+        from .children import run_checked
+
         return run_checked(
             argv, what=what, log_path=self.log_path, env=env, cwd=cwd, parser=parser,
             on_progress=self.progress, on_event=on_event, on_start=self.on_child_start,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, envs, supervisor
-from .errors import ToolchainMissingError
+from . import __version__, envs
+from .children import run_checked
+from .errors import QwrapError, ToolchainMissingError
 from .toolchain import TOOLS, cache_root, find_toolchain, read_pin
 
 
@@ -17,10 +19,16 @@ def _gpu() -> dict[str, Any]:
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return {"present": False, "detail": "nvidia-smi not found: CPU only"}
-    result = supervisor.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader"], timeout=20)
-    if not result.ok:
-        return {"present": False, "detail": "nvidia-smi failed: " + " ".join(result.tail[-1:])}
+    try:
+        result = run_checked([smi, "--query-gpu=name,memory.total", "--format=csv,noheader"], what="nvidia-smi",
+                             log_path=_log(), timeout=20)
+    except QwrapError as exc:
+        return {"present": False, "detail": f"nvidia-smi failed: {exc.message}"}
     return {"present": True, "devices": list(result.tail)}
+
+
+def _log() -> Path:
+    return cache_root() / "logs" / "doctor.log"
 
 
 def _toolchain() -> dict[str, Any]:
@@ -32,10 +40,14 @@ def _toolchain() -> dict[str, Any]:
     except ToolchainMissingError as exc:
         return {**info, "ok": False, "problem": exc.message, "fix": exc.hint}
     tools = {t: str(tc.bin_dir / t) if (tc.bin_dir / t).exists() else None for t in TOOLS}
-    version = supervisor.run([tc.bin_dir / "llama-imatrix", "--version"], timeout=20)
+    try:
+        tail = run_checked([tc.bin_dir / "llama-imatrix", "--version"], what="llama-imatrix --version",
+                           log_path=_log(), timeout=20).tail
+    except QwrapError as exc:
+        tail = (f"unknown ({exc.message})",)
     return {**info, "ok": all(tools.values()), "origin": tc.origin, "variant": tc.variant,
             "bin_dir": str(tc.bin_dir), "source_dir": str(tc.source_dir), "tools": tools,
-            "version": " ".join(line for line in version.tail if "version" in line or "built" in line)}
+            "version": " ".join(line for line in tail if "version" in line or "built" in line or "unknown" in line)}
 
 
 def _envs() -> dict[str, Any]:

@@ -22,13 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import supervisor
-from .errors import ToolchainMissingError
+from .children import run_checked
+from .errors import StepFailedError, ToolchainMissingError
 from .toolchain import cache_root, gpu_present
+from .workers.protocol import BACKEND_ENVIRONMENTS
 
 LOCK_DIR = Path(__file__).parent / "locks"
 TORCH_VERSION = os.environ.get("QWRAP_TORCH_VERSION", "2.13.0")
 MARKER = "qwrap-env.json"
+HEALTH_TIMEOUT_S = float(os.environ.get("QWRAP_HEALTH_TIMEOUT", "300"))
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,11 @@ class EnvSpec:
     torch: bool = True
 
 
+# The converter's environment (GGUF conversion, calibration text), then every backend's, as the
+# worker protocol declares them: a new backend is a worker, its lock and a line there.
 SPECS: dict[str, EnvSpec] = {
     "convert": EnvSpec("convert", "convert.txt", ("torch", "transformers", "sentencepiece", "numpy")),
-    "autoawq": EnvSpec("autoawq", "autoawq.txt", ("torch", "transformers", "awq")),
-    "gptqmodel": EnvSpec("gptqmodel", "gptqmodel.txt", ("torch", "transformers", "gptqmodel")),
-    "auto-gptq": EnvSpec("auto-gptq", "auto-gptq.txt", ("torch", "transformers", "auto_gptq")),
+    **{name: EnvSpec(name, lock, imports) for name, (lock, imports) in BACKEND_ENVIRONMENTS.items()},
 }
 
 
@@ -88,36 +90,43 @@ def _torch_env_path() -> Path:
     return cache_root() / "envs" / f"torch-{TORCH_VERSION}-{torch_variant()}-py{sys.version_info[0]}{sys.version_info[1]}"
 
 
-def _check(python: Path, imports: tuple[str, ...], log: Path | None) -> bool:
+def _check(python: Path, imports: tuple[str, ...], log: Path) -> bool:
+    """The health check: True if the imports work. A check that does not finish in time
+    (a loaded host, a slow network filesystem) raises instead of condemning the environment:
+    deleting and rebuilding a healthy environment would cost minutes for nothing."""
     code: str = "import " + ", ".join(imports)
     if torch_variant() == "cpu" and "torch" in imports:
         # Never a CUDA torch on a CPU-only host: it is several GB and useless here.
         code += "\nimport torch; assert torch.version.cuda is None, 'CUDA torch on a CPU-only host'"
     argv: list[str | os.PathLike[str]] = [python, "-c", code]
-    result = supervisor.run(argv, log_path=log, timeout=300)
-    return result.ok
+    try:
+        run_checked(argv, what=f"the health check of {python.parent.parent.name}", log_path=log,
+                    timeout=HEALTH_TIMEOUT_S)
+    except StepFailedError:
+        return False
+    return True
 
 
-def healthy(env: Env, s: EnvSpec, log: Path | None = None) -> bool:
+def healthy(env: Env, s: EnvSpec, log: Path) -> bool:
     return (env.path / MARKER).is_file() and env.python.exists() and _check(env.python, s.imports, log)
 
 
 def _pip(python: Path, args: list[str], log: Path, on_line: Callable[[str], None] | None) -> None:
     cmd: list[str | os.PathLike[str]] = [python, "-m", "pip", "install", "--disable-pip-version-check", *args]
-    result = supervisor.run(cmd, log_path=log, on_line=on_line)
-    if not result.ok:
-        tail = "\n  ".join(supervisor.relevant_lines(result.tail))
+    try:
+        run_checked(cmd, what=f"installing into {python.parent.parent}", log_path=log, on_line=on_line)
+    except StepFailedError as exc:
         raise ToolchainMissingError(
-            f"installing into {python.parent.parent} failed:\n  {tail}",
-            hint=f"Full log: {log}. Fix the cause (network to the package index?) and run again.",
+            exc.message, hint=f"Full log: {log}. Fix the cause (network to the package index?) and run again.",
             log_path=str(log),
-        )
+        ) from None
 
 
 def _venv(path: Path, log: Path) -> None:
-    result = supervisor.run([sys.executable, "-m", "venv", path], log_path=log)
-    if not result.ok:
-        raise ToolchainMissingError(f"python -m venv {path} failed", hint=f"See {log}.")
+    try:
+        run_checked([sys.executable, "-m", "venv", path], what=f"python -m venv {path}", log_path=log)
+    except StepFailedError as exc:
+        raise ToolchainMissingError(exc.message, hint=f"See {log}.", log_path=str(log)) from None
 
 
 def _write_marker(path: Path, data: dict[str, str]) -> None:

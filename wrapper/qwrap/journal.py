@@ -21,11 +21,11 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, TypedDict
 
 from .errors import JournalError, LockedError
+from .plan import StepState
 
 SCHEMA = 1
 CHECKPOINT_DIR = ".checkpoint"
@@ -116,23 +116,6 @@ def fingerprint_tree(root: Path) -> str:
         else:
             digest.update(str(st.st_mtime_ns).encode())
     return digest.hexdigest()
-
-
-def fingerprint(*parts: object) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
-
-
-class StepState(str, Enum):
-    """A step's state: journaled (started, done, failed, interrupted) or decided by a run
-    (skipped: proven done; pending: not run yet)."""
-
-    STARTED = "started"
-    DONE = "done"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"
-    SKIPPED = "skipped"
-    PENDING = "pending"
 
 
 class OutputEntry(TypedDict, total=False):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UnsupportedModelError
-from .hub import ModelSource, parameter_counts
-from .journal import fingerprint_tree
+
+if TYPE_CHECKING:
+    from .hub import ModelSource
 
 MiB = 1 << 20
 BYTES_PER_DTYPE = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1}
@@ -53,6 +54,8 @@ class ModelInfo:
     def fingerprint(self) -> str:
         """A Hub model is its resolved commit (the same whether or not the weights are here yet);
         a local folder is its files' names, sizes and contents/mtimes."""
+        from .journal import fingerprint_tree
+
         src = self.source
         if src.repo_id is not None and src.revision:
             return f"hub:{src.repo_id}@{src.revision}"
@@ -72,6 +75,8 @@ def read_config(source: ModelSource) -> dict[str, Any]:
 
 
 def model_shape(source: ModelSource, config: dict[str, Any], token: str | None = None) -> Shape:
+    from .hub import parameter_counts
+
     counts = parameter_counts(source, token=token)
     text = config.get("text_config", config)
     hidden = int(text.get("hidden_size", 0) or 0)

@@ -13,13 +13,31 @@ which is what lets a step run later, elsewhere, from the plan alone.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-from .journal import StepState, fingerprint
 
-__all__ = ["Estimate", "Plan", "PlanBuilder", "Step", "StepState"]
+def fingerprint(*parts: object) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+class StepState(str, Enum):
+    """A step's state: journaled (started, done, failed, interrupted) or decided by a run
+    (skipped: proven done; pending: not run yet)."""
+
+    STARTED = "started"
+    DONE = "done"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    SKIPPED = "skipped"
+    PENDING = "pending"
+
+
 
 
 @dataclass(frozen=True)

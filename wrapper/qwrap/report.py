@@ -11,7 +11,7 @@ from rich.table import Table
 
 from . import __version__
 from .formats import FORMATS, producer_chain
-from .journal import StepState
+from .plan import StepState
 from .request import safe_argv
 from .toolchain import read_pin
 from .units import human_bytes

@@ -36,8 +36,8 @@ from . import supervisor
 from .context import InputOutputs, Reporter, StepContext, StepOutcome, place
 from .errors import InsufficientDiskError, Interrupted, OutputExistsError, QwrapError
 from .formats import FORMATS
-from .journal import ChildRecord, Journal, OutputEntry, StepRecord, StepState, describe_file, outputs_verified
-from .plan import Plan, Step
+from .journal import ChildRecord, Journal, OutputEntry, StepRecord, describe_file, outputs_verified
+from .plan import Plan, Step, StepState
 from .units import human_bytes
 
 WAIT_S = 0.2  # how often the scheduler wakes while steps run (signals, finished steps)

@@ -11,14 +11,16 @@ this registry names a format: adding one is a module, its worker, its lock and a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..checks import Check
 from ..context import Inputs, StepContext, StepOutcome
-from ..model import ModelInfo
 from ..options import Listing, Option
 from ..plan import Plan, PlanBuilder, Step
 from . import awq, gguf, gptq
+
+if TYPE_CHECKING:
+    from ..model import ModelInfo
 
 
 class Format(Protocol):

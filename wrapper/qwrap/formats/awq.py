@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checks import Check
 from ..errors import UsageError
-from ..model import ModelInfo
 from ..options import Listing, Option
 from ..plan import PlanBuilder
 from . import hfquant
+
+if TYPE_CHECKING:
+    from ..model import ModelInfo
 from .hfquant import card_usage, execute, plan_artifact, result_fields  # noqa: F401 - the Format's functions
 
 NAME = "awq"

@@ -14,21 +14,20 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from .. import envs
 from ..checks import Check
-from ..children import run_checked
 from ..context import Inputs, StepContext, StepOutcome
 from ..errors import QwrapError, UnsupportedModelError, UsageError, ValidationFailedError
-from ..ggufinfo import GGUFFormatError, GGUFInfo, read_info
-from ..hub import safetensors_header
-from ..journal import sha256_file
-from ..model import MiB, ModelInfo, Shape
 from ..options import Listing, Option
 from ..plan import Estimate, Plan, PlanBuilder, Step
-from ..progress import ChunkProgress, ConvertProgress, QuantizeProgress
 from ..toolchain import cache_root, find_toolchain, supported_architectures
+
+if TYPE_CHECKING:  # loaded by the functions that need them: `qwrap --help` imports this module
+    from ..ggufinfo import GGUFInfo
+    from ..model import ModelInfo, Shape
+
+MiB = 1 << 20
 
 NAME = "gguf"
 TITLE = "GGUF (llama.cpp)"
@@ -183,6 +182,9 @@ def _architecture_check(model: ModelInfo) -> Check:
 def _tokenizer_check(model: ModelInfo) -> Check:
     """A vocab-only conversion (seconds, no weights needed) catches tokenizers the pinned
     converter rejects, such as unknown BPE pre-tokenizers, before hours of work."""
+    from .. import envs
+    from ..children import run_checked
+
     try:
         converter = find_toolchain().converter
         python = envs.find_env("convert").python
@@ -283,6 +285,8 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                         files={"calib": calib.path} if calib and calib.path else {},
                         estimate=estimate("gguf.imatrix", params, shape), threaded=True)
     user_imatrix = o.imatrix if o.imatrix not in (None, "auto") else None
+    from ..journal import sha256_file
+
     user_sha = sha256_file(Path(user_imatrix)) if user_imatrix else None
     for quant in dict.fromkeys(normalize_quant(q) for q in o.quants):
         final = artifact_name(name, quant)
@@ -318,6 +322,10 @@ def _partial(path: Path) -> Path:
 
 
 def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    from .. import envs
+    from ..hub import safetensors_header
+    from ..progress import ConvertProgress
+
     tools = find_toolchain()
     model = Path(step.file("model"))
     out = ctx.path(step.outputs[0])
@@ -338,6 +346,8 @@ def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 
 def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    from ..progress import ChunkProgress
+
     tools = find_toolchain()
     out = ctx.path(step.outputs[0])
     tmp = out.with_name("imatrix.partial.gguf")  # llama-imatrix picks its format from the suffix
@@ -356,6 +366,8 @@ def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 
 def _quantize(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    from ..progress import QuantizeProgress
+
     tools = find_toolchain()
     out = ctx.path(step.outputs[0])
     out.unlink(missing_ok=True)  # llama-quantize can leave a partial file on failure
@@ -378,6 +390,8 @@ def _quantize(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 
 def _read_header(path: Path, what: str) -> GGUFInfo:
+    from ..ggufinfo import GGUFFormatError, read_info
+
     try:
         return read_info(path)
     except (OSError, GGUFFormatError) as exc:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checks import Check
 from ..errors import BackendUnavailableError, UsageError
-from ..model import ModelInfo
 from ..options import Listing, Option
 from ..plan import PlanBuilder
 from ..toolchain import gpu_present
 from . import hfquant
+
+if TYPE_CHECKING:
+    from ..model import ModelInfo
 from .hfquant import card_usage, execute, plan_artifact, result_fields  # noqa: F401 - the Format's functions
 
 NAME = "gptq"

@@ -16,9 +16,8 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .. import envs
 from ..checks import Check
 from ..context import Inputs, StepContext, StepOutcome
 from ..errors import (
@@ -31,11 +30,22 @@ from ..errors import (
     UsageError,
     ValidationFailedError,
 )
-from ..model import MiB, ModelInfo, Shape
 from ..options import Listing, Option
 from ..plan import Estimate, Plan, PlanBuilder, Step
 from ..toolchain import REPO_ROOT, cache_root, gpu_present
-from ..workers import protocol as p
+
+if TYPE_CHECKING:
+    from ..model import ModelInfo, Shape
+    from ..workers import protocol as p
+
+MiB = 1 << 20
+
+
+def _protocol() -> Any:
+    """The worker protocol module, loaded when first needed (not for --help)."""
+    from ..workers import protocol
+
+    return protocol
 
 VALIDATE_SAMPLES = 8
 VALIDATE_SEQ_LEN = 128
@@ -78,6 +88,7 @@ def from_json(cls: type[OptionsT], data: Mapping[str, Any], default_backend: str
 
 
 def validate_common(o: Common, fmt: str) -> None:
+    p = _protocol()
     if o.bits not in p.BITS[fmt]:
         raise UsageError(f"{fmt.upper()} supports --bits {', '.join(map(str, p.BITS[fmt]))}, not {o.bits}")
     if o.group_size != -1 and o.group_size not in (32, 64, 128, 256, 512, 1024):
@@ -94,7 +105,7 @@ def validate_common(o: Common, fmt: str) -> None:
 
 
 def requirements(o: Common) -> tuple[str, ...]:
-    return (o.backend, p.VALIDATE_BACKEND)  # validation reloads artifacts there
+    return (o.backend, _protocol().VALIDATE_BACKEND)  # validation reloads artifacts there
 
 
 def read_widths(config: Mapping[str, Any]) -> list[int]:
@@ -197,6 +208,7 @@ class Events:
     layers: list[dict[str, Any]] = field(default_factory=list)
 
     def __call__(self, line: str) -> None:
+        p = _protocol()
         try:
             event = p.parse_event(line)
         except p.ProtocolError as exc:
@@ -236,6 +248,9 @@ def _worker_env(ctx: StepContext) -> dict[str, str | None]:
 
 
 def _run_worker(ctx: StepContext, job: p.QuantizeJob | p.ValidateJob, env_name: str, what: str) -> tuple[Events, int]:
+    from .. import envs
+
+    p = _protocol()
     python = envs.find_env(env_name).python
     jobs = ctx.checkpoint / "jobs"
     jobs.mkdir(parents=True, exist_ok=True)
@@ -272,6 +287,7 @@ def _from_event(error: dict[str, Any], what: str, log: str | None) -> QwrapError
 
 
 def _text(step: Step, portion: str, n: int, seq_len: int) -> p.TextSource:
+    p = _protocol()
     if "calib" not in dict(step.files):
         raise UsageError("this step needs calibration text", hint="Pass --calib FILE.txt.")
     return p.TextSource(path=step.file("calib"), n_samples=n, seq_len=seq_len, seed=step.param("seed", 0),
@@ -283,6 +299,7 @@ def _quantize(step: Step, ctx: StepContext) -> StepOutcome:
     out = ctx.path(step.outputs[0])
     shutil.rmtree(out, ignore_errors=True)  # per-layer state lives in the scratch folder, not here
     prm = dict(step.params)
+    p = _protocol()
     job = p.QuantizeJob(
         backend=prm["backend"], format=step.format, model=step.file("model"), output_dir=str(out),
         calibration=_text(step, "calibration", prm["calib_samples"], prm["calib_seq_len"]),
@@ -320,6 +337,7 @@ def _normal_permissions(folder: Path) -> None:
 def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     partial = inputs["artifact"].path
     final = ctx.path(step.outputs[0])
+    p = _protocol()
     job = p.ValidateJob(model=step.file("model"), quantized=str(partial),
                         text=_text(step, "held_out", step.param("samples"), step.param("seq_len")),
                         device=step.param("device"))
@@ -336,6 +354,7 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 
 def listing(fmt: str, backends: tuple[str, ...]) -> Listing:
+    p = _protocol()
     rows = tuple((str(b), "128 (32-1024, must divide the layer widths)", ", ".join(backends)) for b in p.BITS[fmt])
     return Listing(("--bits", "--group-size", "--backend (default first)"), rows,
                    f"Artifact: a Hugging Face folder <model>-{fmt.upper()}-<bits>bit-g<group>, loadable by "

@@ -40,6 +40,14 @@ WORKER_MODULES: dict[tuple[str, str], str] = {
 VALIDATE_MODULE = "qwrap.workers.hf_validate"
 VALIDATE_BACKEND = "gptqmodel"
 
+# Each backend's environment: its lock file under qwrap/locks/ and the imports of its health
+# check (envs.py builds and checks them; torch is shared between all of them).
+BACKEND_ENVIRONMENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "autoawq": ("autoawq.txt", ("torch", "transformers", "awq")),
+    "gptqmodel": ("gptqmodel.txt", ("torch", "transformers", "gptqmodel")),
+    "auto-gptq": ("auto-gptq.txt", ("torch", "transformers", "auto_gptq")),
+}
+
 # error.kind values. oom: out of memory (finished layers stay checkpointed);
 # backend_unavailable: this backend cannot run here (e.g. auto-gptq without CUDA);
 # unsupported: the model/options are not supported by the backend; bad_job: the job file
