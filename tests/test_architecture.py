@@ -47,3 +47,19 @@ def test_lint_and_types() -> None:
     bin_dir = Path(sys.executable).parent
     subprocess.run([str(bin_dir / "ruff"), "check", "wrapper", "tests"], cwd=root, check=True)
     subprocess.run([str(bin_dir / "mypy")], cwd=root, check=True, capture_output=True)
+
+
+def test_every_child_goes_through_the_one_run_and_check_path() -> None:
+    callers = [p.name for p in PARENT_MODULES if p.name not in ("supervisor.py", "children.py")
+               and re.search(r"supervisor\.run\(|from \.supervisor import run\b", p.read_text())]
+    assert callers == []
+
+
+def test_the_architecture_doc_names_only_modules_that_exist() -> None:
+    doc = (PACKAGE.parents[1] / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:formats/|workers/)?[a-z_]+\.py)`", doc))
+    assert {"runner.py", "plan.py", "formats/__init__.py", "supervisor.py"} <= named
+    missing = sorted(n for n in named if not (PACKAGE / n).exists() and not n.startswith(("test_", "formats/<")))
+    assert missing == []
+    modules = {str(p.relative_to(PACKAGE)) for p in PACKAGE.glob("*.py")} - {"__init__.py"}
+    assert sorted(modules - named) == []  # and every module of the package is in it
