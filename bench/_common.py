@@ -176,9 +176,26 @@ def journal_steps(output: Path) -> dict[str, dict[str, Any]]:
     return steps
 
 
+def steps_union_seconds(steps: dict[str, dict[str, Any]]) -> float:
+    """Wall time covered by at least one step (steps may run concurrently)."""
+    spans = sorted((r["started_t"], r["t"]) for r in steps.values() if r.get("started_t") and r.get("t"))
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def disk_peak_between(disk: list[tuple[float, int]], start: float | None, end: float | None) -> int | None:
     inside = [b for t, b in disk if (start is None or t >= start) and (end is None or t <= end)]
     return max(inside) if inside else None
+
+
+def disk_at(disk: list[tuple[float, int]], when: float | None) -> int:
+    """The last sample taken at or before `when` (the first sample if none)."""
+    before = [b for t, b in disk if when is None or t <= when]
+    return before[-1] if before else (disk[0][1] if disk else 0)
 
 
 # -- the commands qwrap runs for GGUF, by hand ------------------------------------------

@@ -10,8 +10,9 @@ Reported (bench/results/dag_gguf.json):
   - median qwrap/hand wall ratio; target <= 0.90 (qwrap must beat the naive sequence);
   - per-run wall times and CPU seconds (RUSAGE_CHILDREN deltas: each side with all its tools);
   - the qwrap process' own CPU seconds and peak RSS (its /proc entry, polled);
-  - where qwrap's time went: per-step seconds and peak RSS from OUT/.checkpoint/journal.jsonl,
-    the hand-run's time for the same step, and qwrap's wall time outside any step.
+  - where qwrap's time went: per-step seconds, start/end offsets (steps may overlap) and peak
+    RSS from OUT/.checkpoint/journal.jsonl, the hand-run's time for the same step, and qwrap's
+    wall time covered by no step (start-up, planning, hashing, the model card).
 
     .venv/bin/python bench/dag_gguf.py [--runs 3] [--quants Q2_K Q4_K_M ...] [--model DIR]
 """
@@ -24,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from _common import (RESULTS, build_model, hand_gguf, journal_steps, median, qwrap_run_argv,
-                     run_watched, stamp, write_result)
+                     run_watched, stamp, steps_union_seconds, write_result)
 
 QUANTS = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 TARGET = 0.90
@@ -49,11 +50,16 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 w = run_watched(qwrap_run_argv(model, out, args.quants))
                 steps = journal_steps(out)
+                t0 = min((r["started_t"] for r in steps.values() if r.get("started_t")), default=0.0)
                 run["qwrap"] = {"wall": w.wall, "cpu": w.cpu, "parent_cpu": w.parent_cpu,
                                 "parent_peak_rss_bytes": w.parent_peak_rss,
-                                "steps": {k: {"seconds": r.get("seconds"), "peak_rss_bytes": r.get("peak_rss_bytes")}
-                                          for k, r in steps.items()}}
-                run["qwrap"]["outside_steps"] = w.wall - sum(s["seconds"] or 0 for s in run["qwrap"]["steps"].values())
+                                "steps": {k: {"seconds": r.get("seconds"), "peak_rss_bytes": r.get("peak_rss_bytes"),
+                                              "start": round((r.get("started_t") or t0) - t0, 3),
+                                              "end": round(r.get("t", t0) - t0, 3)}
+                                          for k, r in steps.items()},
+                                "sum_step_seconds": sum(r.get("seconds") or 0 for r in steps.values()),
+                                # wall time not covered by any step: start-up, planning, hashing between steps
+                                "outside_steps": w.wall - steps_union_seconds(steps)}
 
             def hand() -> None:
                 steps = hand_gguf(model, work, args.quants)
@@ -70,7 +76,9 @@ def main() -> None:
     step_ids = list(runs[0]["qwrap"]["steps"])
     where = {s: {"qwrap_seconds": median([r["qwrap"]["steps"][s]["seconds"] or 0 for r in runs]),
                  "hand_seconds": median([r["hand"]["steps"][s] for r in runs if s in r["hand"]["steps"]]),
-                 "peak_rss_bytes": max(r["qwrap"]["steps"][s]["peak_rss_bytes"] or 0 for r in runs)}
+                 "peak_rss_bytes": max(r["qwrap"]["steps"][s]["peak_rss_bytes"] or 0 for r in runs),
+                 "start": median([r["qwrap"]["steps"][s]["start"] for r in runs]),
+                 "end": median([r["qwrap"]["steps"][s]["end"] for r in runs])}
              for s in step_ids}
     result = {
         "benchmark": "dag_gguf", "quants": args.quants, "runs": runs,
@@ -81,6 +89,7 @@ def main() -> None:
         "median_parent_cpu": median([r["qwrap"]["parent_cpu"] for r in runs]),
         "max_parent_peak_rss_bytes": max(r["qwrap"]["parent_peak_rss_bytes"] for r in runs),
         "median_outside_steps_seconds": median([r["qwrap"]["outside_steps"] for r in runs]),
+        "median_sum_step_seconds": median([r["qwrap"]["sum_step_seconds"] for r in runs]),
         "where_qwrap_time_went": where, **stamp(),
     }
     write_result(args.out, result)
@@ -88,7 +97,10 @@ def main() -> None:
     print(f"median ratio {result['median_ratio']:.3f} (target <= {TARGET}: {'PASS' if ok else 'FAIL'}) -> {args.out}")
     for s, w in where.items():
         hand = f"{w['hand_seconds']:.2f}s" if w["hand_seconds"] is not None else "-"
-        print(f"  {s:24s} qwrap {w['qwrap_seconds']:7.2f}s  hand {hand:>8s}  peak {w['peak_rss_bytes'] / 2**20:7.0f} MiB")
+        print(f"  {s:24s} qwrap {w['qwrap_seconds']:7.2f}s [{w['start']:6.2f} -> {w['end']:6.2f}]  hand {hand:>8s}"
+              f"  peak {w['peak_rss_bytes'] / 2**20:6.0f} MiB")
+    print(f"  outside any step: {result['median_outside_steps_seconds']:.2f}s; qwrap process CPU "
+          f"{result['median_parent_cpu']:.2f}s, peak RSS {result['max_parent_peak_rss_bytes'] / 1e6:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,16 @@ Per size (bench/results/scaling.json):
     the estimate is within 10% of the measurement:
       output_bytes   <- sum of the journal record's "outputs"[].bytes
       peak_ram_bytes <- the journal record's "peak_rss_bytes" (the tool's process tree)
-      peak_disk_bytes<- max size of everything under OUT (.checkpoint/work included), sampled
-                        every 0.25 s between the step's started and done records
+      peak_disk_bytes<- what the step added to OUT at its peak: the max size of everything
+                        under OUT (.checkpoint/work included), sampled every 0.25 s between
+                        the step's started and done records, minus OUT's size at its start
+                        (the absolute peak is reported too, as peak_disk_abs_bytes)
       seconds        <- the journal record's "seconds"
+    and for the whole run, plan "totals" vs measured: peak_disk_bytes (OUT's largest size),
+    peak_ram_bytes (the largest step peak), seconds (qwrap's wall time).
+    Note: a validate step renames its quantize step's file; the journal lists that file as
+    its output while the plan counts the step's new bytes (0), so its output_bytes differ
+    by definition.
     The plan's per-step "estimates" object is used when present (qwrap.plan/2), else the
     older "expected_bytes"/"expected_peak_ram_bytes" keys. Measurements are the max (RAM,
     disk) or median (seconds, bytes) over the runs.
@@ -35,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import (QWRAP, RESULTS, build_model, disk_peak_between, hand_gguf, journal_steps, median,
+from _common import (QWRAP, RESULTS, build_model, disk_at, disk_peak_between, hand_gguf, journal_steps, median,
                      qwrap_run_argv, run_watched, stamp, write_result)
 
 # make-tiny-model flags; every weight row stays a multiple of 256 so K-quants apply everywhere.
@@ -84,16 +91,20 @@ def one_size(name: str, work: Path, runs: int, quant: str) -> dict[str, Any]:
     for i in range(runs):
         def qwrap() -> None:
             shutil.rmtree(out, ignore_errors=True)
-            w = run_watched(qwrap_run_argv(model, out, [quant]), watch_dir=out)
+            w = run_watched(qwrap_run_argv(model, out, [quant]), watch_dir=out, disk_interval=0.05)
             steps = journal_steps(out)
             for s in steps.values():
                 s["disk_peak"] = disk_peak_between(w.disk, s.get("started_t"), s.get("t"))
+                s["disk_start"] = disk_at(w.disk, s.get("started_t"))
                 s["output_total"] = sum(o.get("bytes", 0) for o in s.get("outputs", []))
             qwrap_runs.append({"wall": w.wall, "cpu": w.cpu, "parent_cpu": w.parent_cpu,
                                "parent_peak_rss_bytes": w.parent_peak_rss,
                                "disk_peak_bytes": max((b for _, b in w.disk), default=0),
                                "steps": {k: {"seconds": s.get("seconds"), "peak_rss_bytes": s.get("peak_rss_bytes"),
-                                             "output_bytes": s["output_total"], "peak_disk_bytes": s["disk_peak"]}
+                                             "output_bytes": s["output_total"],
+                                             "peak_disk_abs_bytes": s["disk_peak"],
+                                             "peak_disk_bytes": None if s["disk_peak"] is None
+                                             else s["disk_peak"] - s["disk_start"]}
                                          for k, s in steps.items()}})
 
         def hand() -> None:
@@ -117,6 +128,14 @@ def one_size(name: str, work: Path, runs: int, quant: str) -> dict[str, Any]:
         }
         est = estimates.get(sid, {})
         steps[sid] = {m: compare(measured[m], est.get(m)) for m in METRICS}
+        steps[sid]["peak_disk_abs_bytes"] = max((s["peak_disk_abs_bytes"] or 0 for s in per_run), default=None)
+    totals = plan.get("totals") or {}
+    measured_totals = {
+        "peak_disk_bytes": max(r["disk_peak_bytes"] for r in qwrap_runs),
+        "peak_ram_bytes": max(max((s["peak_rss_bytes"] or 0 for s in r["steps"].values()), default=0)
+                              for r in qwrap_runs),
+        "seconds": median([r["wall"] for r in qwrap_runs]),
+    }
     parent_peak = max(r["parent_peak_rss_bytes"] for r in qwrap_runs)
     convert = qwrap_runs[-1]["steps"].get("gguf.convert", {})
     return {
@@ -128,7 +147,13 @@ def one_size(name: str, work: Path, runs: int, quant: str) -> dict[str, Any]:
         "converter_peak_rss_bytes": convert.get("peak_rss_bytes"),
         "disk_peak_bytes": max(r["disk_peak_bytes"] for r in qwrap_runs),
         "steps_vs_plan": steps,
+        "totals_vs_plan": {m: compare(v, totals.get(m)) for m, v in measured_totals.items()},
     }
+
+
+def verdict(metric: str, c: dict[str, Any]) -> str:
+    word = {True: "ok", False: "OFF", None: "n/a"}[c["pass"]]
+    return f"{metric}={word}" + (f"({c['ratio']:.2f})" if c.get("ratio") is not None else "")
 
 
 def run_timed_build(model: Path, flags: list[str]) -> float:
@@ -154,12 +179,8 @@ def main() -> None:
         print(f"  ratio {r['median_ratio']:.3f}  parent peak {r['parent_peak_rss_bytes'] / 1e6:.1f} MB "
               f"({'PASS' if r['parent_rss_pass'] else 'FAIL'} <= 100 MB)  converter peak "
               f"{(r['converter_peak_rss_bytes'] or 0) / 1e6:.0f} MB")
-        for sid, metrics in r["steps_vs_plan"].items():
-            cells = []
-            for m, c in metrics.items():
-                verdict = {True: "ok", False: "OFF", None: "n/a"}[c["pass"]]
-                cells.append(f"{m}={verdict}" + (f"({c['ratio']:.2f})" if c.get("ratio") else ""))
-            print(f"    {sid:22s} " + " ".join(cells))
+        for sid, metrics in [*r["steps_vs_plan"].items(), ("totals", r["totals_vs_plan"])]:
+            print(f"    {sid:22s} " + " ".join(verdict(m, metrics[m]) for m in METRICS if m in metrics))
     print(f"-> {args.out}")
 
 

@@ -18,6 +18,7 @@ raises. A failure starts nothing new; steps already running finish and are kept.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import shutil
@@ -67,6 +68,14 @@ class StepSummary:
     @property
     def facts(self) -> Mapping[str, Any]:
         return self.record.info if self.record else {}
+
+
+def _worse(new: BaseException, old: BaseException) -> bool:
+    """Which failure to report when several steps fail: an explained one (a QwrapError) over a
+    bare exception, a real failure over the interruptions it caused."""
+    if isinstance(old, Interrupted) and not isinstance(new, Interrupted):
+        return True
+    return not isinstance(old, QwrapError) and isinstance(new, QwrapError)
 
 
 def usable_cores() -> int:
@@ -190,8 +199,8 @@ class Runner:
                 running.pop(step_id).thread.join()
                 if isinstance(result, StepSummary):
                     summaries[step_id] = result
-                elif failure is None or isinstance(failure, Interrupted):
-                    failure = result if failure is None else failure
+                elif failure is None or _worse(result, failure):
+                    failure = result
         if stop.signum is not None:
             raise Interrupted(signum=stop.signum)
         if failure is not None:
@@ -300,6 +309,13 @@ class Runner:
                 exc = self._disk_error(step, exc)
             self._record_failure(step, StepState.FAILED, exc, started)
             raise exc from None
+        except OSError as exc:  # qwrap's own writes (a log, a header read) on a full disk
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and not self._disk_short(step):
+                self._record_failure(step, StepState.FAILED, exc, started)
+                raise
+            error = self._disk_error(step, QwrapError(str(exc)))
+            self._record_failure(step, StepState.FAILED, error, started)
+            raise error from None
         except BaseException as exc:
             self._record_failure(step, StepState.FAILED, exc, started)
             raise
@@ -340,9 +356,12 @@ def remove_intermediates(plan: Plan, output: Path) -> list[Path]:
     removed: list[Path] = []
     for step in plan.steps:
         for rel in step.scratch:
-            if (output / rel).is_dir():
-                shutil.rmtree(output / rel)
-                removed.append(output / rel)
+            folder = output / rel
+            if folder.is_dir():
+                shutil.rmtree(folder)
+                removed.append(folder)
+            if folder.parent != output and folder.parent.is_dir() and not any(folder.parent.iterdir()):
+                folder.parent.rmdir()  # e.g. .checkpoint/layers once its last step's folder is gone
         if step.deliverable:
             continue
         for rel in step.outputs:
