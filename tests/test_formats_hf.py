@@ -109,5 +109,11 @@ def test_plan_estimates_hf_sizes(hf_run: tuple[Path, dict], tiny_model: Path, tm
                      "--calib", str(corpus), "--json")
     assert proc.returncode == 0, proc.stderr
     expected = {a["format"]: a["expected_bytes"] for a in json.loads(proc.stdout)["artifacts"]}
+    # the plan of the same options is the one the run executed (ids and fingerprints)
+    same = run_qwrap("plan", str(tiny_model), "-o", str(tmp_path / "p"), "--format", "awq", "--format", "gptq",
+                     "--calib", str(corpus), *SMALL, "--json")
+    planned = [(s["id"], s["fingerprint"]) for s in json.loads(same.stdout)["steps"]]
+    assert planned == [(s["id"], s["fingerprint"]) for s in result["steps"]]
+    assert {c["name"] for c in json.loads(same.stdout)["checks"]} >= {"group size", "disk", "toolchain"}
     for art in result["artifacts"]:
         assert abs(expected[art["format"]] - art["bytes"]) / art["bytes"] < 0.10, (art["format"], art["bytes"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,11 +32,14 @@ class EventStream:
         self._own = target != "-"
         self.stream: IO[str] = Path(target).open("a") if self._own else sys.stdout
         self._last_progress: dict[str, float] = {}
+        self._lock = threading.Lock()  # steps report from their own threads: one whole line each
 
     def emit(self, event: str, **fields: Any) -> None:
         record = {"schema": SCHEMA, "ts": round(time.time(), 3), "run_id": self.run_id, "event": event, **fields}
-        self.stream.write(json.dumps(record, default=str) + "\n")
-        self.stream.flush()
+        line = json.dumps(record, default=str) + "\n"
+        with self._lock:
+            self.stream.write(line)
+            self.stream.flush()
 
     def close(self) -> None:
         if self._own:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from rich.console import Console
 from rich.table import Table
@@ -23,13 +23,53 @@ if TYPE_CHECKING:
 RESULT_SCHEMA = "qwrap.result/1"
 
 
-def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: RunOutcome) -> dict[str, Any]:
+class ArtifactRow(TypedDict):
+    """One deliverable in the result (``--json`` ``artifacts``); formats fill in their fields."""
+
+    format: str
+    quant: str | None
+    path: str
+    bytes: int | None
+    sha256: str | None
+    bits_per_weight: float | None
+    validated: bool
+    quality: str | None
+    seconds: float
+    peak_rss_bytes: int
+    peak_gpu_bytes: int
+    reused: bool
+    calibration: dict[str, Any] | None
+
+
+class StepRow(TypedDict):
+    id: str
+    state: str  # a StepState value
+    fingerprint: str
+    seconds: float | None
+    peak_rss_bytes: int | None
+
+
+class RunResult(TypedDict):
+    """The ``qwrap run --json`` document, schema qwrap.result/1."""
+
+    schema: str
+    qwrap_version: str
+    model: dict[str, Any]
+    toolchain: dict[str, str]
+    request: dict[str, Any]
+    command: list[str]
+    artifacts: list[ArtifactRow]
+    steps: list[StepRow]
+    warnings: list[str]
+
+
+def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: RunOutcome) -> ArtifactRow:
     step = summary.step
     parts = [by_id[s.id] for s in producer_chain(step, outcome.plan) if s.id in by_id]
     record = summary.record
     out: Mapping[str, Any] = record.outputs[0] if record and record.outputs else {}
     inputs = {role: by_id[i].facts for role, i in step.inputs if i in by_id}
-    row: dict[str, Any] = {
+    row: ArtifactRow = {
         "format": step.format,
         "quant": step.param("quant"),
         "path": str(outcome.request.output / out.get("path", step.outputs[0])),
@@ -44,11 +84,11 @@ def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: R
         "reused": summary.state is StepState.SKIPPED,
         "calibration": None,
     }
-    row.update(FORMATS[step.format].result_fields(summary.facts, inputs))
+    row.update(FORMATS[step.format].result_fields(summary.facts, inputs))  # type: ignore[typeddict-item]
     return row
 
 
-def build_result(outcome: RunOutcome) -> dict[str, Any]:
+def build_result(outcome: RunOutcome) -> RunResult:
     by_id = {s.step.id: s for s in outcome.summaries}
     artifacts = [_artifact(s, by_id, outcome) for s in outcome.summaries if s.step.deliverable]
     src = outcome.source
@@ -97,7 +137,7 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
         console.print(f"{mark} {c['name']}: {c['detail']}")
 
 
-def render_table(result: dict[str, Any], console: Console) -> None:
+def render_table(result: RunResult, console: Console) -> None:
     table = Table(title=f"qwrap: {result['model']['name']}")
     for col in ("format", "type", "size", "bits/weight", "validated", "time", "peak RAM", "path"):
         table.add_column(col)

@@ -6,6 +6,7 @@ Both write to stderr so that ``--json`` output on stdout stays one clean documen
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -79,9 +80,13 @@ class PlainReporter:
         self.interval = interval
         self.last: dict[str, float] = {}
         self.started: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def _print(self, text: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {text}", file=self.stream, flush=True)
+        line = f"{time.strftime('%H:%M:%S')} {text}\n"
+        with self._lock:  # steps report from their own threads: one whole line each
+            self.stream.write(line)
+            self.stream.flush()
 
     def __enter__(self) -> PlainReporter:
         return self
