@@ -10,8 +10,6 @@ import inspect
 import json
 import os
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -338,6 +336,9 @@ def env_create(
 
 
 def _crash_log(exc: BaseException) -> Path:
+    import tempfile
+    import traceback
+
     fd, path = tempfile.mkstemp(prefix="qwrap-crash-", suffix=".log")
     with os.fdopen(fd, "w") as f:
         f.write(f"qwrap {__version__}\nargv: {sys.argv[1:2]}\n\n")

@@ -13,8 +13,6 @@ which is what lets a step run later, elsewhere, from the plan alone.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -22,6 +20,9 @@ from typing import Any
 
 
 def fingerprint(*parts: object) -> str:
+    import hashlib  # here, not at the top: `qwrap --help` imports this module
+    import json
+
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 

@@ -21,11 +21,11 @@ from ..context import Inputs, StepContext, StepOutcome
 from ..errors import QwrapError, UnsupportedModelError, UsageError, ValidationFailedError
 from ..options import Listing, Option
 from ..plan import Estimate, Plan, PlanBuilder, Step
-from ..toolchain import cache_root, find_toolchain, supported_architectures
 
 if TYPE_CHECKING:  # loaded by the functions that need them: `qwrap --help` imports this module
     from ..ggufinfo import GGUFInfo
     from ..model import ModelInfo, Shape
+    from ..toolchain import Toolchain
 
 MiB = 1 << 20
 
@@ -169,6 +169,8 @@ def _unsupported(arch: str | None) -> UnsupportedModelError:
 
 
 def _architecture_check(model: ModelInfo) -> Check:
+    from ..toolchain import supported_architectures
+
     arch = model.architecture
     try:
         supported = supported_architectures()
@@ -184,6 +186,7 @@ def _tokenizer_check(model: ModelInfo) -> Check:
     converter rejects, such as unknown BPE pre-tokenizers, before hours of work."""
     from .. import envs
     from ..children import run_checked
+    from ..toolchain import cache_root, find_toolchain
 
     try:
         converter = find_toolchain().converter
@@ -317,6 +320,12 @@ def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     return actions[step.kind](step, inputs, ctx)
 
 
+def _tools() -> Toolchain:
+    from ..toolchain import find_toolchain
+
+    return find_toolchain()
+
+
 def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
@@ -326,7 +335,7 @@ def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     from ..hub import safetensors_header
     from ..progress import ConvertProgress
 
-    tools = find_toolchain()
+    tools = _tools()
     model = Path(step.file("model"))
     out = ctx.path(step.outputs[0])
     tmp = _partial(out)
@@ -348,7 +357,7 @@ def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     from ..progress import ChunkProgress
 
-    tools = find_toolchain()
+    tools = _tools()
     out = ctx.path(step.outputs[0])
     tmp = out.with_name("imatrix.partial.gguf")  # llama-imatrix picks its format from the suffix
     tmp.unlink(missing_ok=True)
@@ -368,7 +377,7 @@ def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 def _quantize(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     from ..progress import QuantizeProgress
 
-    tools = find_toolchain()
+    tools = _tools()
     out = ctx.path(step.outputs[0])
     out.unlink(missing_ok=True)  # llama-quantize can leave a partial file on failure
     quant = step.param("quant")
@@ -416,7 +425,7 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         problems.append(f"{len(info.tensors)} tensors != {source['tensor_count']} in the 16-bit source")
     if problems:
         raise ValidationFailedError(f"{quant} artifact failed header checks: " + "; ".join(problems))
-    tools = find_toolchain()
+    tools = _tools()
     argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", partial, "-n", "8", VALIDATE_PROMPT]
     result = ctx.run_tool(argv, what=f"loading {quant} in llama.cpp")
     if VALIDATE_PROMPT not in "\n".join(result.tail):

@@ -11,7 +11,6 @@ from ..checks import Check
 from ..errors import BackendUnavailableError, UsageError
 from ..options import Listing, Option
 from ..plan import PlanBuilder
-from ..toolchain import gpu_present
 from . import hfquant
 
 if TYPE_CHECKING:
@@ -50,6 +49,8 @@ def validate(o: Options) -> None:
     hfquant.validate_common(o, NAME)
     if not 0 < o.damp < 1:
         raise UsageError(f"--damp must be between 0 and 1, not {o.damp}")
+    from ..toolchain import gpu_present
+
     if o.backend == "auto-gptq" and (o.device == "cpu" or not gpu_present()):
         # auto-gptq refuses to quantize without CUDA; say so before any model is loaded.
         raise BackendUnavailableError(

@@ -32,7 +32,6 @@ from ..errors import (
 )
 from ..options import Listing, Option
 from ..plan import Estimate, Plan, PlanBuilder, Step
-from ..toolchain import REPO_ROOT, cache_root, gpu_present
 
 if TYPE_CHECKING:
     from ..model import ModelInfo, Shape
@@ -95,6 +94,8 @@ def validate_common(o: Common, fmt: str) -> None:
         raise UsageError(f"--group-size {o.group_size} is not supported", hint="Use 32, 64, 128 (default) or 256.")
     if o.device not in DEVICES:
         raise UsageError(f"--device must be one of {', '.join(DEVICES)}")
+    from ..toolchain import gpu_present
+
     if o.device == "cuda" and not gpu_present():
         raise BackendUnavailableError("--device cuda was given but this host has no NVIDIA GPU",
                                       hint="Use --device cpu (or auto).")
@@ -237,6 +238,8 @@ def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 
 def _worker_env(ctx: StepContext) -> dict[str, str | None]:
+    from ..toolchain import REPO_ROOT
+
     return {
         "PYTHONPATH": str(REPO_ROOT / "wrapper"),
         "PYTHONUNBUFFERED": "1",
@@ -287,6 +290,8 @@ def _from_event(error: dict[str, Any], what: str, log: str | None) -> QwrapError
 
 
 def _text(step: Step, portion: str, n: int, seq_len: int) -> p.TextSource:
+    from ..toolchain import cache_root
+
     p = _protocol()
     if "calib" not in dict(step.files):
         raise UsageError("this step needs calibration text", hint="Pass --calib FILE.txt.")
