@@ -11,7 +11,7 @@ the work; the threads only supervise). The main thread schedules: a step starts 
 inputs are done and the cores it will use fit in ``--jobs``; a multi-threaded tool gets the free
 cores shared among the multi-threaded steps ready at that moment, so several quantizations
 share two cores instead of queueing. Steps nearest to a deliverable go first (the validation of
-one type overlaps the quantization of the next). Ctrl-C/SIGTERM reach the main thread only: it
+one type overlaps the quantization of the next), the longest first among equals. Ctrl-C/SIGTERM reach the main thread only: it
 asks the supervisor to stop every child, waits for every step to record "interrupted", then
 raises. A failure starts nothing new; steps already running finish and are kept.
 """
@@ -211,8 +211,10 @@ class Runner:
     def _start_ready(self, pending: list[Step], running: dict[str, _Running], summaries: dict[str, StepSummary],
                      results: queue.Queue[tuple[str, StepSummary | BaseException]]) -> None:
         available = {i for i, s in summaries.items() if s.record is not None and s.state is not StepState.PENDING}
+        # nearest to a deliverable first; among equals the longest first (fewer idle cores at
+        # the end of a batch), then plan order
         ready = sorted((s for s in pending if all(i in available for i in s.input_ids)),
-                       key=lambda s: (self._distance[s.id], self.plan.steps.index(s)))
+                       key=lambda s: (self._distance[s.id], -(s.estimate.seconds or 0.0), self.plan.steps.index(s)))
         free = self.settings.budget - sum(r.cores for r in running.values())
         for step in ready:
             if running and (free < 1 or not self._memory_allows(step, running)):

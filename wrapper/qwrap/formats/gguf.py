@@ -246,12 +246,14 @@ def intermediate_bytes(shape: Shape, outtype: str) -> int:
         + shape.metadata_bytes
 
 
-# Cost model, measured on a 2-core VM (bench/results/): the converter is Python with a fixed
-# start-up (torch import); llama-quantize and llama-simple are memory-bound C++.
-CONVERT_STARTUP_S = 4.0
-CONVERT_BYTES_PER_S = 120e6
-QUANTIZE_PARAMS_PER_S = 60e6  # per thread, K-quants; legacy/8-bit types are faster
-VALIDATE_STARTUP_S = 0.4
+# Cost model, measured on a 2-core VM (bench/results/, a 100.7M-parameter bf16 model): the
+# converter is Python with ~4.4 s of fixed start-up (torch + transformers imports) and ~1.5 s
+# of work per 200 MB; llama-quantize per type, alone with both cores, in seconds per 100M
+# parameters; llama-simple loads and generates 8 tokens in ~0.2 s. Types not measured have none.
+CONVERT_STARTUP_S = 4.4
+CONVERT_BYTES_PER_S = 130e6
+QUANTIZE_S_PER_100M = {"Q2_K": 3.8, "Q3_K_M": 2.9, "Q4_K_M": 5.4, "Q5_K_M": 4.7, "Q6_K": 2.6, "Q8_0": 0.65}
+VALIDATE_STARTUP_S = 0.15
 
 
 def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
@@ -266,8 +268,9 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
     quant = params["quant"]
     size = gguf_bytes(shape, quant)
     if kind == "gguf.quantize":
-        return Estimate(size, inter + 200 * MiB, size, shape.parameters / QUANTIZE_PARAMS_PER_S)
-    return Estimate(0, size + 200 * MiB, 0, VALIDATE_STARTUP_S + size / 2e9)  # gguf.validate: a rename
+        per = QUANTIZE_S_PER_100M.get(quant)
+        return Estimate(size, inter + 200 * MiB, size, per * shape.parameters / 1e8 if per is not None else None)
+    return Estimate(0, size + 200 * MiB, 0, VALIDATE_STARTUP_S + size / 1e9)  # gguf.validate: a rename
 
 
 def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
