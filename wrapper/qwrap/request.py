@@ -49,6 +49,10 @@ class Request:
         from .formats import FORMATS
 
         data = dict(data)
+        if "format_options" not in data:
+            raise UsageError("the journal's request was written by an older qwrap that recorded options differently",
+                             hint="Run `qwrap run` with the same options instead: finished steps are re-verified "
+                             "and whatever still matches is reused.")
         formats = tuple(data.get("formats", ()))
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:

@@ -7,15 +7,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..checks import Check
 from ..errors import UsageError
 from ..options import Listing, Option
 from ..plan import PlanBuilder
 from . import hfquant
 
+# what AWQ shares with GPTQ, assigned by name (the Format Protocol's functions)
+from .hfquant import (  # noqa: F401
+    card_usage,
+    checks,
+    execute,
+    needs_calibration,
+    plan_artifact,
+    requirements,
+    result_fields,
+)
+
 if TYPE_CHECKING:
     from ..model import ModelInfo
-from .hfquant import card_usage, execute, plan_artifact, result_fields  # noqa: F401 - the Format's functions
 
 NAME = "awq"
 TITLE = hfquant.PANEL
@@ -48,18 +57,6 @@ def validate(o: Options) -> None:
     hfquant.validate_common(o, NAME)
     if o.awq_version not in VERSIONS:
         raise UsageError(f"--awq-version must be gemm or gemv, not {o.awq_version!r}")
-
-
-def needs_calibration(o: Options) -> bool:
-    return True
-
-
-def requirements(o: Options) -> tuple[str, ...]:
-    return hfquant.requirements(o)
-
-
-def checks(o: Options, model: ModelInfo, *, thorough: bool) -> list[Check]:
-    return hfquant.checks(o, model, thorough=thorough)
 
 
 def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:

@@ -7,15 +7,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..checks import Check
 from ..errors import BackendUnavailableError, UsageError
 from ..options import Listing, Option
 from ..plan import PlanBuilder
 from . import hfquant
 
+# what GPTQ shares with AWQ, assigned by name (the Format Protocol's functions)
+from .hfquant import (  # noqa: F401
+    card_usage,
+    checks,
+    execute,
+    needs_calibration,
+    plan_artifact,
+    requirements,
+    result_fields,
+)
+
 if TYPE_CHECKING:
     from ..model import ModelInfo
-from .hfquant import card_usage, execute, plan_artifact, result_fields  # noqa: F401 - the Format's functions
 
 NAME = "gptq"
 TITLE = hfquant.PANEL
@@ -57,18 +66,6 @@ def validate(o: Options) -> None:
             "auto-gptq (archived upstream) can only quantize on a CUDA GPU, and none is available here",
             hint="Use --backend gptqmodel, its maintained successor, which quantizes GPTQ on CPU and GPU.",
         )
-
-
-def needs_calibration(o: Options) -> bool:
-    return True
-
-
-def requirements(o: Options) -> tuple[str, ...]:
-    return hfquant.requirements(o)
-
-
-def checks(o: Options, model: ModelInfo, *, thorough: bool) -> list[Check]:
-    return hfquant.checks(o, model, thorough=thorough)
 
 
 def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:

@@ -105,6 +105,10 @@ def validate_common(o: Common, fmt: str) -> None:
         raise UsageError(f"backend {o.backend} does not produce {fmt.upper()}")
 
 
+def needs_calibration(o: Common) -> bool:
+    return True
+
+
 def requirements(o: Common) -> tuple[str, ...]:
     return (o.backend, _protocol().VALIDATE_BACKEND)  # validation reloads artifacts there
 
