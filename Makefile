@@ -13,6 +13,7 @@ QUANTS ?= Q4_K_M Q8_0
 MODEL ?=
 DEMO := demo-out
 PYTEST_ARGS ?=
+SCALING_ARGS ?= --sizes 7m 110m 400m 1b
 
 .PHONY: help setup venv llama envs backend-envs demo test test-fast gguf awq gptq all-formats bench lint clean
 
@@ -69,6 +70,9 @@ bench: setup ## Benchmarks; results in bench/results/
 	$(PY) bench/gguf_overhead.py
 	$(PY) bench/resume.py
 	$(PY) bench/backends_overhead.py
+	$(PY) bench/dag_gguf.py
+	$(PY) bench/scaling.py $(SCALING_ARGS)
+	$(PY) bench/help_time.py
 
 lint: venv ## ruff + mypy
 	$(VENV)/bin/ruff check wrapper tests

@@ -193,9 +193,10 @@ def disk_peak_between(disk: list[tuple[float, int]], start: float | None, end: f
 
 
 def disk_at(disk: list[tuple[float, int]], when: float | None) -> int:
-    """The last sample taken at or before `when` (the first sample if none)."""
-    before = [b for t, b in disk if when is None or t <= when]
-    return before[-1] if before else (disk[0][1] if disk else 0)
+    """OUT's size when a step started: the first sample at or after `when` (a sample taken
+    just before may still miss the previous step's last writes), else the last one."""
+    after = [b for t, b in disk if when is None or t >= when]
+    return after[0] if after else (disk[-1][1] if disk else 0)
 
 
 # -- the commands qwrap runs for GGUF, by hand ------------------------------------------

@@ -24,8 +24,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from _common import (RESULTS, build_model, hand_gguf, journal_steps, median, qwrap_run_argv,
-                     run_watched, stamp, steps_union_seconds, write_result)
+from _common import (
+    RESULTS,
+    build_model,
+    hand_gguf,
+    journal_steps,
+    median,
+    qwrap_run_argv,
+    run_watched,
+    stamp,
+    steps_union_seconds,
+    write_result,
+)
 
 QUANTS = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 TARGET = 0.90
@@ -45,7 +55,7 @@ def main() -> None:
         for i in range(args.runs):
             run: dict = {}
 
-            def qwrap() -> None:
+            def qwrap(run: dict = run) -> None:
                 out = work / "qwrap-out"
                 shutil.rmtree(out, ignore_errors=True)
                 w = run_watched(qwrap_run_argv(model, out, args.quants))
@@ -61,7 +71,7 @@ def main() -> None:
                                 # wall time not covered by any step: start-up, planning, hashing between steps
                                 "outside_steps": w.wall - steps_union_seconds(steps)}
 
-            def hand() -> None:
+            def hand(run: dict = run) -> None:
                 steps = hand_gguf(model, work, args.quants)
                 run["hand"] = {"wall": sum(t.wall for t in steps.values()), "cpu": sum(t.cpu for t in steps.values()),
                                "steps": {k: t.wall for k, t in steps.items()}}

@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from qwrap import envs  # noqa: E402
 from qwrap.errors import ToolchainMissingError  # noqa: E402
+from qwrap.journal import Journal  # noqa: E402
 from qwrap.toolchain import Toolchain, cache_root, find_toolchain  # noqa: E402
 
 REQUIRE = os.environ.get("QWRAP_REQUIRE_TOOLCHAIN") == "1" or os.environ.get("CI") == "true"
@@ -132,3 +133,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def intervals(out: Path) -> dict[str, tuple[float, float]]:
+    """Each step's [started, finished] from the journal's timestamps."""
+    spans: dict[str, list[float]] = {}
+    for rec in Journal(out).records():
+        if "step" in rec and rec["state"] in ("started", "done"):
+            spans.setdefault(rec["step"], []).append(rec["t"])
+    return {step: (times[0], times[-1]) for step, times in spans.items()}
+
+
+def overlapping(spans: dict[str, tuple[float, float]]) -> list[tuple[str, str]]:
+    names = sorted(spans)
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+            if spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]

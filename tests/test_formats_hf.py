@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import qwrap_argv, run_qwrap
+from conftest import intervals, overlapping, qwrap_argv, run_qwrap
 from test_resume_faults import wait_for_child
 
 SMALL = ("--calib-samples", "4", "--calib-seq-len", "64", "--threads", "1")
@@ -76,6 +76,8 @@ def test_awq_and_gptq_end_to_end(hf_run: tuple[Path, dict], tiny_model: Path) ->
         assert calib["n_samples"] == 4 and calib["seq_len"] == 64 and "seed" in calib
     assert not list(out.glob("*.partial"))
     assert not (out / ".checkpoint" / "layers").exists(), "layer checkpoints kept after success"
+    # one AWQ/GPTQ worker at a time (each holds the model, and the GPU when there is one)
+    assert overlapping(intervals(out)) == []
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "AWQ" in card and "KL " in card
 

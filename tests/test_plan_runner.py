@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_qwrap
+from conftest import intervals, overlapping, run_qwrap
 from qwrap.journal import Journal
 from qwrap.plan import StepState
 from qwrap.toolchain import Toolchain
@@ -23,21 +23,6 @@ STEP_KEYS = {"id", "kind", "format", "label", "inputs", "outputs", "params", "fi
 
 def qargs(quants: tuple[str, ...] = QUANTS) -> list[str]:
     return [arg for q in quants for arg in ("-q", q)]
-
-
-def intervals(out: Path) -> dict[str, tuple[float, float]]:
-    """Each step's [started, finished] from the journal's timestamps."""
-    spans: dict[str, list[float]] = {}
-    for rec in Journal(out).records():
-        if "step" in rec and rec["state"] in ("started", "done"):
-            spans.setdefault(rec["step"], []).append(rec["t"])
-    return {step: (times[0], times[-1]) for step, times in spans.items()}
-
-
-def overlapping(spans: dict[str, tuple[float, float]]) -> list[tuple[str, str]]:
-    names = sorted(spans)
-    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
-            if spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]
 
 
 def test_plan_is_what_run_executes(tiny_model: Path, tmp_path: Path, corpus: Path, toolchain: Toolchain) -> None:

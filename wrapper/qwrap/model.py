@@ -26,6 +26,7 @@ class Shape:
     weight_bytes: int  # the source weights on disk
     vocab: int = 0
     main_dtype: str | None = None  # the dtype most parameters have ("BF16", "F16", ...)
+    largest_tensor: int = 0  # elements of the biggest matrix (tools convert one tensor at a time)
 
     @property
     def metadata_bytes(self) -> int:
@@ -85,8 +86,9 @@ def model_shape(source: ModelSource, config: dict[str, Any], token: str | None =
     tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
     weight_bytes = sum(n * BYTES_PER_DTYPE.get(d, 2) for d, n in counts.items())
     main = max(counts, key=lambda d: counts[d]) if counts else None
+    ffn = int(text.get("intermediate_size", 0) or 0)
     return Shape(sum(counts.values()), vocab * hidden, 0 if tied else vocab * hidden,
-                 (2 * layers + 1) * hidden, weight_bytes, vocab, main)
+                 (2 * layers + 1) * hidden, weight_bytes, vocab, main, max(vocab * hidden, ffn * hidden))
 
 
 def model_info(source: ModelSource, calibration: Calibration | None, *, token: str | None = None) -> ModelInfo:

@@ -45,9 +45,9 @@ class StepState(str, Enum):
 class Estimate:
     """What a step is expected to cost, from the model's headers (never its weights)."""
 
-    output_bytes: int = 0  # new bytes on disk once it is done
+    output_bytes: int = 0  # what its outputs weigh once it is done (a rename names the renamed file)
     peak_ram_bytes: int = 0  # its processes' peak resident memory
-    peak_disk_bytes: int = 0  # disk it occupies at its peak (outputs + its scratch)
+    peak_disk_bytes: int = 0  # disk it adds at its peak (new outputs + its scratch)
     seconds: float | None = None  # where a cost model exists (measured on a 2-core VM)
 
     def to_json(self) -> dict[str, Any]:
@@ -71,6 +71,7 @@ class Step:
     scratch: tuple[str, ...] = ()  # folders only a resume needs, removed after a successful run
     deliverable: bool = False  # its outputs are what the user asked for
     threaded: bool = False  # the tool uses the thread count it is given (else one core)
+    exclusive: str | None = None  # steps with the same value never run at the same time (one GPU)
 
     def param(self, key: str, default: Any = None) -> Any:
         return dict(self.params).get(key, default)
@@ -104,11 +105,12 @@ class Plan:
         return [s for s in self.steps if step_id in s.input_ids]
 
     def totals(self) -> dict[str, Any]:
-        """Everything the plan writes stays until the run ends: peak disk is the sum."""
+        """Everything the plan writes stays until the run ends: peak disk is the sum of what each
+        step adds; the output is what the deliverables weigh."""
         seconds = [s.estimate.seconds for s in self.steps]
         return {
             "steps": len(self.steps),
-            "output_bytes": sum(s.estimate.output_bytes for s in self.steps),
+            "output_bytes": sum(s.estimate.output_bytes for s in self.steps if s.deliverable),
             "peak_disk_bytes": sum(s.estimate.peak_disk_bytes for s in self.steps),
             "peak_ram_bytes": max((s.estimate.peak_ram_bytes for s in self.steps), default=0),
             "seconds": round(sum(x for x in seconds if x is not None), 1) if any(
@@ -140,6 +142,7 @@ class PlanBuilder:
         scratch: tuple[str, ...] = (),
         deliverable: bool = False,
         threaded: bool = False,
+        exclusive: str | None = None,
     ) -> Step:
         known = {s.id: s for s in self.steps}
         wired = tuple((inputs or {}).items())
@@ -151,7 +154,7 @@ class PlanBuilder:
         fp = fingerprint(kind, items, self.pin, upstream, outputs)
         scratch = tuple(s.replace("{fingerprint}", fp[:12]) for s in scratch)
         step = Step(step_id, kind, fmt, label, wired, outputs, items, fp, estimate,
-                    tuple(sorted((files or {}).items())), scratch, deliverable, threaded)
+                    tuple(sorted((files or {}).items())), scratch, deliverable, threaded, exclusive)
         if step_id in known:
             raise ValueError(f"two steps with id {step_id}")
         self.steps.append(step)

@@ -219,8 +219,9 @@ class Runner:
         for step in ready:
             if running and (free < 1 or not self._memory_allows(step, running)):
                 break
-            threaded_ready = sum(1 for s in ready if s.threaded and s.id not in running)
-            threads = self._threads_for(step, free, threaded_ready)
+            if self._blocked(step, running):
+                continue
+            threads = self._threads_for(step, free, self._threaded_demand(ready, pending, running))
             cores = threads if step.threaded else 1
             inputs = self._inputs(step, summaries)
             thread = threading.Thread(target=self._thread, args=(step, threads, inputs, results),
@@ -229,6 +230,17 @@ class Runner:
             pending.remove(step)
             free -= cores
             thread.start()
+
+    def _threaded_demand(self, ready: list[Step], pending: list[Step], running: dict[str, _Running]) -> int:
+        """How many multi-threaded steps could start now (an exclusive group counts once)."""
+        startable = [s for s in ready if s.threaded and s in pending and not self._blocked(s, running)]
+        groups = {s.exclusive for s in startable if s.exclusive is not None}
+        return sum(1 for s in startable if s.exclusive is None) + len(groups)
+
+    @staticmethod
+    def _blocked(step: Step, running: dict[str, _Running]) -> bool:
+        """A step of an exclusive group waits while another of its group runs."""
+        return step.exclusive is not None and any(r.step.exclusive == step.exclusive for r in running.values())
 
     def _threads_for(self, step: Step, free: int, threaded_ready: int) -> int:
         if self.settings.threads:

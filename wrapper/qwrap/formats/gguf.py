@@ -246,31 +246,43 @@ def intermediate_bytes(shape: Shape, outtype: str) -> int:
         + shape.metadata_bytes
 
 
-# Cost model, measured on a 2-core VM (bench/results/, a 100.7M-parameter bf16 model): the
-# converter is Python with ~4.4 s of fixed start-up (torch + transformers imports) and ~1.5 s
-# of work per 200 MB; llama-quantize per type, alone with both cores, in seconds per 100M
-# parameters; llama-simple loads and generates 8 tokens in ~0.2 s. Types not measured have none.
+# Cost model, measured on a 2-core VM (bench/results/; 7M and 100.7M-parameter bf16 models):
+# - the converter is Python with ~4.4 s of fixed start-up (torch + transformers imports) and
+#   ~1.5 s of work per 200 MB; its memory is ~310 MiB of libraries plus ~0.4 x the weights;
+# - llama-quantize, alone with both cores, takes the seconds per 100M parameters below; it
+#   converts one tensor at a time: ~18 MiB plus the biggest tensor in f32, 16-bit and quantized;
+# - llama-simple maps the whole artifact (and repacks 4-bit K/legacy types for the CPU, a
+#   second copy of most of the file) and generates 8 tokens in ~0.2 s.
+# Types not measured have no time estimate.
 CONVERT_STARTUP_S = 4.4
 CONVERT_BYTES_PER_S = 130e6
+CONVERT_BASE_RAM = 310 * MiB
 QUANTIZE_S_PER_100M = {"Q2_K": 3.8, "Q3_K_M": 2.9, "Q4_K_M": 5.4, "Q5_K_M": 4.7, "Q6_K": 2.6, "Q8_0": 0.65}
+QUANTIZE_BASE_RAM = 18 * MiB
+TOOL_BASE_RAM = 12 * MiB
+REPACKED = {"Q4_0", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"}  # the CPU backend keeps a repacked copy
 VALIDATE_STARTUP_S = 0.15
 
 
 def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
-    """The one estimator of every GGUF step kind (plan, run's disk check, disk-full messages)."""
+    """The one estimator of every GGUF step kind (plan, run's disk check, disk-full messages).
+    ``output_bytes`` is what the step's outputs weigh (a validate step names the renamed
+    artifact); ``peak_disk_bytes`` is what it adds to the disk."""
     inter = intermediate_bytes(shape, params.get("outtype") or "f16")
     if kind == "gguf.convert":
-        return Estimate(inter, int(shape.weight_bytes * 0.3) + 600 * MiB, inter,
+        return Estimate(inter, CONVERT_BASE_RAM + int(shape.weight_bytes * 0.4), inter,
                         CONVERT_STARTUP_S + shape.weight_bytes / CONVERT_BYTES_PER_S)
     if kind == "gguf.imatrix":
         size = shape.parameters // 50
-        return Estimate(size, inter + 300 * MiB, size, None)
+        return Estimate(size, TOOL_BASE_RAM + inter, size, None)
     quant = params["quant"]
     size = gguf_bytes(shape, quant)
     if kind == "gguf.quantize":
         per = QUANTIZE_S_PER_100M.get(quant)
-        return Estimate(size, inter + 200 * MiB, size, per * shape.parameters / 1e8 if per is not None else None)
-    return Estimate(0, size + 200 * MiB, 0, VALIDATE_STARTUP_S + size / 1e9)  # gguf.validate: a rename
+        ram = QUANTIZE_BASE_RAM + int(shape.largest_tensor * (4 + 2 + QUANT_TYPES[quant].bpw / 8))
+        return Estimate(size, ram, size, per * shape.parameters / 1e8 if per is not None else None)
+    repacked = 0.55 * size if quant in REPACKED else 0  # gguf.validate: loads it, renames it
+    return Estimate(size, TOOL_BASE_RAM + size + int(repacked), 0, VALIDATE_STARTUP_S + size / 1e9)
 
 
 def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
@@ -443,9 +455,8 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
     quant = step.param("quant")
-    producer = plan.by_id()[str(step.input_id("artifact"))]
     return {"format": NAME, "quant": quant, "name": Path(step.outputs[0]).name,
-            "expected_bytes": producer.estimate.output_bytes, "bits_per_weight": QUANT_TYPES[quant].bpw}
+            "expected_bytes": step.estimate.output_bytes, "bits_per_weight": QUANT_TYPES[quant].bpw}
 
 
 def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

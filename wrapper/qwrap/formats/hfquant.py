@@ -50,6 +50,9 @@ VALIDATE_SAMPLES = 8
 VALIDATE_SEQ_LEN = 128
 DEVICES = ("auto", "cpu", "cuda")
 PANEL = "AWQ and GPTQ"
+# One AWQ/GPTQ worker at a time: each holds the model (and the GPU, when there is one), and two
+# on one GPU would run it out of memory; GGUF steps still run beside them.
+WORKERS = "hf-worker"
 
 COMMON_OPTIONS = (
     Option("bits", int, 4, "AWQ/GPTQ bits (AWQ: 4; GPTQ: 2, 3, 4 or 8)."),
@@ -132,6 +135,13 @@ def checks(o: Common, model: ModelInfo, *, thorough: bool) -> list[Check]:
 # -- steps and estimates ---------------------------------------------------------------
 
 
+def _on_gpu(o: Common) -> bool:
+    """Whether the worker will compute on the GPU (then it keeps ~one core busy, not its threads)."""
+    from ..toolchain import gpu_present
+
+    return o.device == "cuda" or (o.device == "auto" and gpu_present())
+
+
 def artifact_name(model_name: str, fmt: str, bits: int, group: int) -> str:
     return f"{model_name}-{fmt.upper()}-{bits}bit-g{group}"
 
@@ -148,10 +158,10 @@ def folder_bytes(shape: Shape, bits: int, group: int) -> int:
 def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
     """The one estimator of both AWQ/GPTQ step kinds."""
     ram = shape.parameters * 4 + 1024 * MiB  # a float32 copy on CPU plus activations
+    size = folder_bytes(shape, params["bits"], params["group_size"])
     if kind == "hf.quantize":
-        size = folder_bytes(shape, params["bits"], params["group_size"])
         return Estimate(size, ram, 2 * size)  # the folder plus its per-layer checkpoints
-    return Estimate(0, ram, 0)
+    return Estimate(size, ram, 0)  # hf.validate: reloads it, renames it
 
 
 def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Mapping[str, Any]) -> None:
@@ -167,18 +177,18 @@ def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Map
     # per-layer checkpoints, named by the step's fingerprint so other options never reuse them
     q = b.add(f"{fmt}.quantize", "hf.quantize", fmt, f"{fmt.upper()} quantize ({o.backend})",
               outputs=(final + ".partial",), params=params, files=files,
-              estimate=estimate("hf.quantize", params, shape), threaded=True,
+              estimate=estimate("hf.quantize", params, shape), threaded=not _on_gpu(o), exclusive=WORKERS,
               scratch=(f".checkpoint/layers/{fmt}-{{fingerprint}}",))
     params = {"samples": VALIDATE_SAMPLES, "seq_len": VALIDATE_SEQ_LEN, "quant": f"{o.bits}bit-g{o.group_size}",
+              "bits": o.bits, "group_size": o.group_size,
               "calib_label": params["calib_label"], "seed": o.seed, "device": o.device}
     b.add(f"{fmt}.validate", "hf.validate", fmt, f"{fmt.upper()} validate",
           inputs={"artifact": q.id}, outputs=(final,), params=params, files=files,
-          estimate=estimate("hf.validate", params, shape), deliverable=True)
+          estimate=estimate("hf.validate", params, shape), deliverable=True, exclusive=WORKERS)
 
 
 def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
-    producer = plan.by_id()[str(step.input_id("artifact"))]
-    size = producer.estimate.output_bytes
+    size = step.estimate.output_bytes
     return {"format": step.format, "quant": step.param("quant"), "name": Path(step.outputs[0]).name,
             "expected_bytes": size,
             "bits_per_weight": round(size * 8 / plan.parameters, 3) if plan.parameters else None}
