@@ -221,7 +221,7 @@ class Runner:
                 break
             if self._blocked(step, running):
                 continue
-            threads = self._threads_for(step, free, self._threaded_demand(ready, pending, running))
+            threads = self._threads_for(step, free, self._threaded_peers(ready, pending, running))
             cores = threads if step.threaded else 1
             inputs = self._inputs(step, summaries)
             thread = threading.Thread(target=self._thread, args=(step, threads, inputs, results),
@@ -231,23 +231,34 @@ class Runner:
             free -= cores
             thread.start()
 
-    def _threaded_demand(self, ready: list[Step], pending: list[Step], running: dict[str, _Running]) -> int:
-        """How many multi-threaded steps could start now (an exclusive group counts once)."""
-        startable = [s for s in ready if s.threaded and s in pending and not self._blocked(s, running)]
-        groups = {s.exclusive for s in startable if s.exclusive is not None}
-        return sum(1 for s in startable if s.exclusive is None) + len(groups)
+    def _threaded_peers(self, ready: list[Step], pending: list[Step], running: dict[str, _Running]) -> list[Step]:
+        """The multi-threaded steps that could start now (an exclusive group counts once)."""
+        peers: list[Step] = []
+        for s in ready:
+            if s.threaded and s in pending and not self._blocked(s, running) and not (
+                    s.exclusive and any(p.exclusive == s.exclusive for p in peers)):
+                peers.append(s)
+        return peers
 
     @staticmethod
     def _blocked(step: Step, running: dict[str, _Running]) -> bool:
         """A step of an exclusive group waits while another of its group runs."""
         return step.exclusive is not None and any(r.step.exclusive == step.exclusive for r in running.values())
 
-    def _threads_for(self, step: Step, free: int, threaded_ready: int) -> int:
+    def _threads_for(self, step: Step, free: int, peers: list[Step]) -> int:
+        """Free cores shared among the multi-threaded steps that could start now, in proportion
+        to their estimated time (equal shares without estimates): two long quantizations get a
+        core each, while a long one beside a short one gets both instead of running alone on
+        one core once the short one is done."""
         if self.settings.threads:
             return self.settings.threads
         if not step.threaded:
             return 1
-        return max(1, free // max(1, threaded_ready))
+        times = [p.estimate.seconds for p in peers]
+        if step not in peers or None in times or not sum(t or 0.0 for t in times):
+            return max(1, free // max(1, len(peers)))
+        share = free * (step.estimate.seconds or 0.0) / sum(t or 0.0 for t in times)
+        return max(1, min(free, round(share)))
 
     def _memory_allows(self, step: Step, running: dict[str, _Running]) -> bool:
         """Start a step beside others only if all of their estimated peaks fit in free memory."""

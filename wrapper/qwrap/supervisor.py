@@ -50,6 +50,7 @@ ENV_BLOCKLIST = (
 SAMPLE_INTERVAL_S = 0.25  # how often the loop wakes (deadlines, signals)
 RSS_INTERVAL_S = 0.5  # memory samples: one /proc read per process in the tree
 TREE_INTERVAL_S = 1.0  # finding new descendants scans all of /proc: less often
+EXIT_POLL_S = 0.01  # how often to look for the exit of a child whose output just closed
 TAIL_LINES = 400
 
 LineCallback = Callable[[str], None]
@@ -456,12 +457,16 @@ def _supervise(
         sel.register(event_r, selectors.EVENT_READ, True)
     started = time.monotonic()
     exited_at: float | None = None
+    closed_at: float | None = None
     outcome: str | int | None = None
     # Until the child has exited *and* its output is drained: a child that closes its
     # output early is still watched for signals, stalls and deadlines.
     while sel.get_map() or _reap(run) is None:
         if not sel.get_map():
-            time.sleep(SAMPLE_INTERVAL_S)
+            # output closed: the child is exiting (or runs on without output). Poll briefly at
+            # first so its exit is seen within milliseconds, not a sampling interval per child.
+            closed_at = closed_at or time.monotonic()
+            time.sleep(EXIT_POLL_S if time.monotonic() - closed_at < 1.0 else SAMPLE_INTERVAL_S)
         for key, _ in sel.select(timeout=SAMPLE_INTERVAL_S) if sel.get_map() else ():
             fd = int(key.fd)
             try:
