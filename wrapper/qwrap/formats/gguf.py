@@ -246,22 +246,24 @@ def intermediate_bytes(shape: Shape, outtype: str) -> int:
         + shape.metadata_bytes
 
 
-# Cost model, measured on a 2-core VM (bench/results/; 7M and 100.7M-parameter bf16 models):
+# Cost model, fitted to measurements on a 2-core VM (bench/results/scaling.json and
+# dag_gguf.json: bf16 Llama models of 7M, 110M, 400M and 1B parameters):
 # - the converter is Python with ~4.4 s of fixed start-up (torch + transformers imports) and
-#   ~1.5 s of work per 200 MB; its memory is ~310 MiB of libraries plus ~0.4 x the weights;
-# - llama-quantize, alone with both cores, takes the seconds per 100M parameters below; it
+#   then ~170 MB/s; its memory is ~308 MB of libraries plus two f32 copies of the biggest tensor;
+# - llama-quantize, alone with both cores, takes the seconds per 100M parameters below, and
 #   converts one tensor at a time: ~18 MiB plus the biggest tensor in f32, 16-bit and quantized;
 # - llama-simple maps the whole artifact (and repacks 4-bit K/legacy types for the CPU, a
-#   second copy of most of the file) and generates 8 tokens in ~0.2 s.
+#   second copy of most of the file), starts in ~0.35 s and loads ~600 MB/s.
 # Types not measured have no time estimate.
 CONVERT_STARTUP_S = 4.4
-CONVERT_BYTES_PER_S = 130e6
-CONVERT_BASE_RAM = 310 * MiB
-QUANTIZE_S_PER_100M = {"Q2_K": 3.8, "Q3_K_M": 2.9, "Q4_K_M": 5.4, "Q5_K_M": 4.7, "Q6_K": 2.6, "Q8_0": 0.65}
+CONVERT_BYTES_PER_S = 170e6
+CONVERT_BASE_RAM = 308_000_000
+QUANTIZE_S_PER_100M = {"Q2_K": 2.9, "Q3_K_M": 2.4, "Q4_K_M": 4.2, "Q5_K_M": 3.2, "Q6_K": 2.1, "Q8_0": 0.52}
 QUANTIZE_BASE_RAM = 18 * MiB
 TOOL_BASE_RAM = 12 * MiB
 REPACKED = {"Q4_0", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"}  # the CPU backend keeps a repacked copy
-VALIDATE_STARTUP_S = 0.15
+VALIDATE_STARTUP_S = 0.35
+VALIDATE_BYTES_PER_S = 600e6
 
 
 def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
@@ -270,7 +272,7 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
     artifact); ``peak_disk_bytes`` is what it adds to the disk."""
     inter = intermediate_bytes(shape, params.get("outtype") or "f16")
     if kind == "gguf.convert":
-        return Estimate(inter, CONVERT_BASE_RAM + int(shape.weight_bytes * 0.4), inter,
+        return Estimate(inter, CONVERT_BASE_RAM + 8 * shape.largest_tensor, inter,
                         CONVERT_STARTUP_S + shape.weight_bytes / CONVERT_BYTES_PER_S)
     if kind == "gguf.imatrix":
         size = shape.parameters // 50
@@ -282,7 +284,7 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
         ram = QUANTIZE_BASE_RAM + int(shape.largest_tensor * (4 + 2 + QUANT_TYPES[quant].bpw / 8))
         return Estimate(size, ram, size, per * shape.parameters / 1e8 if per is not None else None)
     repacked = 0.55 * size if quant in REPACKED else 0  # gguf.validate: loads it, renames it
-    return Estimate(size, TOOL_BASE_RAM + size + int(repacked), 0, VALIDATE_STARTUP_S + size / 1e9)
+    return Estimate(size, TOOL_BASE_RAM + size + int(repacked), 0, VALIDATE_STARTUP_S + size / VALIDATE_BYTES_PER_S)
 
 
 def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
