@@ -49,6 +49,9 @@ def _guard_home_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     """Hub downloads go to a temp HF_HOME; nothing new may appear in $HOME or the cache."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # Tests never reach the real Hub (huggingface_hub would retry for ~25 s before failing);
+    # tests that measure quality pass --eval-text, tests of the Hub client run a local server.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     watched = [Path.home(), Path.home() / ".cache", cache_root(), cache_root() / "envs"]
     before = {p: _listing(p) for p in watched}
     yield
@@ -108,6 +111,8 @@ def qwrap_argv(*args: str) -> list[str]:
 
 def run_qwrap(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
+    if env and "HF_ENDPOINT" in env and "HF_HUB_OFFLINE" not in env:
+        full_env.pop("HF_HUB_OFFLINE", None)  # a test Hub server is reachable
     return subprocess.run(
         qwrap_argv(*args), capture_output=True, text=True, env=full_env, timeout=timeout,
         stdin=subprocess.DEVNULL,

@@ -103,7 +103,7 @@ def test_adding_a_format_is_one_module_and_one_registry_line(tmp_path: Path) -> 
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     (artifact,) = result["artifacts"]
-    assert artifact["validated"] and artifact["quality"] == "exact" and Path(artifact["path"]).read_text() == "hi"
+    assert artifact["validated"] and artifact["quality"]["runtime"] == "exact" and Path(artifact["path"]).read_text() == "hi"
     assert {s["id"]: s["fingerprint"] for s in result["steps"]} == {i: s["fingerprint"] for i, s in steps.items()}
     assert "cat m-echo.txt" in (tmp_path / "o" / "README.md").read_text()  # its model-card usage
     bad = _qwrap(copy, "run", str(model), "-f", "echo", "--echo-text", "", "-o", str(tmp_path / "o2"), cwd=tmp_path)

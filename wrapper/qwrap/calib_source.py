@@ -17,6 +17,7 @@ from qwrap.errors import OfflineError, UsageError
 WIKITEXT_REPO = "Salesforce/wikitext"
 WIKITEXT_SPLITS = ("train", "validation", "test")
 TRAIN_FILE = "wikitext-2-raw-v1/train-00000-of-00001.parquet"
+TEST_FILE = "wikitext-2-raw-v1/test-00000-of-00001.parquet"
 _CALIB_HINT = "Pass --calib FILE with a plain text file to calibrate on instead."
 
 
@@ -63,9 +64,9 @@ def conversion_argv(parquet: Path, *, python: str) -> list[str]:
     return [python, "-m", "qwrap.workers.parquet_text", str(parquet), str(text_path(parquet))]
 
 
-def wikitext2_text(*, token: str | None = None) -> Path:
-    """WikiText-2's training text as a plain text file in the cache, converted once."""
-    parquet = wikitext2("train", token=token)
+def wikitext2_text(split: str = "train", *, token: str | None = None) -> Path:
+    """A WikiText-2 split as a plain text file in the cache, converted once."""
+    parquet = wikitext2(split, token=token)
     text = text_path(parquet)
     if not text.exists():
         from . import envs
@@ -74,14 +75,14 @@ def wikitext2_text(*, token: str | None = None) -> Path:
 
         python = str(envs.find_env("convert").python)
         run_checked(conversion_argv(parquet, python=python), what="turning the WikiText-2 parquet file into text",
-                    log_path=cache_root() / "logs" / "wikitext2-text.log", env={"PYTHONPATH": str(REPO_ROOT / "wrapper")}, timeout=600)
+                    log_path=cache_root() / "logs" / f"wikitext2-{split}-text.log", env={"PYTHONPATH": str(REPO_ROOT / "wrapper")}, timeout=600)
     return text
 
 
-def cached_text() -> Path | None:
-    """The text of WikiText-2 if it is already in the cache (for `plan`, which downloads nothing)."""
+def cached_text(split: str = "train") -> Path | None:
+    """The text of a WikiText-2 split if it is already in the cache (for `plan`, which downloads nothing)."""
     try:
-        text = text_path(wikitext2("train", local_only=True))
+        text = text_path(wikitext2(split, local_only=True))
     except OfflineError:
         return None
     return text if text.exists() else None

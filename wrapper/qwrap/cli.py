@@ -111,6 +111,15 @@ def _run_options() -> tuple[Option, ...]:
         Option("keep_intermediate", bool, False, "Keep the 16-bit GGUF and AWQ/GPTQ layer checkpoints in OUT/.checkpoint."),
         Option("force", bool, False, "Overwrite existing artifacts."),
         Option("preflight", bool, True, "Check the model (architecture, group size) and free disk before starting."),
+        Option("eval", bool, True, "Measure every artifact against the unquantized model on the same tokens "
+               "(KL divergence, PPL, same top-1)."),
+        Option("eval_text", Optional[str], None, "Evaluation text FILE (.txt or .jsonl); default: WikiText-2 (test); "
+               "offline, the part of --calib that calibration does not use."),
+        Option("eval_tokens", int, 0, "Tokens to evaluate (chunks x --eval-ctx). 0: sized to the model, about "
+               "1.6e12 / parameters (16k for 100M, 2k for 1B, two chunks from 8B up)."),
+        Option("eval_ctx", int, 512, "Evaluation chunk length in tokens (the second half of each chunk is scored)."),
+        Option("max_kld", list[str], [], "Quality gate: fail (exit 17) when an artifact's mean KLD is over VALUE; "
+               "NAME=VALUE for one type or format (Q2_K=0.2, awq=0.05). Repeatable."),
         Option("json_out", bool, False, "Print one JSON document on stdout.", ("--json",)),
         Option("events", Optional[str], None, "Write NDJSON events (schema qwrap.events/1) to FILE, or - for stdout."),
     )
@@ -188,6 +197,8 @@ def _request(values: dict[str, Any]) -> Any:
         revision=values["revision"], calib=str(Path(calib).resolve()) if calib not in (None, "wikitext2") else calib,
         force=values["force"], keep_intermediate=values["keep_intermediate"], threads=values["threads"],
         jobs=values["jobs"], stall_timeout=values["stall_timeout"], preflight=values["preflight"],
+        evaluate=values["eval"], eval_text=str(Path(values["eval_text"]).resolve()) if values["eval_text"] else None,
+        eval_tokens=values["eval_tokens"], eval_ctx=values["eval_ctx"], max_kld=tuple(values["max_kld"]),
     )
 
 
@@ -213,7 +224,7 @@ def backends_from(values: list[str], formats: tuple[str, ...]) -> dict[str, str]
 def _execute(request: Any, *, token: str | None, json_out: bool, events: str | None) -> None:
     """Run with live progress (and an NDJSON event stream), then print the result."""
     from . import pipeline
-    from .errors import UsageError, exit_code_for
+    from .errors import QualityGateError, UsageError, exit_code_for
     from .events import EventStream
     from .report import build_result, render_table
 
@@ -232,14 +243,20 @@ def _execute(request: Any, *, token: str | None, json_out: bool, events: str | N
                 stream.close()
             raise
         result = build_result(outcome)
+        failed = [a for a in result["artifacts"] if a["gate"] == "failed"]
         if stream is not None:
-            stream.emit("run_finished", exit_code=0, artifacts=[a["path"] for a in result["artifacts"]])
+            stream.emit("run_finished", exit_code=QualityGateError.exit_code if failed else 0,
+                        artifacts=[a["path"] for a in result["artifacts"]])
             stream.close()
     if json_out:
         typer.echo(json.dumps(result, indent=2))
     elif events != "-":
         render_table(result, out_console)
-
+    if failed:
+        names = ", ".join(f"{a['format']} {a['quant']}" for a in failed)
+        raise QualityGateError(f"{names} measured over the --max-kld limit",
+                               hint="The artifacts are kept and marked \"gate\": \"failed\" in the result and the "
+                               "model card; a higher-bit type, an --imatrix, or a looser limit would pass.")
 
 
 @app.command()

@@ -128,6 +128,13 @@ class BackendUnavailableError(QwrapError):
     title = "backend unavailable"
 
 
+class QualityGateError(QwrapError):
+    """An artifact's measured quality is over its --max-kld limit (it stays on disk, marked failed)."""
+
+    exit_code = 17
+    title = "quality gate failed"
+
+
 class Interrupted(QwrapError):
     """Ctrl-C (130) or SIGTERM (143): children were stopped, the journal says interrupted."""
 
@@ -159,6 +166,7 @@ ALL_ERRORS: tuple[type[QwrapError], ...] = (
     LockedError,
     JournalError,
     BackendUnavailableError,
+    QualityGateError,
     Interrupted,
 )
 

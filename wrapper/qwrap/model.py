@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import UnsupportedModelError
 
 if TYPE_CHECKING:
+    from .evaltext import Evaluation
     from .hub import ModelSource
 
 MiB = 1 << 20
@@ -50,6 +51,7 @@ class ModelInfo:
     config: dict[str, Any]
     shape: Shape
     calibration: Calibration | None = None
+    evaluation: Evaluation | None = None  # None: --no-eval
 
     @property
     def fingerprint(self) -> str:

@@ -30,10 +30,16 @@ def _front_matter(result: RunResult) -> str:
 
 
 def _artifact_table(result: RunResult, output: Path) -> str:
-    rows = ["| file | format | type | size | bits/weight | validated | quality |", "|---|---|---|---|---|---|---|"]
+    rows = ["| file | format | type | size | bits/weight | validated | KLD (mean) | KLD p99 | ΔPPL | same top-1 |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for a in result["artifacts"]:
         bpw = f"{a['bits_per_weight']:.2f}" if a["bits_per_weight"] else "-"
-        quality = a.get("quality") or "-"
+        q = a.get("quality") or {}
+        kld = q.get("kld_mean")
+        quality = ("-" if kld is None else f"{kld:.4g}") + (" (over the limit)" if a.get("gate") == "failed" else "")
+        p99, dppl, top1 = q.get("kld_p99"), q.get("delta_ppl"), q.get("top1_agreement")
+        quality += " | " + ("-" if p99 is None else f"{p99:.4g}") + " | " + ("-" if dppl is None else f"{dppl:+.4g}") \
+            + " | " + ("-" if top1 is None else f"{top1:.1%}")
         rel = os.path.relpath(a["path"], output)
         rows.append(f"| `{rel}` | {a['format']} | {a['quant']} | {human_bytes(a['bytes'])} | {bpw} | "
                     f"{'yes' if a['validated'] else 'no'} | {quality} |")
@@ -53,6 +59,16 @@ def _usage(result: RunResult, output: Path) -> str:
     return "\n\n".join(parts)
 
 
+def _quality_line(result: RunResult) -> str:
+    ref = result.get("quality_reference")
+    if not ref:
+        return ""
+    return (f"\n\nQuality: KL divergence of each file's next-token distribution against the unquantized model, "
+            f"on the same {ref['tokens_scored']:,} scored tokens of {ref['text']} ({ref['chunks']} chunks of "
+            f"{ref['ctx']} tokens, the second half of each scored), in the runtime each file ships for."
+            + (f" {ref['note']}." if ref.get("note") else ""))
+
+
 def render(result: RunResult, output: Path, calib: str | None) -> str:
     model = result["model"]
     req = result["request"]
@@ -67,7 +83,8 @@ def render(result: RunResult, output: Path, calib: str | None) -> str:
         f"Quantized from **{source}**{revision} by [qwrap](https://pypi.org/project/qwrap/) "
         f"{result['qwrap_version']} with llama.cpp `{result['toolchain']['llama_cpp_commit'][:12]}`.",
         "## Files\n\n" + _artifact_table(result, output),
-        f"Every file was loaded and run before it was published (`validated`).\n\nCalibration data: {calib_line}.",
+        f"Every file was loaded and run before it was published (`validated`).\n\nCalibration data: {calib_line}."
+        + _quality_line(result),
         "## How it was made\n\n```sh\n" + command + "\n```",
         "## Usage\n\n" + _usage(result, output),
     ]) + "\n"

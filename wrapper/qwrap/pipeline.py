@@ -7,10 +7,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import calib_source, modelcard
-from .checks import raise_first_failure
+from . import calib_source, evaltext, modelcard
+from .checks import Check, raise_first_failure
 from .context import Reporter
-from .errors import UsageError
+from .errors import OfflineError, UsageError
+from .evaltext import Evaluation
 from .formats import FORMATS
 from .hub import ModelSource, resolve_model
 from .journal import Journal, output_lock, sha256_file
@@ -65,6 +66,37 @@ def calibration(request: Request, token: str | None, *, fetch: bool) -> Calibrat
     return Calibration(identity, "wikitext2", str(text) if text else None)
 
 
+def evaluation(request: Request, model: ModelInfo, token: str | None, *,
+               work: Path | None) -> tuple[Evaluation | None, str]:
+    """The evaluation text and chunking (see evaltext.py), and a note when it is not what the
+    user asked for or there is none; ``work`` is None for `plan` (which fetches nothing)."""
+    if not request.evaluate:
+        return None, ""
+    chunks = evaltext.chunks_for(model.shape.parameters, request.eval_ctx, request.eval_tokens)
+    if request.eval_text is not None:
+        return evaltext.from_file(Path(request.eval_text), request.eval_ctx, chunks), ""
+    try:
+        return evaltext.wikitext_test(request.eval_ctx, chunks, token=token, fetch=work is not None), ""
+    except OfflineError as exc:
+        reason = exc.message
+    if request.calib not in (None, "wikitext2"):
+        ev = evaltext.held_out(Path(str(request.calib)), request.eval_ctx, chunks, work)
+        if ev is not None:
+            return ev, ev.note
+    return None, (f"the artifacts are not measured: no --eval-text, and WikiText-2 (test) is not available "
+                  f"({reason}). Pass --eval-text FILE to measure them, or --no-eval to silence this.")
+
+
+def warn_overlap(request: Request, ev: Evaluation | None, reporter: Reporter) -> None:
+    """Never evaluate on text calibration used: say so loudly when the two share documents."""
+    if ev is None or ev.path is None or request.calib in (None, "wikitext2") or "held-out" in ev.label:
+        return
+    shared = evaltext.overlap(Path(ev.path), Path(str(request.calib)))
+    if shared:
+        reporter.warning(f"{shared} document(s) of the evaluation text {ev.label} are also calibration text: "
+                         "the quality figures will look better than they are. Pass another --eval-text.")
+
+
 def build_plan(request: Request, model: ModelInfo) -> Plan:
     b = PlanBuilder(model.fingerprint, read_pin().commit, model.shape.parameters)
     for fmt in request.formats:
@@ -78,7 +110,12 @@ def plan_only(request: Request, *, token: str | None) -> PlanReport:
     validate(request)
     source = resolve_model(request.model, revision=request.revision, token=token, weights=False)
     model = model_info(source, calibration(request, token, fetch=False), token=token)
+    ev, note = evaluation(request, model, token, work=None)
+    model = dataclasses.replace(model, evaluation=ev)
     checks = model_checks(request, model, thorough=True)
+    if request.evaluate:
+        checks.append(Check("evaluation text", ev is not None, note or f"{ev.label if ev else '-'}: "
+                            f"{ev.chunks if ev else 0} chunks of {request.eval_ctx} tokens"))
     plan = build_plan(request, model)
     disk, disk_info = disk_check(plan, request.output)
     hub, hub_info = hub_cache_check(model)
@@ -97,6 +134,11 @@ def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOu
     output.mkdir(parents=True, exist_ok=True)
     with output_lock(output):
         model = dataclasses.replace(model, calibration=calibration(request, token, fetch=True))
+        ev, note = evaluation(request, model, token, work=output / ".checkpoint" / "work")
+        model = dataclasses.replace(model, evaluation=ev)
+        warn_overlap(request, ev, reporter)
+        if note:
+            reporter.warning(note)
         plan = build_plan(request, model)
         journal = Journal(output)
         journal.append({"kind": "run", "request": request.to_json(), "argv": safe_argv(),

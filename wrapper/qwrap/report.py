@@ -12,6 +12,7 @@ from rich.table import Table
 from . import __version__
 from .formats import FORMATS, producer_chain
 from .plan import StepState
+from .quality import Quality, gate, parse_gates
 from .request import safe_argv
 from .toolchain import read_pin
 from .units import human_bytes
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from .pipeline import RunOutcome
     from .runner import StepSummary
 
-RESULT_SCHEMA = "qwrap.result/1"
+RESULT_SCHEMA = "qwrap.result/2"
 
 
 class ArtifactRow(TypedDict):
@@ -33,7 +34,8 @@ class ArtifactRow(TypedDict):
     sha256: str | None
     bits_per_weight: float | None
     validated: bool
-    quality: str | None
+    quality: Quality | None  # see quality.py; None when not measured (--no-eval)
+    gate: str | None  # "passed" / "failed" against --max-kld, None when no limit applies
     seconds: float
     peak_rss_bytes: int
     peak_gpu_bytes: int
@@ -50,7 +52,7 @@ class StepRow(TypedDict):
 
 
 class RunResult(TypedDict):
-    """The ``qwrap run --json`` document, schema qwrap.result/1."""
+    """The ``qwrap run --json`` document, schema qwrap.result/2."""
 
     schema: str
     qwrap_version: str
@@ -59,6 +61,7 @@ class RunResult(TypedDict):
     request: dict[str, Any]
     command: list[str]
     artifacts: list[ArtifactRow]
+    quality_reference: dict[str, Any] | None
     steps: list[StepRow]
     warnings: list[str]
 
@@ -69,6 +72,7 @@ def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: R
     record = summary.record
     out: Mapping[str, Any] = record.outputs[0] if record and record.outputs else {}
     inputs = {role: by_id[i].facts for role, i in step.inputs if i in by_id}
+    readers = {s.kind: by_id[s.id].facts for s in outcome.plan.consumers(step.id) if s.id in by_id}
     row: ArtifactRow = {
         "format": step.format,
         "quant": step.param("quant"),
@@ -78,14 +82,25 @@ def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: R
         "bits_per_weight": None,
         "validated": bool(summary.facts.get("validated")),
         "quality": None,
+        "gate": None,
         "seconds": round(sum((p.record.seconds or 0.0) if p.record else 0.0 for p in parts), 3),
         "peak_rss_bytes": max((p.record.peak_rss_bytes if p.record else 0) for p in parts),
         "peak_gpu_bytes": max((p.record.peak_gpu_bytes if p.record else 0) for p in parts),
         "reused": summary.state is StepState.SKIPPED,
         "calibration": None,
     }
-    row.update(FORMATS[step.format].result_fields(summary.facts, inputs))  # type: ignore[typeddict-item]
+    row.update(FORMATS[step.format].result_fields(summary.facts, inputs, readers))  # type: ignore[typeddict-item]
+    row["gate"] = gate(row, parse_gates(outcome.request.max_kld))
     return row
+
+
+def _quality_reference(outcome: RunOutcome) -> dict[str, Any] | None:
+    ev = outcome.model.evaluation
+    if ev is None:
+        return None
+    base = next((s.facts for s in outcome.summaries if s.step.kind.endswith("eval-base")), {})
+    return {"text": ev.label, "text_identity": ev.identity, "ctx": ev.ctx, "chunks": ev.chunks,
+            "tokens_scored": ev.scored, "ppl_base": base.get("ppl_base"), "note": ev.note or None}
 
 
 def build_result(outcome: RunOutcome) -> RunResult:
@@ -101,6 +116,7 @@ def build_result(outcome: RunOutcome) -> RunResult:
         "request": outcome.request.to_json(),
         "command": safe_argv(),
         "artifacts": artifacts,
+        "quality_reference": _quality_reference(outcome),
         "steps": [
             {"id": s.step.id, "state": s.state.value, "fingerprint": s.step.fingerprint,
              "seconds": s.record.seconds if s.record else None,
@@ -137,15 +153,24 @@ def render_plan(plan: dict[str, Any], console: Console) -> None:
         console.print(f"{mark} {c['name']}: {c['detail']}")
 
 
+def _figure(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def render_table(result: RunResult, console: Console) -> None:
     table = Table(title=f"qwrap: {result['model']['name']}")
-    for col in ("format", "type", "size", "bits/weight", "validated", "time", "peak RAM", "path"):
+    for col in ("format", "type", "size", "bits/weight", "validated", "KLD", "KLD p99", "ΔPPL", "top-1", "time",
+                "peak RAM", "path"):
         table.add_column(col)
     for a in result["artifacts"]:
+        q = a["quality"] or {}
         table.add_row(
             a["format"], str(a["quant"]), human_bytes(a["bytes"]),
             f"{a['bits_per_weight']:.2f}" if a["bits_per_weight"] else "-",
             "yes" if a["validated"] else "NO",
+            _figure(q.get("kld_mean"), "{:.4g}") + (" [red]over --max-kld[/red]" if a["gate"] == "failed" else ""),
+            _figure(q.get("kld_p99"), "{:.4g}"), _figure(q.get("delta_ppl"), "{:+.4g}"),
+            _figure(q.get("top1_agreement"), "{:.1%}"),
             f"{a['seconds']:.1f}s" + (" (reused)" if a["reused"] else ""),
             human_bytes(a["peak_rss_bytes"]), a["path"],
         )

@@ -33,6 +33,11 @@ class Request:
     stall_timeout: float | None = 600.0
     trust_remote_code: bool = False
     preflight: bool = True
+    evaluate: bool = True  # measure every artifact against its source (--no-eval: off)
+    eval_text: str | None = None  # a text file; None: WikiText-2 (test), offline the calibration's held-out part
+    eval_tokens: int = 0  # tokens evaluated (chunks x ctx); 0: sized to the model
+    eval_ctx: int = 512
+    max_kld: tuple[str, ...] = ()  # quality gates: "VALUE" or "NAME=VALUE"
 
     def options(self, fmt: str) -> Any:
         return dict(self.format_options)[fmt]
@@ -59,6 +64,7 @@ class Request:
             raise UsageError(f"the journal asks for formats this qwrap does not have: {', '.join(unknown)}")
         saved = data.get("format_options", {})
         data["format_options"] = tuple((f, FORMATS[f].options_from_json(saved.get(f, {}))) for f in formats)
+        data["max_kld"] = tuple(data.get("max_kld", ()))
         data["output"] = Path(data["output"])
         data["formats"] = formats
         known = {f.name for f in dataclasses.fields(cls)}
@@ -75,6 +81,11 @@ def check_basic(request: Request) -> None:
         raise UsageError("--jobs must be 0 (all cores) or a positive number")
     if request.stall_timeout is not None and request.stall_timeout <= 0:
         raise UsageError("--stall-timeout must be positive")
+    from .evaltext import check_options
+    from .quality import parse_gates
+
+    check_options(request.eval_ctx, request.eval_tokens, request.eval_text)
+    parse_gates(request.max_kld)
     if request.calib not in (None, "wikitext2") and not Path(request.calib).is_file():
         raise UsageError(f"--calib file {request.calib} does not exist",
                          hint="Pass a plain text (.txt) or JSON-lines (.jsonl) file, or leave --calib out for WikiText-2.")

@@ -81,8 +81,9 @@ def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
             "expected_bytes": len(step.param("text").encode()), "bits_per_weight": None}
 
 
-def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    return {"quality": own.get("quality"), "bits_per_weight": None}
+def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]],
+                  readers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    return {"quality": {"kld_mean": 0.0, "runtime": own.get("quality")}, "bits_per_weight": None}
 
 
 def listing() -> Listing:

@@ -58,9 +58,11 @@ class Format(Protocol):
         """A deliverable step's row in `plan`: quant, name, expected_bytes, bits_per_weight."""
         ...
 
-    def result_fields(self, own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    def result_fields(self, own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]],
+                      readers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """A deliverable's result fields (bits_per_weight, quality, calibration, ...) from its
-        own facts and its inputs' facts (by role)."""
+        own facts, its inputs' facts (by role) and the facts of the steps that read it (by
+        kind: e.g. its measurement)."""
         ...
 
     def listing(self) -> Listing:

@@ -10,6 +10,7 @@ This module owns everything GGUF: options, checks, steps, estimates, actions and
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..checks import Check
 from ..context import Inputs, StepContext, StepOutcome
-from ..errors import QwrapError, UnsupportedModelError, UsageError, ValidationFailedError
+from ..errors import QwrapError, StepFailedError, UnsupportedModelError, UsageError, ValidationFailedError
 from ..options import Listing, Option
 from ..plan import Estimate, Plan, PlanBuilder, Step
 
@@ -264,6 +265,7 @@ TOOL_BASE_RAM = 12 * MiB
 REPACKED = {"Q4_0", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"}  # the CPU backend keeps a repacked copy
 VALIDATE_STARTUP_S = 0.35
 VALIDATE_BYTES_PER_S = 600e6
+EVAL_S_PER_GTOKEN_PARAM = 0.02  # llama-perplexity: seconds per (1e9 parameters x tokens), both cores
 
 
 def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
@@ -277,14 +279,36 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
     if kind == "gguf.imatrix":
         size = shape.parameters // 50
         return Estimate(size, TOOL_BASE_RAM + inter, size, None)
+    if kind == "gguf.eval-base":
+        return _eval_estimate(params, shape, base=True)
     quant = params["quant"]
     size = gguf_bytes(shape, quant)
+    if kind == "gguf.eval":
+        return _eval_estimate(params, shape, base=False, model_bytes=size)
     if kind == "gguf.quantize":
         per = QUANTIZE_S_PER_100M.get(quant)
         ram = QUANTIZE_BASE_RAM + int(shape.largest_tensor * (4 + 2 + QUANT_TYPES[quant].bpw / 8))
         return Estimate(size, ram, size, per * shape.parameters / 1e8 if per is not None else None)
     repacked = 0.55 * size if quant in REPACKED else 0  # gguf.validate: loads it, renames it
     return Estimate(size, TOOL_BASE_RAM + size + int(repacked), 0, VALIDATE_STARTUP_S + size / VALIDATE_BYTES_PER_S)
+
+
+def kld_base_bytes(shape: Shape, ctx: int, chunks: int) -> int:
+    """llama-perplexity's base file: the token ids, then per scored position the log-probs of
+    the whole vocabulary as uint16 plus a few scale words."""
+    scored = chunks * (ctx - 1 - ctx // 2)
+    return 16 + 4 * ctx * chunks + scored * 2 * (2 * ((shape.vocab + 1) // 2) + 4)
+
+
+def _eval_estimate(params: Mapping[str, Any], shape: Shape, *, base: bool, model_bytes: int = 0) -> Estimate:
+    ctx, chunks = int(params["ctx"]), int(params["chunks"])
+    logits = 4 * ctx * max(shape.vocab, 1)  # one chunk's logits in f32
+    model = model_bytes or intermediate_bytes(shape, params.get("outtype") or "f16")
+    seconds = EVAL_S_PER_GTOKEN_PARAM * ctx * chunks * shape.parameters / 1e9 + VALIDATE_STARTUP_S
+    if base:
+        size = kld_base_bytes(shape, ctx, chunks)
+        return Estimate(size, TOOL_BASE_RAM + model + 2 * logits, size, seconds)
+    return Estimate(0, TOOL_BASE_RAM + model + 2 * logits, 0, seconds)
 
 
 def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
@@ -304,6 +328,7 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                         inputs={"model": convert.id}, outputs=(".checkpoint/work/imatrix.gguf",), params=params,
                         files={"calib": calib.path} if calib and calib.path else {},
                         estimate=estimate("gguf.imatrix", params, shape), threaded=True)
+    base: Step | None = None
     user_imatrix = o.imatrix if o.imatrix not in (None, "auto") else None
     from ..journal import sha256_file
 
@@ -323,9 +348,28 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                   inputs=inputs, outputs=(final + ".partial",), params=params, files=files,
                   estimate=estimate("gguf.quantize", params, shape), threaded=True)
         params = {"quant": quant, "outtype": outtype}
-        b.add(f"gguf.validate:{quant}", "gguf.validate", NAME, f"validate {quant}",
-              inputs={"artifact": q.id, "source": convert.id}, outputs=(final,), params=params,
-              estimate=estimate("gguf.validate", params, shape), deliverable=True)
+        v = b.add(f"gguf.validate:{quant}", "gguf.validate", NAME, f"validate {quant}",
+                  inputs={"artifact": q.id, "source": convert.id}, outputs=(final,), params=params,
+                  estimate=estimate("gguf.validate", params, shape), deliverable=True)
+        if model.evaluation is not None:
+            base = base or _add_eval_base(b, convert, model, outtype)
+            params = {"quant": quant, "outtype": outtype, "ctx": model.evaluation.ctx,
+                      "chunks": model.evaluation.chunks}
+            b.add(f"gguf.eval:{quant}", "gguf.eval", NAME, f"measure {quant}",
+                  inputs={"artifact": v.id, "base": base.id}, params=params,
+                  estimate=estimate("gguf.eval", params, shape), threaded=True)
+
+
+def _add_eval_base(b: PlanBuilder, convert: Step, model: ModelInfo, outtype: str) -> Step:
+    """The 16-bit model's next-token distributions on the evaluation chunks, once per run: every
+    artifact's KL divergence is measured against this file (and it holds the token ids)."""
+    ev = model.evaluation
+    assert ev is not None
+    params = {"text": ev.identity, "ctx": ev.ctx, "chunks": ev.chunks, "outtype": outtype}
+    return b.add("gguf.eval-base", "gguf.eval-base", NAME, "measure the 16-bit model",
+                 inputs={"model": convert.id}, outputs=(".checkpoint/work/eval-base.kld",), params=params,
+                 files={"text": ev.path} if ev.path else {}, estimate=estimate("gguf.eval-base", params, shape=model.shape),
+                 threaded=True)
 
 
 # -- actions -------------------------------------------------------------------------
@@ -333,7 +377,7 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
 
 def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     actions = {"gguf.convert": _convert, "gguf.imatrix": _imatrix, "gguf.quantize": _quantize,
-               "gguf.validate": _validate}
+               "gguf.validate": _validate, "gguf.eval-base": _eval_base, "gguf.eval": _eval}
     return actions[step.kind](step, inputs, ctx)
 
 
@@ -444,12 +488,66 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         raise ValidationFailedError(f"{quant} artifact failed header checks: " + "; ".join(problems))
     tools = _tools()
     argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", partial, "-n", "8", VALIDATE_PROMPT]
-    result = ctx.run_tool(argv, what=f"loading {quant} in llama.cpp")
+    try:
+        result = ctx.run_tool(argv, what=f"loading {quant} in llama.cpp")
+    except StepFailedError as exc:  # the artifact is what failed, not a tool
+        raise ValidationFailedError(f"llama.cpp cannot load the {quant} artifact: {exc.message}",
+                                    hint=exc.hint, log_path=exc.log_path) from None
     if VALIDATE_PROMPT not in "\n".join(result.tail):
         raise ValidationFailedError(f"llama.cpp loaded {quant} but generated nothing")
     ctx.check_final(final)
     facts = {"validated": True, "architecture": info.architecture, "tensor_count": len(info.tensors)}
     return StepOutcome((), facts, result.peak_rss_bytes, renames=((partial, final),))
+
+
+def _perplexity_argv(model: Path, step: Step, ctx: StepContext) -> list[str | os.PathLike[str]]:
+    return [_tools().tool("llama-perplexity"), "-m", model, "-c", str(step.param("ctx")),
+            "--chunks", str(step.param("chunks")), "-t", str(ctx.threads), "-b", str(step.param("ctx"))]
+
+
+def _eval_base(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    from ..progress import ChunkProgress
+    from ..quality import parse_base_ppl
+
+    if "text" not in dict(step.files):
+        raise UsageError("measuring quality needs evaluation text", hint="Pass --eval-text FILE, or --no-eval.")
+    out = ctx.path(step.outputs[0])
+    tmp = _partial(out)
+    tmp.unlink(missing_ok=True)
+    argv = [*_perplexity_argv(inputs["model"].path, step, ctx), "-f", step.file("text"),
+            "--kl-divergence-base", tmp]
+    result = ctx.run_tool(argv, what="llama-perplexity (16-bit reference)", parser=ChunkProgress(), use_pty=True)
+    text = result.tail
+    if any("you need at least" in line for line in text):
+        raise UsageError(f"the evaluation text {step.file('text')} is too short for {step.param('chunks')} chunks of "
+                         f"{step.param('ctx')} tokens", hint="Pass a longer --eval-text, a smaller --eval-ctx, or --no-eval.")
+    try:
+        ppl = parse_base_ppl(text)
+    except ValueError as exc:
+        raise ValidationFailedError(f"the 16-bit reference measurement printed no result: {exc}",
+                                    hint=f"See {result.log_path}.") from exc
+    os.replace(tmp, out)
+    # the text may hold fewer chunks than asked for: llama-perplexity then takes them all
+    found = [int(m[1]) for m in (re.search(r"over (\d+) chunks", line) for line in text) if m]
+    chunks = found[-1] if found else step.param("chunks")
+    return StepOutcome((out,), {"ppl_base": ppl, "ctx": step.param("ctx"), "chunks": chunks}, result.peak_rss_bytes)
+
+
+def _eval(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    from ..quality import parse_kld_summary
+
+    quant = step.param("quant")
+    argv = [*_perplexity_argv(inputs["artifact"].path, step, ctx), "--kl-divergence-base", inputs["base"].path,
+            "--kl-divergence"]
+    result = ctx.run_tool(argv, what=f"llama-perplexity {quant}", use_pty=True)
+    try:
+        figures = parse_kld_summary(result.tail)
+    except ValueError as exc:
+        raise ValidationFailedError(f"measuring {quant}: {exc}", hint=f"See {result.log_path}.") from exc
+    chunks = int(inputs["base"].facts.get("chunks") or step.param("chunks"))
+    scored = chunks * (step.param("ctx") - 1 - step.param("ctx") // 2)
+    quality = {**figures, "tokens": scored, "ctx": step.param("ctx"), "runtime": "llama.cpp", "weights": None}
+    return StepOutcome((), {"quality": quality}, result.peak_rss_bytes)
 
 
 # -- rows ------------------------------------------------------------------------------
@@ -461,9 +559,10 @@ def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
             "expected_bytes": step.estimate.output_bytes, "bits_per_weight": QUANT_TYPES[quant].bpw}
 
 
-def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    return {"bits_per_weight": inputs.get("artifact", {}).get("bits_per_weight"), "quality": own.get("quality"),
-            "calibration": None}
+def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]],
+                  readers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    return {"bits_per_weight": inputs.get("artifact", {}).get("bits_per_weight"),
+            "quality": readers.get("gguf.eval", {}).get("quality"), "calibration": None}
 
 
 def card_usage(paths: list[str]) -> str:

@@ -194,9 +194,14 @@ def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
             "bits_per_weight": round(size * 8 / plan.parameters, 3) if plan.parameters else None}
 
 
-def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]],
+                  readers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     produced = inputs.get("artifact", {})
-    return {"bits_per_weight": produced.get("bits_per_weight"), "quality": own.get("quality"),
+    kl = own.get("kl_divergence")
+    # measured by the validation worker on held-out calibration text (its own chunks)
+    quality = {"kld_mean": kl, "tokens": own.get("tokens"), "runtime": "transformers", "weights": None} \
+        if kl is not None else None
+    return {"bits_per_weight": produced.get("bits_per_weight"), "quality": quality,
             "calibration": produced.get("metadata", {}).get("calibration")}
 
 
@@ -367,7 +372,7 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     if not meta.get("finite", False) or kl is None or not math.isfinite(kl):
         raise ValidationFailedError(f"{final.name} produced non-finite logits or no KL divergence")
     ctx.check_final(final)
-    facts = {"validated": True, "kl_divergence": kl, "quality": f"KL {kl:.4f}", "tokens": meta.get("tokens")}
+    facts = {"validated": True, "kl_divergence": kl, "tokens": meta.get("tokens")}
     return StepOutcome((), facts, peak, renames=((partial, final),))
 
 

@@ -1,0 +1,96 @@
+"""Quality figures: every artifact measured against its source on the same tokens, and the
+gates that fail a CI run on them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_qwrap
+
+from qwrap.errors import UsageError
+from qwrap.quality import gate, parse_base_ppl, parse_gates, parse_kld_summary
+from qwrap.toolchain import Toolchain
+
+RECORDED = REPO / "tests" / "data" / "recorded"
+
+
+def test_kld_summary_parsed_from_recorded_output() -> None:
+    q = parse_kld_summary((RECORDED / "llama-perplexity-kld.log").read_text().splitlines())
+    assert set(q) == {"ppl", "ppl_base", "delta_ppl", "kld_mean", "kld_p99", "top1_agreement"}
+    assert 0 < q["kld_mean"] < q["kld_p99"] and 0 < q["top1_agreement"] <= 1
+    assert abs(q["ppl"] - q["ppl_base"] - q["delta_ppl"]) < 1e-3 * q["ppl"]
+    assert parse_base_ppl((RECORDED / "llama-perplexity-base.log").read_text().splitlines()) > 1
+    with pytest.raises(ValueError, match="kld_mean"):
+        parse_kld_summary(["Mean PPL(Q) : 1.0"])
+
+
+def test_gates() -> None:
+    gates = parse_gates(["0.05", "q2_k=0.2", "awq=0.01"])
+    row = {"format": "gguf", "quant": "Q2_K", "quality": {"kld_mean": 0.1}}
+    assert gate(row, gates) == "passed"  # its own limit, not the default
+    assert gate({**row, "quant": "Q4_K_M"}, gates) == "failed"
+    assert gate({"format": "awq", "quant": "4bit-g128", "quality": {"kld_mean": 0.02}}, gates) == "failed"
+    assert gate({"format": "gguf", "quant": "Q8_0", "quality": None}, gates) == "failed"  # unmeasured never passes
+    assert gate(row, parse_gates([])) is None
+    with pytest.raises(UsageError):
+        parse_gates(["Q2_K=much"])
+
+
+def _perplexity(toolchain: Toolchain, *args: str) -> list[str]:
+    proc = subprocess.run([str(toolchain.bin_dir / "llama-perplexity"), *args], capture_output=True, text=True,
+                          check=True, stdin=subprocess.DEVNULL)
+    return proc.stdout.splitlines() + proc.stderr.splitlines()
+
+
+@pytest.mark.slow
+def test_gguf_figures_equal_hand_run_llama_perplexity(tiny_model: Path, tmp_path: Path, corpus: Path,
+                                                      toolchain: Toolchain) -> None:
+    out = tmp_path / "o"
+    options = ["-q", "Q8_0", "-q", "Q2_K", "--eval-text", str(corpus), "--eval-tokens", "2048", "--eval-ctx", "256",
+               "--threads", "2", "--keep-intermediate"]
+    plan = json.loads(run_qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json").stdout)
+    steps = {s["id"]: s for s in plan["steps"]}
+    assert steps["gguf.eval-base"]["params"]["chunks"] == 8 and steps["gguf.eval-base"]["estimates"]["output_bytes"] > 0
+    assert steps["gguf.eval:Q2_K"]["inputs"] == {"artifact": "gguf.validate:Q2_K", "base": "gguf.eval-base"}
+    proc = run_qwrap("run", str(tiny_model), "-o", str(out), *options, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["schema"] == "qwrap.result/2"
+    ref = result["quality_reference"]
+    assert ref["ctx"] == 256 and ref["chunks"] == 8 and ref["tokens_scored"] == 8 * 127
+    by_quant = {a["quant"]: a for a in result["artifacts"]}
+    for quant, art in by_quant.items():
+        q = art["quality"]
+        assert q["runtime"] == "llama.cpp" and q["tokens"] == 8 * 127 and q["ctx"] == 256
+        # the same figures as llama-perplexity run by hand on the same files, text and chunking
+        base = tmp_path / f"hand-{quant}.kld"
+        sixteen = next((out / ".checkpoint" / "work").glob("*-BF16.gguf"))
+        common = ["-c", "256", "--chunks", "8", "-t", "2", "-b", "256"]
+        _perplexity(toolchain, "-m", str(sixteen), "-f", str(corpus), *common, "--kl-divergence-base", str(base))
+        hand = parse_kld_summary(_perplexity(toolchain, "-m", art["path"], *common, "--kl-divergence-base", str(base),
+                                             "--kl-divergence"))
+        for key in ("kld_mean", "kld_p99", "ppl", "ppl_base", "top1_agreement"):
+            assert abs(q[key] - hand[key]) <= 0.01 * abs(hand[key]) + 1e-6, (quant, key, q[key], hand[key])
+    assert by_quant["Q2_K"]["quality"]["kld_mean"] > by_quant["Q8_0"]["quality"]["kld_mean"]
+    card = (out / "README.md").read_text()
+    assert "KLD (mean)" in card and "scored tokens" in card
+    # a gate over the limit fails the run with its own code, after everything is built and measured
+    gated = run_qwrap("run", str(tiny_model), "-o", str(out), *options, "--max-kld", "Q2_K=0", "--json")
+    assert gated.returncode == 17, gated.stderr
+    rows = {a["quant"]: a for a in json.loads(gated.stdout)["artifacts"]}
+    assert rows["Q2_K"]["gate"] == "failed" and rows["Q8_0"]["gate"] is None
+    assert Path(rows["Q2_K"]["path"]).is_file() and "--max-kld" in gated.stderr
+
+
+@pytest.mark.slow
+def test_no_eval_and_no_text(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    plan = json.loads(run_qwrap("plan", str(tiny_model), "-o", str(tmp_path / "o"), "--no-eval", "--json").stdout)
+    assert not [s for s in plan["steps"] if "eval" in s["kind"]]
+    # offline with no evaluation text at all: the run goes on, says so, and measures nothing
+    proc = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "o2"), "-q", "Q8_0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "not measured" in proc.stderr and "--eval-text" in proc.stderr
+    assert json.loads(proc.stdout)["artifacts"][0]["quality"] is None
