@@ -249,19 +249,20 @@ def intermediate_bytes(shape: Shape, outtype: str) -> int:
 
 # Cost model, fitted to measurements on a 2-core VM (bench/results/scaling.json and
 # dag_gguf.json: bf16 Llama models of 7M, 110M, 400M and 1B parameters):
-# - the converter is Python with ~4.4 s of fixed start-up (torch + transformers imports) and
-#   then ~170 MB/s; its memory is ~308 MB of libraries plus two f32 copies of the biggest tensor;
+# - the converter is Python with ~3.9 s of fixed start-up (torch + transformers imports) and
+#   then ~200 MB/s; its memory is ~308 MB of libraries plus two f32 copies of the biggest tensor;
 # - llama-quantize, alone with both cores, takes the seconds per 100M parameters below, and
 #   converts one tensor at a time: ~18 MiB plus the biggest tensor in f32, 16-bit and quantized;
 # - llama-simple maps the whole artifact (and repacks 4-bit K/legacy types for the CPU, a
 #   second copy of most of the file), starts in ~0.35 s and loads ~600 MB/s.
 # Types not measured have no time estimate.
-CONVERT_STARTUP_S = 4.4
-CONVERT_BYTES_PER_S = 170e6
+CONVERT_STARTUP_S = 3.9
+CONVERT_BYTES_PER_S = 200e6
 CONVERT_BASE_RAM = 308_000_000
 QUANTIZE_S_PER_100M = {"Q2_K": 2.9, "Q3_K_M": 2.4, "Q4_K_M": 4.2, "Q5_K_M": 3.2, "Q6_K": 2.1, "Q8_0": 0.52}
 QUANTIZE_BASE_RAM = 18 * MiB
 TOOL_BASE_RAM = 12 * MiB
+LOADER_BASE_RAM = 20 * MiB  # llama-simple before the model: its context and compute buffers
 REPACKED = {"Q4_0", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"}  # the CPU backend keeps a repacked copy
 VALIDATE_STARTUP_S = 0.35
 VALIDATE_BYTES_PER_S = 600e6
@@ -290,7 +291,7 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
         ram = QUANTIZE_BASE_RAM + int(shape.largest_tensor * (4 + 2 + QUANT_TYPES[quant].bpw / 8))
         return Estimate(size, ram, size, per * shape.parameters / 1e8 if per is not None else None)
     repacked = 0.55 * size if quant in REPACKED else 0  # gguf.validate: loads it, renames it
-    return Estimate(size, TOOL_BASE_RAM + size + int(repacked), 0, VALIDATE_STARTUP_S + size / VALIDATE_BYTES_PER_S)
+    return Estimate(size, LOADER_BASE_RAM + size + int(repacked), 0, VALIDATE_STARTUP_S + size / VALIDATE_BYTES_PER_S)
 
 
 def kld_base_bytes(shape: Shape, ctx: int, chunks: int) -> int:
