@@ -298,7 +298,7 @@ def kld_base_bytes(shape: Shape, ctx: int, chunks: int) -> int:
     """llama-perplexity's base file: the token ids, then per scored position the log-probs of
     the whole vocabulary as uint16 plus a few scale words."""
     scored = chunks * (ctx - 1 - ctx // 2)
-    return 16 + 4 * ctx * chunks + scored * 2 * (2 * ((shape.vocab + 1) // 2) + 4)
+    return 20 + 4 * ctx * chunks + scored * 2 * (2 * ((shape.vocab + 1) // 2) + 4)
 
 
 def _eval_estimate(params: Mapping[str, Any], shape: Shape, *, base: bool, model_bytes: int = 0) -> Estimate:
