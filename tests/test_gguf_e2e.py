@@ -26,7 +26,7 @@ def k_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, toolchain:
 
 def test_k_quants_end_to_end(k_run: tuple[Path, dict], tiny_model: Path) -> None:
     out, result = k_run
-    assert result["schema"] == "qwrap.result/1"
+    assert result["schema"] == "qwrap.result/2"
     assert result["model"]["name"] == "tiny-llama"
     by_quant = {a["quant"]: a for a in result["artifacts"]}
     assert set(by_quant) == {"Q4_K_M", "Q8_0"}
@@ -148,7 +148,7 @@ def test_plan_estimates_match_real_sizes(k_run: tuple[Path, dict], tiny_model: P
     for art in plan["artifacts"]:
         assert abs(art["expected_bytes"] - real[art["quant"]]) / real[art["quant"]] < 0.10, art
     checks = {c["name"]: c["ok"] for c in plan["checks"]}
-    assert checks == {"architecture": True, "disk": True, "toolchain": True, "tokenizer": True}
+    assert checks == {"architecture": True, "disk": True, "toolchain": True, "tokenizer": True, "evaluation text": True}
 
 
 def test_plan_catches_a_rejected_tokenizer_in_seconds(convert_python: Path, tmp_path: Path, toolchain: Toolchain) -> None:

@@ -86,6 +86,10 @@ class StepFailedError(QwrapError):
     title = "step failed"
 
 
+class ToolKilledError(StepFailedError):
+    """A tool was killed by a signal from outside qwrap (a step failure, not a bad artifact)."""
+
+
 class ValidationFailedError(QwrapError):
     """An artifact was produced but did not pass validation; it is not reported as success."""
 

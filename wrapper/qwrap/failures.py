@@ -17,6 +17,7 @@ from .errors import (
     QwrapError,
     StalledError,
     StepFailedError,
+    ToolKilledError,
     UnsupportedModelError,
 )
 from .supervisor import ProcessResult, relevant_lines
@@ -92,7 +93,7 @@ def error_for(result: ProcessResult, what: str, *, oom_extra: str = "") -> Qwrap
             return err
     if result.killed_by is not None:
         name = signal.Signals(result.killed_by).name
-        return StepFailedError(
+        return ToolKilledError(
             f"{what} was killed by {name} (from outside qwrap)",
             hint=f"Run the same command again to continue. Output so far: {log}",
             log_path=log,

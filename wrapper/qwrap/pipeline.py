@@ -113,8 +113,8 @@ def plan_only(request: Request, *, token: str | None) -> PlanReport:
     ev, note = evaluation(request, model, token, work=None)
     model = dataclasses.replace(model, evaluation=ev)
     checks = model_checks(request, model, thorough=True)
-    if request.evaluate:
-        checks.append(Check("evaluation text", ev is not None, note or f"{ev.label if ev else '-'}: "
+    if request.evaluate:  # informative: a run without evaluation text still makes its artifacts
+        checks.append(Check("evaluation text", True, note or f"{ev.label if ev else '-'}: "
                             f"{ev.chunks if ev else 0} chunks of {request.eval_ctx} tokens"))
     plan = build_plan(request, model)
     disk, disk_info = disk_check(plan, request.output)
