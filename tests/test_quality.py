@@ -94,3 +94,34 @@ def test_no_eval_and_no_text(tiny_model: Path, tmp_path: Path, toolchain: Toolch
     assert proc.returncode == 0, proc.stderr
     assert "not measured" in proc.stderr and "--eval-text" in proc.stderr
     assert json.loads(proc.stdout)["artifacts"][0]["quality"] is None
+
+
+@pytest.mark.backend
+def test_awq_gptq_scored_on_the_gguf_token_ids(tiny_model: Path, tmp_path: Path, corpus: Path,
+                                               toolchain: Toolchain) -> None:
+    """GPTQ in transformers scores exactly the token ids llama.cpp scores for the GGUF rows, and
+    the bridge row says how far the two runtimes' references differ."""
+    import hashlib
+    import struct
+
+    out = tmp_path / "o"
+    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-f", "gptq", "-f", "gguf", "-q", "Q4_K_M",
+                     "--calib", str(corpus), "--calib-samples", "4", "--calib-seq-len", "64", "--eval-text", str(corpus),
+                     "--eval-tokens", "1024", "--eval-ctx", "256", "--keep-intermediate", "--json", timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    rows = {a["format"]: a for a in result["artifacts"]}
+    gguf, gptq = rows["gguf"]["quality"], rows["gptq"]["quality"]
+    assert gptq["runtime"] == "transformers" and gguf["runtime"] == "llama.cpp"
+    assert gptq["tokens"] == gguf["tokens"] == 4 * 127 and gptq["ctx"] == 256
+    assert 0 <= gptq["kld_mean"] < gptq["kld_p99"] and 0 < gptq["top1_agreement"] <= 1
+    # the ids: llama-perplexity's base file holds them; the worker hashed the chunks it scored
+    raw = (out / ".checkpoint" / "work" / "eval-base.kld").read_bytes()
+    n_ctx, _, n_chunk = struct.unpack("<iii", raw[8:20])
+    ids = list(struct.unpack(f"<{n_ctx * n_chunk}i", raw[20:20 + 4 * n_ctx * n_chunk]))
+    bos = json.loads((tiny_model / "config.json").read_text())["bos_token_id"]
+    chunks = [[bos, *ids[i * n_ctx + 1:(i + 1) * n_ctx]] for i in range(n_chunk)]
+    flat = [t for c in chunks for t in c]
+    assert gptq["ids_sha256"] == hashlib.sha256(struct.pack(f"<{len(flat)}i", *flat)).hexdigest()
+    bridge = result["quality_reference"]["bridge"]
+    assert abs(bridge["relative_difference"]) < 0.02, bridge  # bf16 GGUF in llama.cpp vs the source in torch

@@ -99,7 +99,9 @@ def warn_overlap(request: Request, ev: Evaluation | None, reporter: Reporter) ->
 
 def build_plan(request: Request, model: ModelInfo) -> Plan:
     b = PlanBuilder(model.fingerprint, read_pin().commit, model.shape.parameters)
-    for fmt in request.formats:
+    # in registry order, whatever the order on the command line: a step one format provides
+    # to another (the evaluation's token ids) is in the plan before its readers
+    for fmt in (f for f in FORMATS if f in request.formats):
         FORMATS[fmt].add_steps(b, request.options(fmt), model)
     return b.plan()
 

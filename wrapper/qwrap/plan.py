@@ -72,6 +72,7 @@ class Step:
     deliverable: bool = False  # its outputs are what the user asked for
     threaded: bool = False  # the tool uses the thread count it is given (else one core)
     exclusive: str | None = None  # steps with the same value never run at the same time (one GPU)
+    provides: tuple[str, ...] = ()  # what other formats' steps may read from it ("eval-tokens")
 
     def param(self, key: str, default: Any = None) -> Any:
         return dict(self.params).get(key, default)
@@ -143,6 +144,7 @@ class PlanBuilder:
         deliverable: bool = False,
         threaded: bool = False,
         exclusive: str | None = None,
+        provides: tuple[str, ...] = (),
     ) -> Step:
         known = {s.id: s for s in self.steps}
         wired = tuple((inputs or {}).items())
@@ -154,11 +156,16 @@ class PlanBuilder:
         fp = fingerprint(kind, items, self.pin, upstream, outputs)
         scratch = tuple(s.replace("{fingerprint}", fp[:12]) for s in scratch)
         step = Step(step_id, kind, fmt, label, wired, outputs, items, fp, estimate,
-                    tuple(sorted((files or {}).items())), scratch, deliverable, threaded, exclusive)
+                    tuple(sorted((files or {}).items())), scratch, deliverable, threaded, exclusive, provides)
         if step_id in known:
             raise ValueError(f"two steps with id {step_id}")
         self.steps.append(step)
         return step
+
+    def provider(self, what: str) -> Step | None:
+        """The step already in the plan that provides ``what`` (e.g. the evaluation's token ids),
+        so a format can read another's output without naming it."""
+        return next((s for s in self.steps if what in s.provides), None)
 
     def plan(self) -> Plan:
         return Plan(tuple(self.steps), self.parameters)

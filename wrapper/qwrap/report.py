@@ -99,8 +99,21 @@ def _quality_reference(outcome: RunOutcome) -> dict[str, Any] | None:
     if ev is None:
         return None
     base = next((s.facts for s in outcome.summaries if s.step.kind.endswith("eval-base")), {})
-    return {"text": ev.label, "text_identity": ev.identity, "ctx": ev.ctx, "chunks": ev.chunks,
-            "tokens_scored": ev.scored, "ppl_base": base.get("ppl_base"), "note": ev.note or None}
+    return {"text": ev.label, "text_identity": ev.identity, "ctx": ev.ctx, "chunks": base.get("chunks", ev.chunks),
+            "tokens_scored": int(base.get("chunks", ev.chunks)) * (ev.ctx - 1 - ev.ctx // 2),
+            "ppl_base": base.get("ppl_base"), "bridge": _bridge(outcome, base), "note": ev.note or None}
+
+
+def _bridge(outcome: RunOutcome, base: Mapping[str, Any]) -> dict[str, Any] | None:
+    """How far the two runtimes' references differ on the same tokens: the 16-bit GGUF in
+    llama.cpp against the source model in transformers (each row's ppl_base)."""
+    llama = base.get("ppl_base")
+    torch_side = next((q.get("ppl_base") for s in outcome.summaries if s.step.deliverable
+                       for q in [s.facts.get("quality") or {}] if q.get("runtime") == "transformers"), None)
+    if llama is None or torch_side is None:
+        return None
+    return {"llama_cpp_16bit_ppl": llama, "transformers_source_ppl": torch_side,
+            "relative_difference": (llama - torch_side) / torch_side}
 
 
 def build_result(outcome: RunOutcome) -> RunResult:

@@ -44,6 +44,8 @@ BACKENDS: tuple[str, ...] = ()
 IMATRIX_CHUNKS = 128
 VALIDATE_PROMPT = "Once upon a time"
 OUTTYPES = ("auto", "f16", "bf16", "f32")
+# Its base file holds llama.cpp's token ids of the evaluation chunks: other runtimes score those.
+EVAL_TOKENS = "eval-tokens:llama-kld"
 K_QUANT_OUTPUT_BPW = 6.5625  # output.weight of K-quant mixes is Q6_K
 
 
@@ -377,7 +379,7 @@ def _add_eval_base(b: PlanBuilder, convert: Step, model: ModelInfo, outtype: str
     return b.add("gguf.eval-base", "gguf.eval-base", NAME, "measure the 16-bit model",
                  inputs={"model": convert.id}, outputs=(".checkpoint/work/eval-base.kld",), params=params,
                  files={"text": ev.path} if ev.path else {}, estimate=estimate("gguf.eval-base", params, shape=model.shape),
-                 threaded=True)
+                 threaded=True, provides=(EVAL_TOKENS,))
 
 
 # -- actions -------------------------------------------------------------------------

@@ -53,6 +53,8 @@ PANEL = "AWQ and GPTQ"
 # One AWQ/GPTQ worker at a time: each holds the model (and the GPU, when there is one), and two
 # on one GPU would run it out of memory; GGUF steps still run beside them.
 WORKERS = "hf-worker"
+TOKEN_PROVIDERS = ("eval-tokens:llama-kld",)  # steps whose output holds the evaluation's token ids
+REFERENCE_DIR = ".checkpoint/work/hf-reference"  # the source's log-probs on them, once per run
 
 COMMON_OPTIONS = (
     Option("bits", int, 4, "AWQ/GPTQ bits (AWQ: 4; GPTQ: 2, 3, 4 or 8)."),
@@ -182,9 +184,20 @@ def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Map
     params = {"samples": VALIDATE_SAMPLES, "seq_len": VALIDATE_SEQ_LEN, "quant": f"{o.bits}bit-g{o.group_size}",
               "bits": o.bits, "group_size": o.group_size,
               "calib_label": params["calib_label"], "seed": o.seed, "device": o.device}
-    b.add(f"{fmt}.validate", "hf.validate", fmt, f"{fmt.upper()} validate",
-          inputs={"artifact": q.id}, outputs=(final,), params=params, files=files,
-          estimate=estimate("hf.validate", params, shape), deliverable=True, exclusive=WORKERS)
+    inputs = {"artifact": q.id}
+    ev = model.evaluation
+    if ev is not None:  # the run's evaluation chunks: llama.cpp's token ids when GGUF is made too
+        tokens = next((b.provider(kind) for kind in TOKEN_PROVIDERS if b.provider(kind)), None)
+        if tokens is not None:
+            inputs["tokens"] = tokens.id
+            params["eval_source_kind"] = next(k for k in TOKEN_PROVIDERS if k in tokens.provides).split(":")[1]
+        elif ev.path:
+            files = {**files, "eval_text": ev.path}
+        params.update(eval_text=ev.identity, eval_ctx=ev.ctx, eval_chunks=ev.chunks)
+    b.add(f"{fmt}.validate", "hf.validate", fmt, f"{fmt.upper()} validate and measure" if ev else f"{fmt.upper()} validate",
+          inputs=inputs, outputs=(final,), params=params, files=files,
+          estimate=estimate("hf.validate", params, shape), deliverable=True, exclusive=WORKERS,
+          scratch=(REFERENCE_DIR,) if ev else ())
 
 
 def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
@@ -197,10 +210,10 @@ def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
 def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]],
                   readers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     produced = inputs.get("artifact", {})
-    kl = own.get("kl_divergence")
-    # measured by the validation worker on held-out calibration text (its own chunks)
-    quality = {"kld_mean": kl, "tokens": own.get("tokens"), "runtime": "transformers", "weights": None} \
-        if kl is not None else None
+    quality = own.get("quality")  # on the run's evaluation chunks, the same tokens as the GGUF rows
+    if quality is None and own.get("kl_divergence") is not None:  # --no-eval: the held-out validation KL
+        quality = {"kld_mean": own["kl_divergence"], "tokens": own.get("tokens"), "runtime": "transformers",
+                   "weights": None}
     return {"bits_per_weight": produced.get("bits_per_weight"), "quality": quality,
             "calibration": produced.get("metadata", {}).get("calibration")}
 
@@ -362,9 +375,14 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     partial = inputs["artifact"].path
     final = ctx.path(step.outputs[0])
     p = _protocol()
+    evaluate = step.param("eval_chunks", 0)
+    source = str(inputs["tokens"].path) if "tokens" in inputs else dict(step.files).get("eval_text")
     job = p.ValidateJob(model=step.file("model"), quantized=str(partial),
                         text=_text(step, "held_out", step.param("samples"), step.param("seq_len")),
-                        device=step.param("device"))
+                        device=step.param("device"), eval_source=source if evaluate else None,
+                        eval_source_kind=step.param("eval_source_kind", "text"), eval_ctx=step.param("eval_ctx", 512),
+                        eval_chunks=evaluate if source else 0,
+                        reference_cache=str(ctx.path(REFERENCE_DIR) / "reference.safetensors") if evaluate else None)
     events, peak = _run_worker(ctx, job, p.VALIDATE_BACKEND, f"validating {final.name}")
     assert events.result is not None
     meta = events.result.get("metadata", {})
@@ -372,7 +390,7 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     if not meta.get("finite", False) or kl is None or not math.isfinite(kl):
         raise ValidationFailedError(f"{final.name} produced non-finite logits or no KL divergence")
     ctx.check_final(final)
-    facts = {"validated": True, "kl_divergence": kl, "tokens": meta.get("tokens")}
+    facts = {"validated": True, "kl_divergence": kl, "tokens": meta.get("tokens"), "quality": meta.get("eval")}
     return StepOutcome((), facts, peak, renames=((partial, final),))
 
 

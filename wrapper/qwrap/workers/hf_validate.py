@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qwrap.workers import hf_eval
 from qwrap.workers import protocol as p
 from qwrap.workers.gptqmodel_common import prepare_environment
 from qwrap.workers.runtime import WorkerError, resolve_device, run, versions
@@ -34,16 +35,28 @@ def main(job: p.ValidateJob) -> None:
 
     started = time.monotonic()
     device = resolve_device(job.device)
-    samples = load_samples(job.text, AutoTokenizer.from_pretrained(job.model), Path(job.model))
+    tokenizer = AutoTokenizer.from_pretrained(job.model)
+    samples = load_samples(job.text, tokenizer, Path(job.model))
     batches = [row.unsqueeze(0) for row in samples.ids]
+    chunks = hf_eval.chunk_ids(job, tokenizer) if job.eval_chunks else []
+    key = "ids-" + hf_eval.ids_sha256(chunks)[:32] if chunks else ""
+    evaluation: dict[str, Any] | None = None
     with torch.inference_mode():
         reference = _load(job.model, device, quantized=False)
         ref_logprobs = [_logprobs(reference, ids, device, "reference") for ids in batches]
+        eval_ref = hf_eval.load_reference(job.reference_cache, key) if chunks else None
+        if chunks and eval_ref is None:  # once per run: the next artifact reuses it
+            eval_ref = hf_eval.scored_logprobs(reference, chunks, device, "reference")
+            hf_eval.save_reference(job.reference_cache, key, eval_ref)
         del reference
         gc.collect()
         quantized = _load(job.quantized, device, quantized=True)
         stats = _compare(quantized, batches, ref_logprobs, device)
-    metadata = {**stats, "text": samples.metadata, "device": device,
+        if chunks:
+            got = hf_eval.scored_logprobs(quantized, chunks, device, "quantized")
+            evaluation = {**hf_eval.figures(eval_ref, got, hf_eval.targets(chunks), job.eval_ctx),
+                          "ids_sha256": hf_eval.ids_sha256(chunks), "chunks": len(chunks)}
+    metadata = {**stats, "eval": evaluation, "text": samples.metadata, "device": device,
                 "versions": versions("gptqmodel", "optimum"),
                 "seconds": round(time.monotonic() - started, 3)}
     p.emit(p.Result(output_dir=job.quantized, files=artifact.list_files(Path(job.quantized)),

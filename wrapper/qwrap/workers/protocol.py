@@ -124,6 +124,13 @@ class ValidateJob:
     quantized: str
     text: TextSource
     device: str = "auto"
+    # The run's evaluation chunks (same tokens as every other runtime): a llama-perplexity base
+    # file (its token ids) or a text to tokenize; ``eval_chunks`` 0 means no evaluation.
+    eval_source: str | None = None
+    eval_source_kind: str = "text"  # "text" | "llama-kld"
+    eval_ctx: int = 512
+    eval_chunks: int = 0
+    reference_cache: str | None = None  # the source model's log-probs on those chunks, shared by artifacts
     task: str = "validate"
     protocol: int = PROTOCOL_VERSION
 
