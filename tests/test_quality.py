@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_qwrap
 
+from conftest import REPO, run_qwrap
 from qwrap.errors import UsageError
 from qwrap.quality import gate, parse_base_ppl, parse_gates, parse_kld_summary
 from qwrap.toolchain import Toolchain
