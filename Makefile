@@ -15,7 +15,7 @@ DEMO := demo-out
 PYTEST_ARGS ?=
 SCALING_ARGS ?= --sizes 7m 110m 400m 1b
 
-.PHONY: help setup venv llama envs backend-envs demo test test-fast gguf awq gptq all-formats bench lint clean
+.PHONY: help setup venv llama envs backend-envs browser demo test test-fast gguf awq gptq all-formats bench lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -31,13 +31,18 @@ venv: $(VENV)/.installed ## The qwrap package (light: no torch) in .venv
 llama: ## Fetch (hash-checked) and build the pinned llama.cpp into the cache
 	scripts/build-llama >/dev/null
 
-envs: venv ## The converter environment (torch CPU + transformers) in the cache
+envs: venv ## The converter environment (torch CPU + transformers) and the report one (matplotlib) in the cache
 	$(QWRAP) env create convert
+	$(QWRAP) env create report
 
 backend-envs: venv ## The AWQ/GPTQ backend environments in the cache
 	@for b in $(BACKENDS); do $(QWRAP) env create $$b || exit 1; done
 
-setup: venv llama envs backend-envs ## Everything the tests and demo need
+browser: ## Headless Chromium for the quality-page test (Debian/Ubuntu apt, when missing)
+	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }
+
+setup: venv llama envs backend-envs browser ## Everything the tests and demo need
 
 demo: venv llama envs ## Build a tiny model offline and quantize it to a few GGUF types
 	@test -d $(DEMO)/tiny-llama || $$($(QWRAP) env create convert) scripts/make-tiny-model $(DEMO)/tiny-llama

@@ -338,7 +338,7 @@ def doctor(json_out: JsonFlag = False) -> None:
 
 @env_app.command("create")
 def env_create(
-    name: Annotated[str, typer.Argument(help="convert (the GGUF converter) or a backend: autoawq, gptqmodel, auto-gptq.")],
+    name: Annotated[str, typer.Argument(help="convert (the GGUF converter), a backend (autoawq, gptqmodel, auto-gptq) or report (the quality plot).")],
     rebuild: Annotated[bool, typer.Option(help="Recreate even if healthy.")] = False,
 ) -> None:
     """Create (or verify) an isolated environment in the cache. Example: qwrap env create convert"""

@@ -42,10 +42,12 @@ class EnvSpec:
 
 
 # The converter's environment (GGUF conversion, calibration text), then every backend's, as the
-# worker protocol declares them: a new backend is a worker, its lock and a line there.
+# worker protocol declares them: a new backend is a worker, its lock and a line there; then the
+# report environment (matplotlib, no torch) that draws the quality plot.
 SPECS: dict[str, EnvSpec] = {
     "convert": EnvSpec("convert", "convert.txt", ("torch", "transformers", "sentencepiece", "numpy")),
     **{name: EnvSpec(name, lock, imports) for name, (lock, imports) in BACKEND_ENVIRONMENTS.items()},
+    "report": EnvSpec("report", "report.txt", ("matplotlib",), torch=False),
 }
 
 
@@ -177,13 +179,15 @@ def ensure_env(name: str, *, on_line: Callable[[str], None] | None = None, rebui
     return env
 
 
-KEY_PACKAGES = ("transformers", "autoawq", "gptqmodel", "auto-gptq", "optimum", "numpy", "sentencepiece")
+KEY_PACKAGES = ("transformers", "autoawq", "gptqmodel", "auto-gptq", "optimum", "numpy", "sentencepiece",
+                "matplotlib")
 
 
 def pinned(name: str) -> dict[str, str]:
-    """The main packages an environment's lock pins (and the shared torch)."""
-    found = {"torch": TORCH_VERSION}
-    for line in (LOCK_DIR / spec(name).lock).read_text().splitlines():
+    """The main packages an environment's lock pins (and the shared torch, where it has it)."""
+    s = spec(name)
+    found = {"torch": TORCH_VERSION} if s.torch else {}
+    for line in (LOCK_DIR / s.lock).read_text().splitlines():
         pkg, _, version = line.partition("==")
         key = pkg.strip().lower().replace("_", "-")
         if key in KEY_PACKAGES and version:

@@ -1,0 +1,253 @@
+"""The quality page of a run: ``OUT/quality.png`` and ``OUT/quality.html``.
+
+Written from the run result when at least one artifact has a measured mean KL divergence. The
+plot (KLD against size, the Pareto front, the 16-bit size) is drawn by
+``workers/quality_plot.py`` in the report environment (matplotlib; this process never imports
+it); the page is one self-contained file: inline CSS, the plot embedded as a data URI, a table
+of every artifact and the evaluation it was measured on, nothing loaded from anywhere else.
+Without the report environment the page is still written, without the plot, and the reason
+comes back to the caller (``Written.note``): a missing plot never fails a run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import Interrupted, QwrapError, ToolchainMissingError
+from .units import human_bytes
+
+if TYPE_CHECKING:
+    from .report import ArtifactRow, RunResult
+
+PNG_NAME = "quality.png"
+HTML_NAME = "quality.html"
+PLOT_TIMEOUT_S = 300.0
+
+
+class Written(list[Path]):
+    """The paths written; ``note`` says in one line why the plot is missing, when it is."""
+
+    note: str | None = None
+
+
+def _kld(a: ArtifactRow) -> float | None:
+    value = (a.get("quality") or {}).get("kld_mean")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _labels(result: RunResult) -> list[str]:
+    """Each artifact's label: its type, with the format in front where two formats share a type."""
+    rows = result["artifacts"]
+    plain = [str(a["quant"]) if a["quant"] else Path(a["path"]).name for a in rows]
+    formats: dict[str, set[str]] = {}
+    for label, a in zip(plain, rows, strict=True):
+        formats.setdefault(label, set()).add(a["format"])
+    return [f"{a['format'].upper()} {label}" if len(formats[label]) > 1 else label
+            for label, a in zip(plain, rows, strict=True)]
+
+
+def plot_input(result: RunResult, reference_bytes: int | None) -> dict[str, Any]:
+    """The plot worker's INPUT.json: the measured artifacts with a size."""
+    points = [{"label": label, "format": a["format"], "bytes": a["bytes"], "kld_mean": kld}
+              for a, label in zip(result["artifacts"], _labels(result), strict=True)
+              if (kld := _kld(a)) is not None and isinstance(a["bytes"], int) and a["bytes"] > 0]
+    return {"points": points, "reference_bytes": reference_bytes,
+            "title": f"{result['model']['name']}: KL divergence against file size"}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _draw(output: Path, doc: dict[str, Any]) -> tuple[Path | None, str | None]:
+    """Run the plot worker; (the PNG, None) or (None, why not)."""
+    from . import envs
+    from .children import run_checked
+    from .toolchain import REPO_ROOT
+
+    try:
+        env = envs.find_env("report")
+    except ToolchainMissingError as exc:
+        return None, f"quality plot skipped: {exc.message}; {exc.hint or ''}".strip()
+    checkpoint = output / ".checkpoint"
+    jobs = checkpoint / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    job = jobs / "quality-plot.json"
+    _atomic_write(job, json.dumps(doc, indent=1).encode())
+    png = output / PNG_NAME
+    log = checkpoint / "logs" / "quality-plot.log"
+    argv: list[str | os.PathLike[str]] = [env.python, "-m", "qwrap.workers.quality_plot", job, png]
+    child_env: dict[str, str | None] = {
+        "PYTHONPATH": str(REPO_ROOT / "wrapper"), "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
+        # matplotlib's font cache, kept with the matplotlib it belongs to (not in $HOME)
+        "MPLCONFIGDIR": str(env.path / "mplconfig"),
+    }
+    try:
+        run_checked(argv, what="the quality plot", log_path=log, env=child_env, timeout=PLOT_TIMEOUT_S)
+    except Interrupted:
+        raise
+    except QwrapError as exc:
+        return None, f"quality plot failed: {exc.message} (log: {log})"
+    return png, None
+
+
+# -- the page ---------------------------------------------------------------------------
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+       margin: 2rem auto; max-width: 1100px; padding: 0 1.25rem; color: #1b1f24; background: #fff; }
+h1 { font-size: 1.5rem; margin: 0 0 .25rem; }
+p.sub { color: #57606a; margin: 0 0 1.25rem; }
+p.ref { background: #f6f8fa; border-left: 4px solid #8c959f; padding: .6rem .9rem; margin: 1rem 0; }
+p.note { background: #fff8c5; border-left: 4px solid #d4a72c; padding: .6rem .9rem; }
+figure { margin: 1rem 0 1.5rem; }
+figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
+figcaption { color: #57606a; font-size: .9rem; margin-top: .3rem; }
+div.table { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: .85rem; }
+th, td { padding: .32rem .4rem; border-bottom: 1px solid #d0d7de; text-align: left; white-space: nowrap; }
+td.file { white-space: normal; overflow-wrap: anywhere; min-width: 9rem; }
+th { background: #f6f8fa; position: sticky; top: 0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tbody tr:nth-child(even) { background: #fafbfc; }
+td.failed { color: #cf222e; font-weight: 600; }
+td.passed { color: #1a7f37; }
+td.none { color: #8c959f; }
+code { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: .85rem; }
+"""
+
+COLUMNS = ("file", "format", "type", "size", "bits/weight", "KLD mean", "KLD p99", "PPL", "ΔPPL",
+           "same top-1", "runtime", "gate")
+
+
+def _num(value: Any, fmt: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return fmt.format(value)
+
+
+def _row(a: ArtifactRow, output: Path) -> str:
+    q: dict[str, Any] = dict(a.get("quality") or {})
+    try:
+        rel = os.path.relpath(a["path"], output)
+    except ValueError:
+        rel = a["path"]
+    gate = a.get("gate")
+    cells = [
+        ("file", f"<code>{html.escape(rel)}</code>"),
+        ("", html.escape(a["format"].upper())),
+        ("", html.escape(str(a["quant"] or "–"))),
+        ("num", html.escape(human_bytes(a["bytes"]))),
+        ("num", _num(a["bits_per_weight"], "{:.2f}")),
+        ("num", _num(q.get("kld_mean"), "{:.4g}")),
+        ("num", _num(q.get("kld_p99"), "{:.4g}")),
+        ("num", _num(q.get("ppl"), "{:.2f}")),
+        ("num", _num(q.get("delta_ppl"), "{:+.4g}")),
+        ("num", _num(q.get("top1_agreement"), "{:.1%}")),
+        ("" if q else "none", html.escape(str(q.get("runtime") or "–")) if q else "not measured"),
+        (html.escape(gate) if gate in ("passed", "failed") else "none",
+         html.escape(gate) if gate else "no limit"),
+    ]
+    return "<tr>" + "".join(f'<td class="{c}">{v}</td>' if c else f"<td>{v}</td>" for c, v in cells) + "</tr>"
+
+
+def _reference(result: RunResult) -> str:
+    ref = result.get("quality_reference")
+    if not ref:
+        return ""
+    parts = [f"Evaluation text: <b>{html.escape(str(ref.get('text')))}</b>"]
+    if ref.get("text_identity"):
+        parts.append(f"(<code>{html.escape(str(ref['text_identity']))}</code>)")
+    details = []
+    if isinstance(ref.get("tokens_scored"), int):
+        details.append(f"{ref['tokens_scored']:,} tokens scored")
+    if isinstance(ref.get("chunks"), int):
+        details.append(f"{ref['chunks']} chunks")
+    if isinstance(ref.get("ctx"), int):
+        details.append(f"ctx {ref['ctx']}")
+    if ref.get("ppl_base") is not None:
+        details.append("PPL of the 16-bit model " + _num(ref["ppl_base"], "{:.2f}"))
+    text = " ".join(parts) + (": " + html.escape(", ".join(details)) if details else "") + "."
+    if ref.get("note"):
+        text += " " + html.escape(str(ref["note"]))
+    return f'<p class="ref">{text}</p>'
+
+
+def render(result: RunResult, output: Path, png: bytes | None, *, reference_bytes: int | None,
+           note: str | None = None) -> str:
+    model = html.escape(str(result["model"].get("name")))
+    version = html.escape(str(result.get("qwrap_version", "")))
+    commit = html.escape(str((result.get("toolchain") or {}).get("llama_cpp_commit", ""))[:12])
+    runtimes = sorted({str(q["runtime"]) for a in result["artifacts"] if (q := a.get("quality")) and q.get("runtime")})
+    if png is not None:
+        data = base64.b64encode(png).decode("ascii")
+        ref16 = f" The dashed line is the 16-bit size ({html.escape(human_bytes(reference_bytes))})." \
+            if reference_bytes else ""
+        plot = (f'<figure><img alt="mean KL divergence against file size" src="data:image/png;base64,{data}">'
+                "<figcaption>Mean KL divergence of each file's next-token distribution against the unquantized "
+                "model (log scale), against its size. The line is the Pareto front: the files no smaller file "
+                f"beats.{ref16}</figcaption></figure>")
+    else:
+        plot = f'<p class="note">{html.escape(note or "quality plot not drawn")}</p>'
+    mixed = ("<p class=\"note\">These figures come from different runtimes ("
+             + html.escape(", ".join(runtimes)) + "): each runtime scores its own evaluation tokens, so compare "
+             "KLD within a runtime.</p>") if len(runtimes) > 1 else ""
+    rows = "\n".join(_row(a, output) for a in result["artifacts"])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{model}: quantization quality</title>
+<style>{CSS}</style>
+</head>
+<body>
+<h1>{model}: quantization quality</h1>
+<p class="sub">qwrap {version}, llama.cpp <code>{commit}</code></p>
+{_reference(result)}
+{plot}
+{mixed}
+<div class="table"><table id="artifacts">
+<thead><tr>{head}</tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table></div>
+</body>
+</html>
+"""
+
+
+def write(output: Path, result: RunResult, *, reference_bytes: int | None) -> list[Path]:
+    """Write ``OUT/quality.png`` (when the report environment exists) and ``OUT/quality.html``
+    if any artifact has a measured mean KLD; return the paths written (a ``Written``, whose
+    ``note`` says why the plot is missing, if it is)."""
+    written = Written()
+    if not any(_kld(a) is not None for a in result["artifacts"]):
+        return written
+    doc = plot_input(result, reference_bytes)
+    if doc["points"]:
+        png_path, written.note = _draw(output, doc)
+    else:
+        png_path, written.note = None, "quality plot skipped: no measured artifact has a recorded size"
+    png = png_path.read_bytes() if png_path is not None else None
+    if png_path is not None:
+        written.append(png_path)
+    page = output / HTML_NAME
+    _atomic_write(page, render(result, output, png, reference_bytes=reference_bytes, note=written.note).encode())
+    written.append(page)
+    return written
