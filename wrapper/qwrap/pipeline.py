@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import calib_source, evaltext, modelcard
+from . import calib_source, evaltext, modelcard, qualitypage
 from .checks import Check, raise_first_failure
 from .context import Reporter
 from .errors import OfflineError, UsageError
@@ -152,7 +152,12 @@ def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOu
         if not request.keep_intermediate:
             remove_intermediates(plan, output)
         outcome = RunOutcome(request, model, plan, summaries, journal.warnings)
-        modelcard.write(build_result(outcome), output, model.calibration.label if model.calibration else None)
+        result = build_result(outcome)
+        modelcard.write(result, output, model.calibration.label if model.calibration else None)
+        sixteen = next((s.estimate.output_bytes for s in plan.steps if s.kind.endswith(".convert")), None)
+        page = qualitypage.write(output, result, reference_bytes=sixteen)
+        if getattr(page, "note", None):
+            reporter.warning(f"quality page: {page.note}")  # type: ignore[attr-defined]
     return outcome
 
 
