@@ -125,3 +125,23 @@ def test_awq_gptq_scored_on_the_gguf_token_ids(tiny_model: Path, tmp_path: Path,
     assert gptq["ids_sha256"] == hashlib.sha256(struct.pack(f"<{len(flat)}i", *flat)).hexdigest()
     bridge = result["quality_reference"]["bridge"]
     assert abs(bridge["relative_difference"]) < 0.02, bridge  # bf16 GGUF in llama.cpp vs the source in torch
+
+
+@pytest.mark.slow
+def test_importance_matrix_by_default_for_low_bit_types(tiny_model: Path, tmp_path: Path, corpus: Path,
+                                                        toolchain: Toolchain) -> None:
+    def plan(*args: str) -> dict:
+        proc = run_qwrap("plan", str(tiny_model), "-o", str(tmp_path / "o"), "-q", "Q4_K_M", "-q", "Q6_K", *args,
+                         "--json")
+        assert proc.returncode == 0, proc.stderr
+        return {s["id"]: s for s in json.loads(proc.stdout)["steps"]}
+
+    steps = plan("--calib", str(corpus))
+    assert steps["gguf.quantize:Q4_K_M"]["inputs"].get("imatrix") == "gguf.imatrix"
+    assert "imatrix" not in steps["gguf.quantize:Q6_K"]["inputs"]  # only 4 bits and less by default
+    assert "gguf.imatrix" not in plan("--calib", str(corpus), "--no-imatrix")
+    assert "gguf.imatrix" not in plan()  # offline, no calibration text: none, and it says so
+    run = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "r"), "-q", "Q4_K_M", "--no-eval")
+    assert run.returncode == 0 and "without an importance matrix" in run.stderr, run.stderr
+    refused = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "x"), "-q", "IQ2_XS", "--no-imatrix")
+    assert refused.returncode == 2 and "--no-imatrix" in refused.stderr

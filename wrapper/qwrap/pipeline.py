@@ -25,6 +25,7 @@ from .preflight import (
     model_checks,
     needs_calibration,
     toolchain_check,
+    wants_calibration,
 )
 from .report import build_result
 from .request import Request, check_basic, safe_argv
@@ -53,17 +54,36 @@ def validate(request: Request) -> None:
         FORMATS[fmt].validate(request.options(fmt))
 
 
-def calibration(request: Request, token: str | None, *, fetch: bool) -> Calibration | None:
+def calibration(request: Request, token: str | None, *, fetch: bool) -> tuple[Calibration | None, str]:
     """The calibration text: --calib FILE, or WikiText-2 (fetched and turned into text once, in
-    the cache, when ``fetch``; `plan` only looks in the cache)."""
-    if not needs_calibration(request):
-        return None
+    the cache, when ``fetch``; `plan` only looks in the cache). A format that only *wants* it
+    (GGUF's default importance matrix) goes on without it: then the note says so."""
+    required = needs_calibration(request)
+    if not required and not wants_calibration(request):
+        return None, ""
     if request.calib not in (None, "wikitext2"):
         path = Path(str(request.calib)).resolve()
-        return Calibration(f"sha256:{sha256_file(path)}", path.name, str(path))
+        return Calibration(f"sha256:{sha256_file(path)}", path.name, str(path)), ""
     identity = f"hf-dataset:{calib_source.WIKITEXT_REPO}/{calib_source.TRAIN_FILE}"
-    text = calib_source.wikitext2_text(token=token) if fetch else calib_source.cached_text()
-    return Calibration(identity, "wikitext2", str(text) if text else None)
+    try:
+        if fetch:
+            text: Path | None = calib_source.wikitext2_text(token=token)
+        else:
+            text = calib_source.cached_text()
+            if text is None and not required and _offline():
+                raise OfflineError("HF_HUB_OFFLINE is set and WikiText-2 is not in the cache")
+    except OfflineError as exc:
+        if required:
+            raise
+        return None, (f"no calibration text ({exc.message}): the low-bit types are quantized without an importance "
+                      "matrix. Pass --calib FILE.txt for a better result, or --no-imatrix to silence this.")
+    return Calibration(identity, "wikitext2", str(text) if text else None), ""
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def evaluation(request: Request, model: ModelInfo, token: str | None, *,
@@ -111,10 +131,13 @@ def plan_only(request: Request, *, token: str | None) -> PlanReport:
     downloaded, nothing written."""
     validate(request)
     source = resolve_model(request.model, revision=request.revision, token=token, weights=False)
-    model = model_info(source, calibration(request, token, fetch=False), token=token)
+    calib, calib_note = calibration(request, token, fetch=False)
+    model = model_info(source, calib, token=token)
     ev, note = evaluation(request, model, token, work=None)
     model = dataclasses.replace(model, evaluation=ev)
     checks = model_checks(request, model, thorough=True)
+    if calib_note:
+        checks.append(Check("calibration", True, calib_note))
     if request.evaluate:  # informative: a run without evaluation text still makes its artifacts
         checks.append(Check("evaluation text", True, note or f"{ev.label if ev else '-'}: "
                             f"{ev.chunks if ev else 0} chunks of {request.eval_ctx} tokens"))
@@ -135,7 +158,10 @@ def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOu
     output = request.output
     output.mkdir(parents=True, exist_ok=True)
     with output_lock(output):
-        model = dataclasses.replace(model, calibration=calibration(request, token, fetch=True))
+        calib, calib_note = calibration(request, token, fetch=True)
+        if calib_note:
+            reporter.warning(calib_note)
+        model = dataclasses.replace(model, calibration=calib)
         ev, note = evaluation(request, model, token, work=output / ".checkpoint" / "work")
         model = dataclasses.replace(model, evaluation=ev)
         warn_overlap(request, ev, reporter)

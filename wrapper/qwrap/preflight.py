@@ -79,13 +79,17 @@ def requirements(request: Request) -> list[str]:
     needed: list[str] = []
     for name in request.formats:
         needed += FORMATS[name].requirements(request.options(name))
-    if request.calib in (None, "wikitext2") and needs_calibration(request):
+    if request.calib in (None, "wikitext2") and (needs_calibration(request) or wants_calibration(request)):
         needed.append("convert")  # WikiText-2's parquet file is turned into text there
     return list(dict.fromkeys(needed))
 
 
 def needs_calibration(request: Request) -> bool:
     return any(FORMATS[name].needs_calibration(request.options(name)) for name in request.formats)
+
+
+def wants_calibration(request: Request) -> bool:
+    return any(FORMATS[name].wants_calibration(request.options(name)) for name in request.formats)
 
 
 def check_toolchain(request: Request) -> None:

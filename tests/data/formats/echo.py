@@ -45,6 +45,10 @@ def needs_calibration(o: Options) -> bool:
     return False
 
 
+def wants_calibration(o: Options) -> bool:
+    return False
+
+
 def requirements(o: Options) -> tuple[str, ...]:
     return ()
 

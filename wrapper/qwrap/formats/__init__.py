@@ -40,7 +40,13 @@ class Format(Protocol):
         """Everything checkable before the model is resolved; raises UsageError & co."""
         ...
 
-    def needs_calibration(self, options: Any) -> bool: ...
+    def needs_calibration(self, options: Any) -> bool:
+        """Calibration text is required (the run fails without it)."""
+        ...
+
+    def wants_calibration(self, options: Any) -> bool:
+        """Calibration text is used when available (the run goes on without it, and says so)."""
+        ...
 
     def requirements(self, options: Any) -> tuple[str, ...]:
         """What must be installed: "llama.cpp" and/or environment names (envs.py)."""

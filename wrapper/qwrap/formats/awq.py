@@ -21,6 +21,7 @@ from .hfquant import (  # noqa: F401
     plan_artifact,
     requirements,
     result_fields,
+    wants_calibration,
 )
 
 if TYPE_CHECKING:

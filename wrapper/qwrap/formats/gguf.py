@@ -101,6 +101,10 @@ QUANT_TYPES: dict[str, QuantType] = {
 ALIASES = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
 # Types llama-quantize quantizes without importance weights: an imatrix changes nothing.
 IMATRIX_IGNORED = {"F32", "F16", "BF16", "Q8_0"}
+# Types of 4 bits and less, where an importance matrix measurably lowers the error: computed for
+# them by default whenever calibration text is available (--no-imatrix opts out).
+IMATRIX_BY_DEFAULT = ("Q4_K", "Q3_K", "Q2_K", "IQ")
+NO_IMATRIX = "none"
 OUTTYPE_NAMES = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
 
 OPTIONS: tuple[Option, ...] = (
@@ -108,7 +112,11 @@ OPTIONS: tuple[Option, ...] = (
            ("--quant", "-q")),
     Option("outtype", str, "auto", "GGUF 16-bit intermediate: auto (bf16 if the weights are bf16, else f16), "
            "f16, bf16, f32."),
-    Option("imatrix", Optional[str], None, "GGUF importance matrix FILE, or `auto` to compute it from --calib."),
+    Option("imatrix", Optional[str], None, "GGUF importance matrix FILE, or `auto` to compute it from --calib. "
+           "Default: computed for types of 4 bits and less (Q4_K_*, Q3_K_*, Q2_K*, IQ*) when calibration text is "
+           "available (--calib, or WikiText-2)."),
+    Option("no_imatrix", bool, False, "GGUF: never use an importance matrix (types that need one are refused).",
+           ("--no-imatrix",)),
 )
 
 
@@ -116,7 +124,7 @@ OPTIONS: tuple[Option, ...] = (
 class Options:
     quants: tuple[str, ...] = ("Q4_K_M",)
     outtype: str = "auto"
-    imatrix: str | None = None  # a file path, "auto", or None
+    imatrix: str | None = None  # a file path, "auto", "none" (--no-imatrix), or None: by default
 
 
 def normalize_quant(name: str) -> str:
@@ -132,7 +140,11 @@ def normalize_quant(name: str) -> str:
 
 def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
     imatrix = values.get("imatrix")
-    if imatrix not in (None, "auto"):
+    if values.get("no_imatrix"):
+        if imatrix is not None:
+            raise UsageError("--imatrix and --no-imatrix contradict each other", hint="Pass one of them.")
+        imatrix = NO_IMATRIX
+    elif imatrix not in (None, "auto"):
         imatrix = str(Path(imatrix).resolve())
     return Options(tuple(values.get("quant") or ()), values.get("outtype", "auto"), imatrix)
 
@@ -149,18 +161,28 @@ def validate(o: Options) -> None:
     if o.outtype not in OUTTYPES:
         raise UsageError(f"unknown --outtype {o.outtype!r}", hint=f"Choose from: {', '.join(OUTTYPES)}.")
     needing = [q for q in quants if QUANT_TYPES[q].needs_imatrix]
-    if needing and o.imatrix is None:
+    if needing and o.imatrix == NO_IMATRIX:
         raise UsageError(
-            f"{', '.join(needing)} need(s) an importance matrix",
-            hint="Add `--imatrix auto --calib FILE.txt` (computed once with llama-imatrix), "
-            "or `--imatrix FILE` for a precomputed one.",
+            f"{', '.join(needing)} need(s) an importance matrix, and --no-imatrix was given",
+            hint="Drop --no-imatrix (it is then computed from --calib), or pass `--imatrix FILE`.",
         )
-    if o.imatrix not in (None, "auto") and not Path(o.imatrix).is_file():
+    if o.imatrix not in (None, "auto", NO_IMATRIX) and not Path(o.imatrix).is_file():
         raise UsageError(f"--imatrix file {o.imatrix} does not exist")
 
 
+def _default_imatrix_types(o: Options) -> list[str]:
+    return [q for q in map(normalize_quant, o.quants) if q.startswith(IMATRIX_BY_DEFAULT)] if o.imatrix is None else []
+
+
 def needs_calibration(o: Options) -> bool:
-    return o.imatrix == "auto"
+    """An importance matrix is asked for, or a type cannot do without one."""
+    return o.imatrix == "auto" or (o.imatrix is None and any(QUANT_TYPES[normalize_quant(q)].needs_imatrix
+                                                             for q in o.quants))
+
+
+def wants_calibration(o: Options) -> bool:
+    """Low-bit types get an importance matrix by default when calibration text is available."""
+    return bool(_default_imatrix_types(o))
 
 
 def requirements(o: Options) -> tuple[str, ...]:
@@ -331,7 +353,8 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                     outputs=(intermediate,), params=params, files=model_file,
                     estimate=estimate("gguf.convert", params, shape))
     imatrix: Step | None = None
-    if o.imatrix == "auto":
+    default_types = _default_imatrix_types(o) if model.calibration is not None else []
+    if o.imatrix == "auto" or default_types:
         calib = model.calibration
         params = {"calib": calib.identity if calib else None, "chunks": IMATRIX_CHUNKS, "outtype": outtype}
         imatrix = b.add("gguf.imatrix", "gguf.imatrix", NAME, "compute importance matrix",
@@ -339,7 +362,7 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                         files={"calib": calib.path} if calib and calib.path else {},
                         estimate=estimate("gguf.imatrix", params, shape), threaded=True)
     base: Step | None = None
-    user_imatrix = o.imatrix if o.imatrix not in (None, "auto") else None
+    user_imatrix = o.imatrix if o.imatrix not in (None, "auto", NO_IMATRIX) else None
     from ..journal import sha256_file
 
     user_sha = sha256_file(Path(user_imatrix)) if user_imatrix else None
@@ -348,7 +371,7 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
         inputs = {"model": convert.id}
         files: dict[str, str] = {}
         params = {"quant": quant, "outtype": outtype}
-        if o.imatrix is not None and quant not in IMATRIX_IGNORED:
+        if (o.imatrix not in (None, NO_IMATRIX) and quant not in IMATRIX_IGNORED) or quant in default_types:
             if imatrix is not None:
                 inputs["imatrix"] = imatrix.id
             else:

@@ -114,6 +114,10 @@ def needs_calibration(o: Common) -> bool:
     return True
 
 
+def wants_calibration(o: Common) -> bool:
+    return True
+
+
 def requirements(o: Common) -> tuple[str, ...]:
     return (o.backend, _protocol().VALIDATE_BACKEND)  # validation reloads artifacts there
 
