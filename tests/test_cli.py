@@ -13,7 +13,7 @@ from hubserver import HubServer
 from qwrap.formats.gguf import QUANT_TYPES
 from qwrap.toolchain import Toolchain, read_pin
 
-COMMANDS = ("run", "resume", "status", "formats", "doctor", "env")
+COMMANDS = ("run", "resume", "status", "eval", "formats", "doctor", "env")
 
 
 def plain(text: str) -> str:
@@ -29,7 +29,8 @@ def test_help_lists_every_command_and_teaches() -> None:
     run_help = plain(run_qwrap("run", "--help", env={"COLUMNS": "200"}).stdout)
     for option in ("--format", "--quant", "--output", "--revision", "--token", "--outtype", "--imatrix",
                    "--calib", "--threads", "--stall-timeout", "--keep-intermediate", "--force", "--json",
-                   "--no-preflight"):
+                   "--no-preflight", "--jobs", "--eval-text", "--eval-tokens", "--eval-ctx", "--no-eval", "--max-kld",
+                   "--no-imatrix"):
         assert option in run_help, option
     assert "Examples" in run_help and "qwrap run" in run_help
 

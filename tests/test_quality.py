@@ -145,3 +145,18 @@ def test_importance_matrix_by_default_for_low_bit_types(tiny_model: Path, tmp_pa
     assert run.returncode == 0 and "without an importance matrix" in run.stderr, run.stderr
     refused = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "x"), "-q", "IQ2_XS", "--no-imatrix")
     assert refused.returncode == 2 and "--no-imatrix" in refused.stderr
+
+
+@pytest.mark.slow
+def test_qwrap_eval_measures_a_finished_run(tiny_model: Path, tmp_path: Path, corpus: Path,
+                                            toolchain: Toolchain) -> None:
+    out = tmp_path / "o"
+    first = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q8_0", "--no-eval", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["artifacts"][0]["quality"] is None
+    again = run_qwrap("eval", str(out), "--eval-text", str(corpus), "--eval-tokens", "1024", "--eval-ctx", "256",
+                      "--json")
+    assert again.returncode == 0, again.stderr
+    (art,) = json.loads(again.stdout)["artifacts"]
+    assert art["reused"] and art["quality"]["runtime"] == "llama.cpp" and art["quality"]["kld_mean"] >= 0
+    assert art["sha256"] == json.loads(first.stdout)["artifacts"][0]["sha256"]

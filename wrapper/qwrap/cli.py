@@ -276,6 +276,43 @@ def resume(
     _execute(request, token=token, json_out=json_out, events=events)
 
 
+@app.command("eval")
+def eval_command(
+    output: OutDir,
+    eval_text: Annotated[Optional[Path], typer.Option(help="Evaluation text FILE (.txt or .jsonl); default: the run's.")] = None,
+    eval_tokens: Annotated[Optional[int], typer.Option(help="Tokens to evaluate (0: sized to the model).")] = None,
+    eval_ctx: Annotated[Optional[int], typer.Option(help="Evaluation chunk length in tokens.")] = None,
+    max_kld: Annotated[list[str], typer.Option(help="Quality gates, as for `qwrap run` (exit 17 when one fails).")] = [],  # noqa: B006
+    token: Annotated[Optional[str], typer.Option(help="Hub token, if the model or text must be fetched again.")] = None,
+    json_out: JsonFlag = False,
+    events: Events = None,
+) -> None:
+    """(Re)measure the artifacts of a finished run in OUTPUT: the run's own plan with evaluation on, so every
+    artifact is reused and only the measurements run (a 16-bit intermediate deleted after the run is made again).
+
+    Examples:
+
+      qwrap eval out/
+
+      qwrap eval out/ --eval-text held-out.txt --eval-tokens 8192 --max-kld 0.05
+    """
+    import dataclasses
+
+    from . import pipeline
+
+    request = pipeline.request_from_journal(output.resolve())
+    changes: dict[str, Any] = {"evaluate": True}
+    if eval_text is not None:
+        changes["eval_text"] = str(eval_text.resolve())
+    if eval_tokens is not None:
+        changes["eval_tokens"] = eval_tokens
+    if eval_ctx is not None:
+        changes["eval_ctx"] = eval_ctx
+    if max_kld:
+        changes["max_kld"] = tuple(max_kld)
+    _execute(dataclasses.replace(request, **changes), token=token, json_out=json_out, events=events)
+
+
 @app.command()
 def status(output: OutDir, json_out: JsonFlag = False) -> None:
     """Show every step recorded in OUTPUT's journal: state, duration, peak memory, output, error.
