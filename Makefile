@@ -78,6 +78,7 @@ bench: setup ## Benchmarks; results in bench/results/
 	$(PY) bench/dag_gguf.py
 	$(PY) bench/scaling.py $(SCALING_ARGS)
 	$(PY) bench/help_time.py
+	$(PY) bench/eval_share.py
 
 lint: venv ## ruff + mypy
 	$(VENV)/bin/ruff check wrapper tests
