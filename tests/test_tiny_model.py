@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from conftest import _missing
 from qwrap.errors import ToolchainMissingError
-from qwrap.toolchain import find_toolchain, read_pin, source_dir
+from qwrap.toolchain import Toolchain, find_toolchain, read_pin, source_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make-tiny-model"
@@ -30,6 +31,24 @@ out = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                      pad_token_id=tok.eos_token_id)
 print(len(tok), model.config.vocab_size, out.shape[1] - ids["input_ids"].shape[1])
 """
+# Mean next-token loss of each model on the corpus tail make-tiny-model holds out of training,
+# in BOS-led windows as in training and in llama-perplexity's chunks.
+HELD_OUT_LOSS = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+text = open(sys.argv[1], encoding="utf-8").read()
+for folder in sys.argv[2:]:
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    tail = ids[len(ids) * 95 // 100:]
+    windows = torch.tensor([[tok.bos_token_id, *tail[i:i + 127]]
+                            for i in range(0, len(tail) - 127, 127)])
+    with torch.no_grad():
+        print(model(input_ids=windows, labels=windows).loss.item())
+"""
+QUANT_LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +184,77 @@ def test_transformers_loads_and_generates(python: Path, models: dict[str, Path],
     assert proc.returncode == 0, proc.stderr[-3000:]
     tokenizer_size, vocab_size, generated = map(int, proc.stdout.split())
     assert (tokenizer_size, vocab_size, generated) == (4096, 4096, 4)
+
+
+# -- --train-steps ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_is_deterministic(python: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        proc = subprocess.run([str(python), str(SCRIPT), str(tmp_path / name), "--train-steps", "5"],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "training loss" in proc.stderr and "held-out loss" in proc.stderr, proc.stderr
+        runs.append(contents(tmp_path / name))
+    assert runs[0] == runs[1]
+    random = contents(models["spm"])
+    assert runs[0]["model.safetensors"] != random["model.safetensors"]
+    assert {k: v for k, v in runs[0].items() if k != "model.safetensors"} == {
+        k: v for k, v in random.items() if k != "model.safetensors"}
+
+
+@pytest.mark.slow
+def test_trained_model_has_learned_the_corpus(python: Path, trained_model: Path,
+                                             models: dict[str, Path], corpus: Path) -> None:
+    proc = subprocess.run([str(python), "-c", HELD_OUT_LOSS, str(corpus), str(trained_model),
+                           str(models["spm"])],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained, random = map(float, proc.stdout.split())
+    # ln(4096) = 8.32 is a uniform guess; the trained model reaches ~4.4 on text it never saw.
+    assert random > 8.0 and trained < 5.0, (trained, random)
+
+
+def _perplexity(toolchain: Toolchain, pattern: str, *args: str) -> float:
+    """The figure `pattern` matches in llama-perplexity's output. The pinned llama.cpp prints
+    through a logger thread it never joins (common/log.cpp, llama.cpp issue 22142), so on a
+    busy machine the last lines, the summary included, are sometimes lost at exit: retry."""
+    for _ in range(3):
+        proc = subprocess.run([str(toolchain.tool("llama-perplexity")), "-c", "256", "--chunks",
+                               "8", "-t", "1", "-b", "256", *args],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        match = re.search(pattern, proc.stdout + proc.stderr, re.MULTILINE)
+        if match:
+            return float(match.group(1))
+    raise AssertionError(f"no {pattern!r} in llama-perplexity output:\n{proc.stdout[-3000:]}")
+
+
+@pytest.mark.slow
+def test_trained_model_gives_a_quantization_ladder(python: Path, converter: Path,
+                                                   trained_model: Path, toolchain: Toolchain,
+                                                   corpus: Path, tmp_path: Path) -> None:
+    sixteen = tmp_path / "bf16.gguf"
+    proc = subprocess.run([str(python), str(converter), str(trained_model), "--outfile",
+                           str(sixteen), "--outtype", "bf16"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = tmp_path / "base.kld"
+    ppl = _perplexity(toolchain, r"Final estimate: PPL = ([0-9.]+)", "-m", str(sixteen),
+                      "-f", str(corpus), "--kl-divergence-base", str(base))
+    assert ppl < 200, ppl  # vocabulary 4096: random weights give ~4200
+    kld = {}
+    for qtype in QUANT_LADDER:
+        gguf = tmp_path / f"{qtype}.gguf"
+        quantize = subprocess.run([str(toolchain.tool("llama-quantize")), str(sixteen), str(gguf),
+                                   qtype, "1"],
+                                  capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  timeout=300)
+        assert quantize.returncode == 0, quantize.stderr[-3000:]
+        kld[qtype] = _perplexity(toolchain, r"^Mean\s+KLD:\s+([0-9.]+)", "-m", str(gguf),
+                                 "--kl-divergence-base", str(base), "--kl-divergence")
+    figures = [kld[qtype] for qtype in QUANT_LADDER]
+    assert figures == sorted(figures) and len(set(figures)) == len(figures), kld
