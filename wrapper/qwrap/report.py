@@ -108,8 +108,9 @@ def _bridge(outcome: RunOutcome, base: Mapping[str, Any]) -> dict[str, Any] | No
     """How far the two runtimes' references differ on the same tokens: the 16-bit GGUF in
     llama.cpp against the source model in transformers (each row's ppl_base)."""
     llama = base.get("ppl_base")
-    torch_side = next((q.get("ppl_base") for s in outcome.summaries if s.step.deliverable
-                       for q in [s.facts.get("quality") or {}] if q.get("runtime") == "transformers"), None)
+    views = [v for s in outcome.summaries for v in (s.facts.get("quality"), s.facts.get("weights"))
+             if isinstance(v, dict)]
+    torch_side = next((v.get("ppl_base") for v in views if v.get("runtime") == "transformers"), None)
     if llama is None or torch_side is None:
         return None
     return {"llama_cpp_16bit_ppl": llama, "transformers_source_ppl": torch_side,

@@ -29,6 +29,7 @@ from ..errors import (
 )
 from ..options import Listing, Option
 from ..plan import Estimate, Plan, PlanBuilder, Step
+from . import hfquant
 
 if TYPE_CHECKING:  # loaded by the functions that need them: `qwrap --help` imports this module
     from ..ggufinfo import GGUFInfo
@@ -325,6 +326,20 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
     return Estimate(size, LOADER_BASE_RAM + size + int(repacked), 0, VALIDATE_STARTUP_S + size / VALIDATE_BYTES_PER_S)
 
 
+def _weights_estimate(shape: Shape) -> Estimate:
+    """The source and the dequantized artifact in float32, one after the other, plus activations."""
+    return Estimate(0, shape.parameters * 4 + 1024 * MiB, 0, None)
+
+
+def _dequantized_fits(shape: Shape) -> bool:
+    import psutil
+
+    return _weights_estimate(shape).peak_ram_bytes <= psutil.virtual_memory().total * 0.8
+
+
+WEIGHTS_UNAVAILABLE = "not measured: the dequantized copy would not fit in this machine's memory"
+
+
 def kld_base_bytes(shape: Shape, ctx: int, chunks: int) -> int:
     """llama-perplexity's base file: the token ids, then per scored position the log-probs of
     the whole vocabulary as uint16 plus a few scale words."""
@@ -391,6 +406,10 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
             b.add(f"gguf.eval:{quant}", "gguf.eval", NAME, f"measure {quant}",
                   inputs={"artifact": v.id, "base": base.id}, params=params,
                   estimate=estimate("gguf.eval", params, shape), threaded=True)
+            if _dequantized_fits(shape):
+                b.add(f"gguf.weights:{quant}", "gguf.weights", NAME, f"measure {quant}'s weights in transformers",
+                      inputs={"artifact": v.id, "tokens": base.id}, params=params, files=model_file,
+                      estimate=_weights_estimate(shape), exclusive=hfquant.WORKERS, scratch=(hfquant.REFERENCE_DIR,))
 
 
 def _add_eval_base(b: PlanBuilder, convert: Step, model: ModelInfo, outtype: str) -> Step:
@@ -410,7 +429,7 @@ def _add_eval_base(b: PlanBuilder, convert: Step, model: ModelInfo, outtype: str
 
 def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     actions = {"gguf.convert": _convert, "gguf.imatrix": _imatrix, "gguf.quantize": _quantize,
-               "gguf.validate": _validate, "gguf.eval-base": _eval_base, "gguf.eval": _eval}
+               "gguf.validate": _validate, "gguf.eval-base": _eval_base, "gguf.eval": _eval, "gguf.weights": _weights}
     return actions[step.kind](step, inputs, ctx)
 
 
@@ -599,6 +618,28 @@ def _eval(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     return StepOutcome((), {"quality": quality}, result.peak_rss_bytes)
 
 
+def _weights(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    """The weights view: the artifact dequantized (transformers' GGUF loader) into the source's
+    model class, scored in transformers on the same token ids as every other row. A type or
+    architecture that loader cannot read is reported as such, not as a failure of the run."""
+    from ..errors import BackendUnavailableError, ToolchainMissingError
+    from ..workers import protocol as p
+
+    quant = step.param("quant")
+    tokens = str(inputs["tokens"].path)
+    job = p.ValidateJob(model=step.file("model"), quantized=str(inputs["artifact"].path),
+                        text=p.TextSource(path=tokens), device="auto", eval_source=tokens,
+                        eval_source_kind="llama-kld", eval_ctx=step.param("ctx"), eval_chunks=step.param("chunks"),
+                        reference_cache=str(ctx.path(hfquant.REFERENCE_DIR) / "reference.safetensors"))
+    try:
+        events, peak = hfquant.run_worker(ctx, job, p.VALIDATE_BACKEND, f"measuring {quant}'s weights in transformers")
+    except (UnsupportedModelError, ToolchainMissingError, BackendUnavailableError) as exc:
+        ctx.warning(f"{quant}'s weights not measured in transformers: {exc.message}")
+        return StepOutcome((), {"weights": {"unavailable": exc.message}})
+    assert events.result is not None
+    return StepOutcome((), {"weights": events.result.get("metadata", {}).get("eval")}, peak)
+
+
 # -- rows ------------------------------------------------------------------------------
 
 
@@ -610,8 +651,12 @@ def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
 
 def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]],
                   readers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    return {"bits_per_weight": inputs.get("artifact", {}).get("bits_per_weight"),
-            "quality": readers.get("gguf.eval", {}).get("quality"), "calibration": None}
+    quality = readers.get("gguf.eval", {}).get("quality")
+    if quality is not None:  # the weights view, scored in transformers (or why it is missing)
+        weights = readers.get("gguf.weights", {}).get("weights", {"unavailable": WEIGHTS_UNAVAILABLE})
+        quality = {**quality, "weights": weights}
+    return {"bits_per_weight": inputs.get("artifact", {}).get("bits_per_weight"), "quality": quality,
+            "calibration": None}
 
 
 def card_usage(paths: list[str]) -> str:

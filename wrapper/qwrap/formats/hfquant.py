@@ -218,6 +218,8 @@ def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]
     if quality is None and own.get("kl_divergence") is not None:  # --no-eval: the held-out validation KL
         quality = {"kld_mean": own["kl_divergence"], "tokens": own.get("tokens"), "runtime": "transformers",
                    "weights": None}
+    elif quality is not None:  # measured as loaded: its deployment runtime is the common one
+        quality = {**quality, "weights": {k: v for k, v in quality.items() if k != "weights"}}
     return {"bits_per_weight": produced.get("bits_per_weight"), "quality": quality,
             "calibration": produced.get("metadata", {}).get("calibration")}
 
@@ -286,7 +288,9 @@ def _worker_env(ctx: StepContext) -> dict[str, str | None]:
     }
 
 
-def _run_worker(ctx: StepContext, job: p.QuantizeJob | p.ValidateJob, env_name: str, what: str) -> tuple[Events, int]:
+def run_worker(ctx: StepContext, job: p.QuantizeJob | p.ValidateJob, env_name: str, what: str) -> tuple[Events, int]:
+    """Run a worker job in its environment (also GGUF's weights measurement): events to progress
+    and warnings, its error event to the matching qwrap error."""
     from .. import envs
 
     p = _protocol()
@@ -347,7 +351,7 @@ def _quantize(step: Step, ctx: StepContext) -> StepOutcome:
         bits=prm["bits"], group_size=prm["group_size"], device=prm["device"],
         checkpoint_dir=str(ctx.path(step.scratch[0])), **prm["job"],
     )
-    events, peak = _run_worker(ctx, job, prm["backend"], f"{step.format.upper()} quantization")
+    events, peak = run_worker(ctx, job, prm["backend"], f"{step.format.upper()} quantization")
     _normal_permissions(out)
     size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     parameters = _parameters(Path(step.file("model")))
@@ -387,7 +391,7 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
                         eval_source_kind=step.param("eval_source_kind", "text"), eval_ctx=step.param("eval_ctx", 512),
                         eval_chunks=evaluate if source else 0,
                         reference_cache=str(ctx.path(REFERENCE_DIR) / "reference.safetensors") if evaluate else None)
-    events, peak = _run_worker(ctx, job, p.VALIDATE_BACKEND, f"validating {final.name}")
+    events, peak = run_worker(ctx, job, p.VALIDATE_BACKEND, f"validating {final.name}")
     assert events.result is not None
     meta = events.result.get("metadata", {})
     kl = meta.get("kl_divergence")

@@ -36,31 +36,35 @@ def main(job: p.ValidateJob) -> None:
     started = time.monotonic()
     device = resolve_device(job.device)
     tokenizer = AutoTokenizer.from_pretrained(job.model)
-    samples = load_samples(job.text, tokenizer, Path(job.model))
-    batches = [row.unsqueeze(0) for row in samples.ids]
+    weights_only = job.quantized.endswith(".gguf")  # a GGUF file: its weights, dequantized, on the eval chunks
+    samples = None if weights_only else load_samples(job.text, tokenizer, Path(job.model))
+    batches = [row.unsqueeze(0) for row in samples.ids] if samples is not None else []
     chunks = hf_eval.chunk_ids(job, tokenizer) if job.eval_chunks else []
     key = "ids-" + hf_eval.ids_sha256(chunks)[:32] if chunks else ""
     evaluation: dict[str, Any] | None = None
+    stats: dict[str, Any] = {}
     with torch.inference_mode():
-        reference = _load(job.model, device, quantized=False)
-        ref_logprobs = [_logprobs(reference, ids, device, "reference") for ids in batches]
         eval_ref = hf_eval.load_reference(job.reference_cache, key) if chunks else None
-        if chunks and eval_ref is None:  # once per run: the next artifact reuses it
-            eval_ref = hf_eval.scored_logprobs(reference, chunks, device, "reference")
-            hf_eval.save_reference(job.reference_cache, key, eval_ref)
-        del reference
-        gc.collect()
+        if batches or (chunks and eval_ref is None):
+            reference = _load(job.model, device, quantized=False)
+            ref_logprobs = [_logprobs(reference, ids, device, "reference") for ids in batches]
+            if chunks and eval_ref is None:  # once per run: the next artifact reuses it
+                eval_ref = hf_eval.scored_logprobs(reference, chunks, device, "reference")
+                hf_eval.save_reference(job.reference_cache, key, eval_ref)
+            del reference
+            gc.collect()
         quantized = _load(job.quantized, device, quantized=True)
-        stats = _compare(quantized, batches, ref_logprobs, device)
+        if batches:
+            stats = _compare(quantized, batches, ref_logprobs, device)
         if chunks:
             got = hf_eval.scored_logprobs(quantized, chunks, device, "quantized")
             evaluation = {**hf_eval.figures(eval_ref, got, hf_eval.targets(chunks), job.eval_ctx),
                           "ids_sha256": hf_eval.ids_sha256(chunks), "chunks": len(chunks)}
-    metadata = {**stats, "eval": evaluation, "text": samples.metadata, "device": device,
-                "versions": versions("gptqmodel", "optimum"),
+    metadata = {**stats, "eval": evaluation, "text": samples.metadata if samples is not None else None,
+                "device": device, "versions": versions("gptqmodel", "optimum"),
                 "seconds": round(time.monotonic() - started, 3)}
-    p.emit(p.Result(output_dir=job.quantized, files=artifact.list_files(Path(job.quantized)),
-                    metadata=metadata))
+    files = [] if weights_only else artifact.list_files(Path(job.quantized))
+    p.emit(p.Result(output_dir=job.quantized, files=files, metadata=metadata))
 
 
 def _load(path: str, device: str, *, quantized: bool) -> Any:
@@ -68,13 +72,16 @@ def _load(path: str, device: str, *, quantized: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if device == "cpu" else torch.float16
+    where = Path(path)
+    # a GGUF file is dequantized by transformers' GGUF loader (gguf-py) into the same model class
+    source, extra = (str(where.parent), {"gguf_file": where.name}) if where.suffix == ".gguf" else (path, {})
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device,
+                                                     trust_remote_code=False, **extra)
     except Exception as exc:
         if not quantized:
             raise
-        raise WorkerError("validation", f"the artifact does not load with transformers: "
+        raise WorkerError("unsupported" if extra else "validation", f"the artifact does not load with transformers: "
                           f"{type(exc).__name__}: {exc}") from exc
     p.emit(p.Progress(stage="validate", done=1, total=1,
                       unit="quantized model" if quantized else "reference model"))
