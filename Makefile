@@ -46,8 +46,8 @@ setup: venv llama envs backend-envs browser ## Everything the tests and demo nee
 
 demo: venv llama envs ## Build a tiny model offline and quantize it to a few GGUF types
 	@test -d $(DEMO)/tiny-llama || $$($(QWRAP) env create convert) scripts/make-tiny-model $(DEMO)/tiny-llama
-	$(QWRAP) run $(DEMO)/tiny-llama -o $(DEMO)/gguf -q Q4_K_M -q Q5_K_M -q Q8_0
-	@echo "Artifacts and model card in $(DEMO)/gguf; run again to see every step reused."
+	$(QWRAP) run $(DEMO)/tiny-llama -o $(DEMO)/gguf -q Q4_K_M -q Q5_K_M -q Q8_0 --eval-text tests/data/corpus.txt
+	@echo "Artifacts, model card and quality page (quality.html) in $(DEMO)/gguf; run again to see every step reused."
 
 test: setup ## All tests (real tools, tiny models); about 10 minutes warm
 	QWRAP_REQUIRE_TOOLCHAIN=1 $(PY) -m pytest $(PYTEST_ARGS)

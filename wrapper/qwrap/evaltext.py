@@ -51,16 +51,10 @@ def chunks_for(parameters: int, ctx: int, tokens: int) -> int:
     return max(MIN_CHUNKS, tokens // ctx)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def from_file(path: Path, ctx: int, chunks: int) -> Evaluation:
-    return Evaluation(f"sha256:{_sha256(path)}", path.name, str(path), ctx, chunks)
+    from .journal import sha256_file
+
+    return Evaluation(f"sha256:{sha256_file(path)}", path.name, str(path), ctx, chunks)
 
 
 def wikitext_test(ctx: int, chunks: int, *, token: str | None, fetch: bool) -> Evaluation:
