@@ -86,3 +86,14 @@ def cached_text(split: str = "train") -> Path | None:
     except OfflineError:
         return None
     return text if text.exists() else None
+
+
+def planned_text(split: str = "train") -> Path | None:
+    """For `plan`, which downloads nothing: the cached text of a split, or None when `run` would
+    download it. Raises OfflineError when HF_HUB_OFFLINE is set and it is not cached."""
+    from huggingface_hub import constants
+
+    text = cached_text(split)
+    if text is None and constants.HF_HUB_OFFLINE:
+        raise OfflineError(f"HF_HUB_OFFLINE is set and WikiText-2 ({split}) is not in the cache")
+    return text

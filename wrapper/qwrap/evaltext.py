@@ -18,7 +18,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import OfflineError, UsageError
+from .errors import UsageError
 
 PARAMETER_TOKENS = 1.6e12  # the default budget: parameters x evaluated tokens
 MAX_DEFAULT_TOKENS = 16384
@@ -59,18 +59,13 @@ def from_file(path: Path, ctx: int, chunks: int) -> Evaluation:
 
 def wikitext_test(ctx: int, chunks: int, *, token: str | None, fetch: bool) -> Evaluation:
     """WikiText-2's test split, converted to text once in the cache. Raises OfflineError."""
-    from huggingface_hub import constants
-
     from . import calib_source
 
     identity = f"hf-dataset:{calib_source.WIKITEXT_REPO}/{calib_source.TEST_FILE}"
     if fetch:
         return Evaluation(identity, "wikitext2 (test)", str(calib_source.wikitext2_text("test", token=token)),
                           ctx, chunks)
-    text = calib_source.cached_text("test")
-    if text is None and constants.HF_HUB_OFFLINE:
-        raise OfflineError("HF_HUB_OFFLINE is set and WikiText-2 (test) is not in the cache")
-    # not cached yet: `run` downloads it, so the plan is the same
+    text = calib_source.planned_text("test")  # None: `run` downloads it, so the plan is the same
     return Evaluation(identity, "wikitext2 (test)", str(text) if text else None, ctx, chunks)
 
 

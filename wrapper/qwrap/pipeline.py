@@ -69,21 +69,15 @@ def calibration(request: Request, token: str | None, *, fetch: bool) -> tuple[Ca
         if fetch:
             text: Path | None = calib_source.wikitext2_text(token=token)
         else:
-            text = calib_source.cached_text()
-            if text is None and not required and _offline():
-                raise OfflineError("HF_HUB_OFFLINE is set and WikiText-2 is not in the cache")
+            text = calib_source.planned_text()
     except OfflineError as exc:
-        if required:
+        if required and fetch:
             raise
+        if required:  # plan: report what run would need; run raises with the fix
+            return Calibration(identity, "wikitext2", None), ""
         return None, (f"no calibration text ({exc.message}): the low-bit types are quantized without an importance "
                       "matrix. Pass --calib FILE.txt for a better result, or --no-imatrix to silence this.")
     return Calibration(identity, "wikitext2", str(text) if text else None), ""
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def evaluation(request: Request, model: ModelInfo, token: str | None, *,
@@ -182,8 +176,8 @@ def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOu
         modelcard.write(result, output, model.calibration.label if model.calibration else None)
         sixteen = next((s.estimate.output_bytes for s in plan.steps if s.kind.endswith(".convert")), None)
         page = qualitypage.write(output, result, reference_bytes=sixteen)
-        if getattr(page, "note", None):
-            reporter.warning(f"quality page: {page.note}")  # type: ignore[attr-defined]
+        if page.note:
+            reporter.warning(f"quality page: {page.note}")
     return outcome
 
 

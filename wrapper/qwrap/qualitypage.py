@@ -232,7 +232,7 @@ def render(result: RunResult, output: Path, png: bytes | None, *, reference_byte
 """
 
 
-def write(output: Path, result: RunResult, *, reference_bytes: int | None) -> list[Path]:
+def write(output: Path, result: RunResult, *, reference_bytes: int | None) -> Written:
     """Write ``OUT/quality.png`` (when the report environment exists) and ``OUT/quality.html``
     if any artifact has a measured mean KLD; return the paths written (a ``Written``, whose
     ``note`` says why the plot is missing, if it is)."""

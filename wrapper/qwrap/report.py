@@ -98,7 +98,8 @@ def _quality_reference(outcome: RunOutcome) -> dict[str, Any] | None:
     ev = outcome.model.evaluation
     if ev is None:
         return None
-    base = next((s.facts for s in outcome.summaries if s.step.kind.endswith("eval-base")), {})
+    # the step that provides the evaluation's token ids measured the 16-bit reference
+    base = next((s.facts for s in outcome.summaries if any(p.startswith("eval-tokens") for p in s.step.provides)), {})
     return {"text": ev.label, "text_identity": ev.identity, "ctx": ev.ctx, "chunks": base.get("chunks", ev.chunks),
             "tokens_scored": int(base.get("chunks", ev.chunks)) * (ev.ctx - 1 - ev.ctx // 2),
             "ppl_base": base.get("ppl_base"), "bridge": _bridge(outcome, base), "note": ev.note or None}
