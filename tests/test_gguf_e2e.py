@@ -189,3 +189,42 @@ def test_default_calibration_offline_says_pass_calib(tiny_model: Path, tmp_path:
                      env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 5, proc.stderr
     assert "--calib" in proc.stderr and "WikiText-2" in proc.stderr
+
+
+def _without_tensor(src: Path, dst: Path, name: str) -> None:
+    """A copy of a model folder whose safetensors file lacks one tensor (header and data
+    rewritten: a well-formed file, just incomplete)."""
+    import shutil
+    import struct
+
+    shutil.copytree(src, dst)
+    raw = (src / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    assert name in header, sorted(header)
+    del header[name]
+    out, offset = [], 0
+    for _name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                            key=lambda kv: kv[1]["data_offsets"][0]):
+        begin, end = info["data_offsets"]
+        out.append(data[begin:end])
+        info["data_offsets"] = [offset, offset + end - begin]
+        offset += end - begin
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    (dst / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + b"".join(out))
+
+
+def test_an_artifact_llama_cpp_cannot_load_is_a_validation_failure(tiny_model: Path, tmp_path: Path,
+                                                                    toolchain: Toolchain) -> None:
+    """The converter and llama-quantize accept a model without its final norm; llama.cpp's
+    loader does not: exit 11 (validation failed), not 10 (a tool failed), and nothing under a
+    final name."""
+    broken = tmp_path / "no-norm"
+    _without_tensor(tiny_model, broken, "model.norm.weight")
+    out = tmp_path / "o"
+    proc = run_qwrap("run", str(broken), "-o", str(out), "-q", "Q8_0", "--no-eval")
+    assert proc.returncode == 11, proc.stderr
+    assert "cannot load the Q8_0 artifact" in proc.stderr and "output_norm" in proc.stderr, proc.stderr
+    assert not list(out.glob("*.gguf")), list(out.iterdir())

@@ -56,7 +56,7 @@ def test_gguf_figures_equal_hand_run_llama_perplexity(tiny_model: Path, tmp_path
                                                       toolchain: Toolchain) -> None:
     out = tmp_path / "o"
     options = ["-q", "Q8_0", "-q", "Q2_K", "--eval-text", str(corpus), "--eval-tokens", "2048", "--eval-ctx", "256",
-               "--threads", "2", "--keep-intermediate"]
+               "--threads", "2", "--keep-intermediate", "--eval-weights", "on"]
     plan = json.loads(run_qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json").stdout)
     steps = {s["id"]: s for s in plan["steps"]}
     assert steps["gguf.eval-base"]["params"]["chunks"] == 8 and steps["gguf.eval-base"]["estimates"]["output_bytes"] > 0
@@ -96,6 +96,42 @@ def test_gguf_figures_equal_hand_run_llama_perplexity(tiny_model: Path, tmp_path
     rows = {a["quant"]: a for a in json.loads(gated.stdout)["artifacts"]}
     assert rows["Q2_K"]["gate"] == "failed" and rows["Q8_0"]["gate"] is None
     assert Path(rows["Q2_K"]["path"]).is_file() and "--max-kld" in gated.stderr
+
+
+def test_default_evaluation_size_keeps_its_share_of_the_run() -> None:
+    from qwrap import evaltext
+
+    # the most chunks within a quarter of the run: (0.25 / 0.75 * 300 - 10) / 2 = 45
+    assert evaltext.default_chunks(300.0, 10.0, 2.0, 256) == 45
+    assert evaltext.default_chunks(20.0, 10.0, 2.0, 512) == evaltext.MIN_CHUNKS  # never under the minimum
+    assert evaltext.default_chunks(1e6, 0.0, 0.01, 512) == 16384 // 512  # nor over 16k tokens
+    assert evaltext.default_chunks(100.0, 0.0, 0.0, 256) == 64  # free evaluation: the cap
+    assert evaltext.chunks_for(256, 4096) == 16 and evaltext.chunks_for(512, 100) == evaltext.MIN_CHUNKS
+
+
+@pytest.mark.slow
+def test_plan_sizes_the_evaluation_and_says_what_it_costs(tiny_model: Path, tmp_path: Path, corpus: Path) -> None:
+    def plan(*args: str) -> dict:
+        proc = run_qwrap("plan", str(tiny_model), "-o", str(tmp_path / "o"), "-q", "Q4_K_M", "-q", "Q8_0",
+                         "--eval-text", str(corpus), *args, "--json")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    default = plan()
+    steps = {s["id"]: s for s in default["steps"]}
+    chunks = steps["gguf.eval-base"]["params"]["chunks"]
+    evaluation = [s for s in default["steps"] if s["kind"].startswith("gguf.eval")]
+    eval_s = sum(s["estimates"]["seconds"] for s in evaluation)
+    build_s = sum(s["estimates"]["seconds"] or 0 for s in default["steps"]) - eval_s
+    # within its share of the run, or at its minimum when even that is over it
+    assert eval_s <= 0.25 * (eval_s + build_s) + 1e-6 or chunks == 2, (chunks, eval_s, build_s)
+    (check,) = [c for c in default["checks"] if c["name"] == "evaluation text"]
+    assert f"{chunks} chunks of 512 tokens" in check["detail"] and "of the run's estimated" in check["detail"]
+    assert not [s for s in default["steps"] if s["kind"] == "gguf.weights"]  # on a CPU only when asked
+    asked = plan("--eval-tokens", "4096", "--eval-ctx", "256", "--eval-weights", "on")
+    steps = {s["id"]: s for s in asked["steps"]}
+    assert steps["gguf.eval-base"]["params"]["chunks"] == 16 and steps["gguf.eval:Q8_0"]["params"]["chunks"] == 16
+    assert steps["gguf.weights:Q8_0"]["estimates"]["seconds"] > 0
 
 
 @pytest.mark.slow
@@ -187,7 +223,9 @@ def test_the_ladder_is_sane_and_the_imatrix_helps(trained_model: Path, tmp_path:
     plain = run_qwrap("run", str(trained_model), "-o", str(tmp_path / "plain"),
                       *[a for q in LADDER for a in ("-q", q)], "--no-imatrix", *common)
     assert plain.returncode == 0, plain.stderr
-    kld = {a["quant"]: a["quality"]["kld_mean"] for a in json.loads(plain.stdout)["artifacts"]}
+    rows = json.loads(plain.stdout)["artifacts"]
+    kld = {a["quant"]: a["quality"]["kld_mean"] for a in rows}
+    assert all("--eval-weights on" in a["quality"]["weights"]["unavailable"] for a in rows)  # CPU: not by default
     assert [kld[q] for q in LADDER] == sorted(kld[q] for q in LADDER), kld
     assert len(set(kld.values())) == len(LADDER), kld
     tuned = run_qwrap("run", str(trained_model), "-o", str(tmp_path / "tuned"), "-q", "Q4_K_M",

@@ -115,8 +115,9 @@ def _run_options() -> tuple[Option, ...]:
                "(KL divergence, PPL, same top-1)."),
         Option("eval_text", Optional[str], None, "Evaluation text FILE (.txt or .jsonl); default: WikiText-2 (test); "
                "offline, the part of --calib that calibration does not use."),
-        Option("eval_tokens", int, 0, "Tokens to evaluate (chunks x --eval-ctx). 0: sized to the model, about "
-               "1.6e12 / parameters (16k for 100M, 2k for 1B, two chunks from 8B up)."),
+        Option("eval_tokens", int, 0, "Tokens to evaluate (chunks x --eval-ctx). 0: sized to the run, as many chunks "
+               "as keep the evaluation within 25% of the run's estimated time on this machine (at least 2 chunks, at "
+               "most 16384 tokens; on a CPU that is the minimum, with a GPU more). `qwrap plan` shows the time."),
         Option("eval_ctx", int, 512, "Evaluation chunk length in tokens (the second half of each chunk is scored)."),
         Option("max_kld", list[str], [], "Quality gate: fail (exit 17) when an artifact's mean KLD is over VALUE; "
                "NAME=VALUE for one type or format (Q2_K=0.2, awq=0.05). Repeatable."),
@@ -280,7 +281,7 @@ def resume(
 def eval_command(
     output: OutDir,
     eval_text: Annotated[Optional[Path], typer.Option(help="Evaluation text FILE (.txt or .jsonl); default: the run's.")] = None,
-    eval_tokens: Annotated[Optional[int], typer.Option(help="Tokens to evaluate (0: sized to the model).")] = None,
+    eval_tokens: Annotated[Optional[int], typer.Option(help="Tokens to evaluate (0: sized to the run).")] = None,
     eval_ctx: Annotated[Optional[int], typer.Option(help="Evaluation chunk length in tokens.")] = None,
     max_kld: Annotated[list[str], typer.Option(help="Quality gates, as for `qwrap run` (exit 17 when one fails).")] = [],  # noqa: B006
     token: Annotated[Optional[str], typer.Option(help="Hub token, if the model or text must be fetched again.")] = None,

@@ -7,9 +7,12 @@ evaluates on the held-out part of ``--calib`` (every 10th document, which calibr
 sees) and says so. It is cut as llama-perplexity does: tokenized once with BOS, consecutive
 chunks of ``ctx`` tokens, the first token of each set to BOS, the second half scored.
 
-``--eval-tokens`` bounds the cost (tokens processed = chunks x ctx). Its default follows the
-model's size: about 1.6e12 parameter-tokens (16k tokens for a 100M model, 2k for 1B, the
-minimum of two chunks from 8B up), so the evaluation stays a modest share of the run.
+``--eval-tokens`` bounds the cost (tokens processed = chunks x ctx). Its default is sized to
+the run on the machine at hand: as many chunks as keep the evaluation steps' estimated time at
+most a quarter of the whole run's (``EVAL_SHARE``; the plan's own cost models, so the device
+and the model size count), at least two chunks and at most 16384 tokens. On a CPU, scoring a
+token costs about as much as quantizing it several times over, so the default is the minimum
+there whatever the size; with a GPU it grows to the 16k cap.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ from pathlib import Path
 
 from .errors import UsageError
 
-PARAMETER_TOKENS = 1.6e12  # the default budget: parameters x evaluated tokens
+EVAL_SHARE = 0.25  # the default budget: the evaluation's share of the run's estimated time
 MAX_DEFAULT_TOKENS = 16384
 MIN_CHUNKS = 2
+# A forward pass in float32 torch, seconds per (1e9 parameters x tokens): measured on 2 CPU
+# cores (a 100M Llama, 512-token chunks); a CUDA GPU does it ~50x faster.
+TORCH_S_PER_GTOKEN_PARAM = 0.045
+TORCH_GPU_SPEEDUP = 50.0
 
 
 @dataclass(frozen=True)
@@ -44,11 +51,26 @@ class Evaluation:
         return self.chunks * (self.ctx - 1 - self.ctx // 2)
 
 
-def chunks_for(parameters: int, ctx: int, tokens: int) -> int:
-    """How many chunks ``--eval-tokens`` (0: the size-based default) buys."""
-    if tokens <= 0:
-        tokens = min(MAX_DEFAULT_TOKENS, int(PARAMETER_TOKENS / max(parameters, 1)))
-    return max(MIN_CHUNKS, tokens // ctx)
+def chunks_for(ctx: int, tokens: int) -> int:
+    """How many chunks ``--eval-tokens`` buys (0, the default: ``MIN_CHUNKS`` until
+    ``default_chunks`` sizes it to the plan)."""
+    return max(MIN_CHUNKS, tokens // ctx) if tokens > 0 else MIN_CHUNKS
+
+
+def default_chunks(build_s: float, fixed_s: float, per_chunk_s: float, ctx: int) -> int:
+    """The most chunks whose evaluation (``fixed_s + chunks x per_chunk_s``) stays within
+    ``EVAL_SHARE`` of the run (``build_s`` + the evaluation), clamped to [MIN_CHUNKS, 16384 tokens]."""
+    most = max(MIN_CHUNKS, MAX_DEFAULT_TOKENS // ctx)
+    if per_chunk_s <= 0:
+        return most
+    fits = (EVAL_SHARE / (1 - EVAL_SHARE) * build_s - fixed_s) / per_chunk_s
+    return int(min(most, max(MIN_CHUNKS, fits)))
+
+
+def torch_seconds(parameters: int, tokens: int, *, gpu: bool) -> float:
+    """One forward pass of the model over ``tokens`` in float32 torch (the transformers side)."""
+    seconds = TORCH_S_PER_GTOKEN_PARAM * parameters / 1e9 * tokens
+    return seconds / TORCH_GPU_SPEEDUP if gpu else seconds
 
 
 def from_file(path: Path, ctx: int, chunks: int) -> Evaluation:
@@ -111,7 +133,7 @@ def check_options(ctx: int, tokens: int, eval_text: str | None) -> None:
     if ctx < 16 or ctx % 2:
         raise UsageError(f"--eval-ctx {ctx} must be an even number of at least 16", hint="512 is the usual value.")
     if tokens < 0:
-        raise UsageError("--eval-tokens must be 0 (sized to the model) or a positive number")
+        raise UsageError("--eval-tokens must be 0 (sized to the run) or a positive number")
     if eval_text is not None and not Path(eval_text).is_file():
         raise UsageError(f"--eval-text file {eval_text} does not exist",
                          hint="Pass a UTF-8 .txt or .jsonl file, or leave --eval-text out for WikiText-2 (test).")

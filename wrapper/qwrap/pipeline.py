@@ -31,6 +31,7 @@ from .report import build_result
 from .request import Request, check_basic, safe_argv
 from .runner import Runner, RunSettings, StepSummary, remove_intermediates
 from .toolchain import read_pin
+from .units import format_seconds
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def evaluation(request: Request, model: ModelInfo, token: str | None, *,
     user asked for or there is none; ``work`` is None for `plan` (which fetches nothing)."""
     if not request.evaluate:
         return None, ""
-    chunks = evaltext.chunks_for(model.shape.parameters, request.eval_ctx, request.eval_tokens)
+    chunks = evaltext.chunks_for(request.eval_ctx, request.eval_tokens)  # the default: see sized_evaluation
     if request.eval_text is not None:
         return evaltext.from_file(Path(request.eval_text), request.eval_ctx, chunks), ""
     try:
@@ -111,6 +112,57 @@ def warn_overlap(request: Request, ev: Evaluation | None, reporter: Reporter) ->
                          "the quality figures will look better than they are. Pass another --eval-text.")
 
 
+@dataclass(frozen=True)
+class EvalCost:
+    """The evaluation's estimated seconds against the rest of the run's (steps with a cost model)."""
+    eval_s: float
+    build_s: float
+
+    @property
+    def share(self) -> float:
+        total = self.eval_s + self.build_s
+        return self.eval_s / total if total > 0 else 0.0
+
+    def describe(self) -> str:
+        return (f"about {format_seconds(self.eval_s)} of the run's estimated {format_seconds(self.eval_s + self.build_s)} "
+                f"({100 * self.share:.0f}%)")
+
+    def warning(self) -> str:
+        """Said at the start of a run whose evaluation is long and over its share even at its minimum."""
+        if self.eval_s < LONG_EVAL_S or self.share <= evaltext.EVAL_SHARE + 0.1:
+            return ""
+        return (f"the evaluation will take {self.describe()}: pass a smaller --eval-tokens (or --eval-ctx), "
+                "or --no-eval to skip it")
+
+
+LONG_EVAL_S = 600.0
+
+
+def sized_evaluation(request: Request, model: ModelInfo) -> tuple[ModelInfo, EvalCost | None]:
+    """The evaluation's cost and, without --eval-tokens, its size: as many chunks as keep its
+    estimated time within evaltext.EVAL_SHARE of the run's. The plan is built at two chunk
+    counts: the steps whose estimate changes are the evaluation (a fixed cost plus a cost per
+    chunk), the rest is the build; steps without a cost model count as free, so the rule errs
+    towards fewer chunks."""
+    ev = model.evaluation
+    if ev is None:
+        return model, None
+
+    def seconds(chunks: int) -> dict[str, float]:
+        plan = build_plan(request, dataclasses.replace(model, evaluation=dataclasses.replace(ev, chunks=chunks)))
+        return {s.id: s.estimate.seconds or 0.0 for s in plan.steps}
+
+    low = evaltext.MIN_CHUNKS
+    one, two = seconds(low), seconds(low + 1)
+    evals = {i for i in two if two[i] != one.get(i)}
+    per_chunk = sum(two[i] - one[i] for i in evals)
+    fixed = sum(one[i] for i in evals) - low * per_chunk
+    build = sum(v for i, v in one.items() if i not in evals)
+    chunks = ev.chunks if request.eval_tokens > 0 else evaltext.default_chunks(build, fixed, per_chunk, ev.ctx)
+    cost = EvalCost(fixed + chunks * per_chunk, build)
+    return dataclasses.replace(model, evaluation=dataclasses.replace(ev, chunks=chunks)), cost
+
+
 def build_plan(request: Request, model: ModelInfo) -> Plan:
     b = PlanBuilder(model.fingerprint, read_pin().commit, model.shape.parameters)
     # in registry order, whatever the order on the command line: a step one format provides
@@ -128,13 +180,18 @@ def plan_only(request: Request, *, token: str | None) -> PlanReport:
     calib, calib_note = calibration(request, token, fetch=False)
     model = model_info(source, calib, token=token)
     ev, note = evaluation(request, model, token, work=None)
-    model = dataclasses.replace(model, evaluation=ev)
+    model, cost = sized_evaluation(request, dataclasses.replace(model, evaluation=ev))
+    ev = model.evaluation
     checks = model_checks(request, model, thorough=True)
     if calib_note:
         checks.append(Check("calibration", True, calib_note))
     if request.evaluate:  # informative: a run without evaluation text still makes its artifacts
+        sized = "" if request.eval_tokens else f" (sized to keep it within {100 * evaltext.EVAL_SHARE:.0f}% of the run)"
         checks.append(Check("evaluation text", True, note or f"{ev.label if ev else '-'}: "
-                            f"{ev.chunks if ev else 0} chunks of {request.eval_ctx} tokens"))
+                            f"{ev.chunks if ev else 0} chunks of {request.eval_ctx} tokens{sized}"
+                            + (f"; {cost.describe()}" if cost else "")))
+        if cost and cost.warning():
+            checks.append(Check("evaluation time", True, cost.warning()))
     plan = build_plan(request, model)
     disk, disk_info = disk_check(plan, request.output)
     hub, hub_info = hub_cache_check(model)
@@ -157,7 +214,10 @@ def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOu
             reporter.warning(calib_note)
         model = dataclasses.replace(model, calibration=calib)
         ev, note = evaluation(request, model, token, work=output / ".checkpoint" / "work")
-        model = dataclasses.replace(model, evaluation=ev)
+        model, cost = sized_evaluation(request, dataclasses.replace(model, evaluation=ev))
+        ev = model.evaluation
+        if cost and cost.warning():
+            reporter.warning(cost.warning())
         warn_overlap(request, ev, reporter)
         if note:
             reporter.warning(note)

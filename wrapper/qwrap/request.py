@@ -35,7 +35,7 @@ class Request:
     preflight: bool = True
     evaluate: bool = True  # measure every artifact against its source (--no-eval: off)
     eval_text: str | None = None  # a text file; None: WikiText-2 (test), offline the calibration's held-out part
-    eval_tokens: int = 0  # tokens evaluated (chunks x ctx); 0: sized to the model
+    eval_tokens: int = 0  # tokens evaluated (chunks x ctx); 0: sized to the run (pipeline.sized_evaluation)
     eval_ctx: int = 512
     max_kld: tuple[str, ...] = ()  # quality gates: "VALUE" or "NAME=VALUE"
 

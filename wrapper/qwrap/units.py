@@ -1,4 +1,4 @@
-"""Human-readable sizes."""
+"""Human-readable sizes and durations."""
 
 from __future__ import annotations
 
@@ -11,3 +11,12 @@ def human_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def format_seconds(s: float) -> str:
+    """12 s, 4.5 min, 2.8 h."""
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"

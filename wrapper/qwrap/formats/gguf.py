@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from .. import evaltext
 from ..checks import Check
 from ..context import Inputs, StepContext, StepOutcome
 from ..errors import (
@@ -118,7 +119,11 @@ OPTIONS: tuple[Option, ...] = (
            "available (--calib, or WikiText-2)."),
     Option("no_imatrix", bool, False, "GGUF: never use an importance matrix (types that need one are refused).",
            ("--no-imatrix",)),
+    Option("eval_weights", str, "auto", "GGUF weights view: every artifact also dequantized into transformers and "
+           "scored on the same tokens (quality.weights). auto: where a CUDA GPU is present (on a CPU it runs the model "
+           "in float32 torch twice per artifact, several times the cost of quantizing); on; off."),
 )
+WEIGHTS_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class Options:
     quants: tuple[str, ...] = ("Q4_K_M",)
     outtype: str = "auto"
     imatrix: str | None = None  # a file path, "auto", "none" (--no-imatrix), or None: by default
+    eval_weights: str = "auto"  # the weights view: auto (where a GPU is present), on, off
 
 
 def normalize_quant(name: str) -> str:
@@ -147,7 +153,8 @@ def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
         imatrix = NO_IMATRIX
     elif imatrix not in (None, "auto"):
         imatrix = str(Path(imatrix).resolve())
-    return Options(tuple(values.get("quant") or ()), values.get("outtype", "auto"), imatrix)
+    return Options(tuple(values.get("quant") or ()), values.get("outtype", "auto"), imatrix,
+                   values.get("eval_weights", "auto"))
 
 
 def options_from_json(data: Mapping[str, Any]) -> Options:
@@ -167,6 +174,8 @@ def validate(o: Options) -> None:
             f"{', '.join(needing)} need(s) an importance matrix, and --no-imatrix was given",
             hint="Drop --no-imatrix (it is then computed from --calib), or pass `--imatrix FILE`.",
         )
+    if o.eval_weights not in WEIGHTS_CHOICES:
+        raise UsageError(f"unknown --eval-weights {o.eval_weights!r}", hint=f"Choose from: {', '.join(WEIGHTS_CHOICES)}.")
     if o.imatrix not in (None, "auto", NO_IMATRIX) and not Path(o.imatrix).is_file():
         raise UsageError(f"--imatrix file {o.imatrix} does not exist")
 
@@ -298,7 +307,12 @@ LOADER_BASE_RAM = 20 * MiB  # llama-simple before the model: its context and com
 REPACKED = {"Q4_0", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS"}  # the CPU backend keeps a repacked copy
 VALIDATE_STARTUP_S = 0.35
 VALIDATE_BYTES_PER_S = 600e6
-EVAL_S_PER_GTOKEN_PARAM = 0.02  # llama-perplexity: seconds per (1e9 parameters x tokens), both cores
+EVAL_S_PER_GTOKEN_PARAM = 0.033  # llama-perplexity: seconds per (1e9 parameters x tokens), both cores
+# The weights view (transformers): ~8 s to start and load the source, then gguf-py dequantizes
+# the artifact at ~6e6 parameters/s, and the source (once per run, then cached) and the
+# dequantized copy each run a forward pass over the chunks.
+WEIGHTS_STARTUP_S = 8.0
+DEQUANT_PARAMS_PER_S = 6e6
 
 
 def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
@@ -326,18 +340,31 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
     return Estimate(size, LOADER_BASE_RAM + size + int(repacked), 0, VALIDATE_STARTUP_S + size / VALIDATE_BYTES_PER_S)
 
 
-def _weights_estimate(shape: Shape) -> Estimate:
+def _weights_estimate(shape: Shape, params: Mapping[str, Any] | None = None) -> Estimate:
     """The source and the dequantized artifact in float32, one after the other, plus activations."""
-    return Estimate(0, shape.parameters * 4 + 1024 * MiB, 0, None)
+    from ..toolchain import gpu_present
+
+    seconds = None
+    if params is not None:
+        forward = evaltext.torch_seconds(shape.parameters, int(params["ctx"]) * int(params["chunks"]),
+                                         gpu=gpu_present())
+        seconds = WEIGHTS_STARTUP_S + shape.parameters / DEQUANT_PARAMS_PER_S + 2 * forward
+    return Estimate(0, shape.parameters * 4 + 1024 * MiB, 0, seconds)
 
 
-def _dequantized_fits(shape: Shape) -> bool:
+def _weights_view(o: Options, shape: Shape) -> bool:
+    """Whether the plan measures the weights view: asked for (or a GPU makes it cheap) and the
+    dequantized copy fits in memory."""
     import psutil
 
-    return _weights_estimate(shape).peak_ram_bytes <= psutil.virtual_memory().total * 0.8
+    from ..toolchain import gpu_present
+
+    wanted = o.eval_weights == "on" or (o.eval_weights == "auto" and gpu_present())
+    return wanted and _weights_estimate(shape).peak_ram_bytes <= psutil.virtual_memory().total * 0.8
 
 
-WEIGHTS_UNAVAILABLE = "not measured: the dequantized copy would not fit in this machine's memory"
+WEIGHTS_UNAVAILABLE = ("not measured: the weights view runs where a CUDA GPU is present or with --eval-weights on, "
+                       "and only when the dequantized copy fits in this machine's memory")
 
 
 def kld_base_bytes(shape: Shape, ctx: int, chunks: int) -> int:
@@ -406,10 +433,10 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
             b.add(f"gguf.eval:{quant}", "gguf.eval", NAME, f"measure {quant}",
                   inputs={"artifact": v.id, "base": base.id}, params=params,
                   estimate=estimate("gguf.eval", params, shape), threaded=True)
-            if _dequantized_fits(shape):
+            if _weights_view(o, shape):
                 b.add(f"gguf.weights:{quant}", "gguf.weights", NAME, f"measure {quant}'s weights in transformers",
                       inputs={"artifact": v.id, "tokens": base.id}, params=params, files=model_file,
-                      estimate=_weights_estimate(shape), exclusive=hfquant.WORKERS, scratch=(hfquant.REFERENCE_DIR,))
+                      estimate=_weights_estimate(shape, params), exclusive=hfquant.WORKERS, scratch=(hfquant.REFERENCE_DIR,))
 
 
 def _add_eval_base(b: PlanBuilder, convert: Step, model: ModelInfo, outtype: str) -> Step:

@@ -167,7 +167,16 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
     size = folder_bytes(shape, params["bits"], params["group_size"])
     if kind == "hf.quantize":
         return Estimate(size, ram, 2 * size)  # the folder plus its per-layer checkpoints
-    return Estimate(size, ram, 0)  # hf.validate: reloads it, renames it
+    # hf.validate: reloads it, renames it; with the evaluation, the source (once per run, then
+    # cached) and the artifact each run a forward pass over the chunks (no cost model otherwise)
+    tokens = int(params.get("eval_chunks") or 0) * int(params.get("eval_ctx") or 0)
+    if not tokens:
+        return Estimate(size, ram, 0)
+    from .. import evaltext
+    from ..toolchain import gpu_present
+
+    gpu = params.get("device") == "cuda" or (params.get("device") == "auto" and gpu_present())
+    return Estimate(size, ram, 0, 2 * evaltext.torch_seconds(shape.parameters, tokens, gpu=gpu))
 
 
 def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Mapping[str, Any]) -> None:
