@@ -233,3 +233,53 @@ def test_the_ladder_is_sane_and_the_imatrix_helps(trained_model: Path, tmp_path:
     assert tuned.returncode == 0, tuned.stderr
     (art,) = json.loads(tuned.stdout)["artifacts"]
     assert art["quality"]["kld_mean"] < kld["Q4_K_M"], (art["quality"], kld["Q4_K_M"])  # measured: -9%
+
+
+def _sparse_llama(folder: Path, tokenizer_from: Path, layers: int, hidden: int, ffn: int) -> None:
+    """A Llama-shaped folder of any size for `plan`, which reads headers only: the safetensors
+    file is as long as its header says, but sparse (no weights written)."""
+    import shutil
+    import struct
+
+    folder.mkdir()
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    config = json.loads((tokenizer_from / "config.json").read_text())
+    kv = hidden // 8
+    config.update(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=64,
+                  num_key_value_heads=8, torch_dtype="bfloat16")
+    (folder / "config.json").write_text(json.dumps(config))
+    shapes = {"model.embed_tokens.weight": [config["vocab_size"], hidden], "model.norm.weight": [hidden],
+              "lm_head.weight": [config["vocab_size"], hidden]}
+    for i in range(layers):
+        for name, shape in (("self_attn.q_proj", [hidden, hidden]), ("self_attn.k_proj", [kv, hidden]),
+                            ("self_attn.v_proj", [kv, hidden]), ("self_attn.o_proj", [hidden, hidden]),
+                            ("mlp.gate_proj", [ffn, hidden]), ("mlp.up_proj", [ffn, hidden]),
+                            ("mlp.down_proj", [hidden, ffn]), ("input_layernorm", [hidden]),
+                            ("post_attention_layernorm", [hidden])):
+            shapes[f"model.layers.{i}.{name}.weight"] = shape
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with (folder / "model.safetensors").open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
+
+
+@pytest.mark.slow
+def test_a_70b_model_on_a_cpu_is_told_what_the_evaluation_costs(tiny_model: Path, tmp_path: Path,
+                                                                  corpus: Path) -> None:
+    """Even at its minimum, evaluating a 70B model on a CPU takes hours: `plan` says so."""
+    big = tmp_path / "llama-70b"
+    _sparse_llama(big, tiny_model, layers=80, hidden=8192, ffn=28672)
+    proc = run_qwrap("plan", str(big), "-o", str(tmp_path / "o"), "-q", "Q4_K_M", "--eval-text", str(corpus), "--json")
+    plan = json.loads(proc.stdout)
+    assert plan["parameters"] > 60e9, plan["parameters"]
+    assert {s["id"]: s for s in plan["steps"]}["gguf.eval-base"]["params"]["chunks"] == 2
+    (check,) = [c for c in plan["checks"] if c["name"] == "evaluation time"]
+    assert "of the run's estimated" in check["detail"] and "--no-eval" in check["detail"], check

@@ -117,6 +117,7 @@ class EvalCost:
     """The evaluation's estimated seconds against the rest of the run's (steps with a cost model)."""
     eval_s: float
     build_s: float
+    chunks: int
 
     @property
     def share(self) -> float:
@@ -128,11 +129,14 @@ class EvalCost:
                 f"({100 * self.share:.0f}%)")
 
     def warning(self) -> str:
-        """Said at the start of a run whose evaluation is long and over its share even at its minimum."""
+        """Said at the start of a run whose evaluation is long and over its share."""
         if self.eval_s < LONG_EVAL_S or self.share <= evaltext.EVAL_SHARE + 0.1:
             return ""
-        return (f"the evaluation will take {self.describe()}: pass a smaller --eval-tokens (or --eval-ctx), "
-                "or --no-eval to skip it")
+        if self.chunks > evaltext.MIN_CHUNKS:
+            fix = "pass a smaller --eval-tokens, or --no-eval to skip it"
+        else:
+            fix = f"that is its minimum of {evaltext.MIN_CHUNKS} chunks: pass a smaller --eval-ctx, or --no-eval to skip it"
+        return f"the evaluation will take {self.describe()}; {fix}"
 
 
 LONG_EVAL_S = 600.0
@@ -159,7 +163,7 @@ def sized_evaluation(request: Request, model: ModelInfo) -> tuple[ModelInfo, Eva
     fixed = sum(one[i] for i in evals) - low * per_chunk
     build = sum(v for i, v in one.items() if i not in evals)
     chunks = ev.chunks if request.eval_tokens > 0 else evaltext.default_chunks(build, fixed, per_chunk, ev.ctx)
-    cost = EvalCost(fixed + chunks * per_chunk, build)
+    cost = EvalCost(fixed + chunks * per_chunk, build, chunks)
     return dataclasses.replace(model, evaluation=dataclasses.replace(ev, chunks=chunks)), cost
 
 
