@@ -9,6 +9,13 @@ install are removed before building again.
 torch is installed once per (version, CPU/CUDA) into a shared ``torch-*`` environment and
 made visible to the others through a ``.pth`` file: it is the biggest download, every
 backend pins the same version, and pip then treats it as already installed.
+
+Offline (``QWRAP_WHEELHOUSE=DIR``, as on a lent GPU machine that reaches no package index):
+an environment is the preinstalled Python (``QWRAP_BASE_PYTHON``, default ``python3``) and its
+packages, torch included, seen through a ``.pth`` file, plus what ``DIR/<name>.txt`` lists,
+installed from ``DIR`` alone (``--no-index --no-deps``; scripts/gpu-bundle makes the folder).
+Packages installed into the environment come first on its path, so a pinned older version
+(auto-gptq's transformers) wins over the preinstalled one. torch is never installed there.
 """
 
 from __future__ import annotations
@@ -155,6 +162,36 @@ def _ensure_torch(log: Path, on_line: Callable[[str], None] | None) -> Path:
     return _site_packages(path)
 
 
+def wheelhouse() -> Path | None:
+    """The offline wheel folder (QWRAP_WHEELHOUSE), when environments are made without an index."""
+    folder = os.environ.get("QWRAP_WHEELHOUSE")
+    return Path(folder).resolve() if folder else None
+
+
+def _offline_env(env: Env, s: EnvSpec, wheels: Path, log: Path, on_line: Callable[[str], None] | None) -> None:
+    """The preinstalled Python's packages through a .pth file, plus the wheelhouse's list for
+    this environment, installed without an index."""
+    base = os.environ.get("QWRAP_BASE_PYTHON") or shutil.which("python3") or sys.executable
+    try:
+        # every package folder on its path, those its own .pth files add (a shared torch) included
+        code = "import sys; print('\\n'.join(p for p in sys.path if p.endswith(('site-packages', 'dist-packages'))))"
+        site = "\n".join(run_checked([base, "-c", code], what=f"{base} (site-packages)", log_path=log).tail)
+        run_checked([base, "-m", "venv", "--without-pip", env.path], what=f"python -m venv {env.path}", log_path=log)
+    except StepFailedError as exc:
+        raise ToolchainMissingError(exc.message, hint=f"See {log}.", log_path=str(log)) from None
+    ours = run_checked([env.python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                       what="the new environment", log_path=log).tail[-1].strip()
+    Path(ours).mkdir(parents=True, exist_ok=True)
+    (Path(ours) / "_qwrap_base_site.pth").write_text(site.strip() + "\n")
+    listed = wheels / f"{s.name}.txt"
+    if not listed.is_file() or not any(ln.strip() and not ln.startswith("#") for ln in listed.read_text().splitlines()):
+        return
+    offline = ["--no-index", "--no-deps", "--find-links", str(wheels), "--target", ours]
+    if (wheels / "build.txt").is_file():  # the build backend the carried source archives need, first
+        _pip(env.python, [*offline, "-r", str(wheels / "build.txt")], log, on_line)
+    _pip(env.python, [*offline, "--no-build-isolation", "-r", str(listed)], log, on_line)
+
+
 def ensure_env(name: str, *, on_line: Callable[[str], None] | None = None, rebuild: bool = False) -> Env:
     """Return a healthy environment ``name``, creating it (with progress lines) if needed."""
     s = spec(name)
@@ -164,6 +201,14 @@ def ensure_env(name: str, *, on_line: Callable[[str], None] | None = None, rebui
         return env
     shutil.rmtree(env.path, ignore_errors=True)  # leftovers of an unfinished install
     env.path.parent.mkdir(parents=True, exist_ok=True)
+    wheels = wheelhouse()
+    if wheels is not None:
+        _offline_env(env, s, wheels, log, on_line)
+        if not _check(env.python, s.imports, log):
+            raise ToolchainMissingError(f"environment {name} was made offline from {wheels} but its health check failed",
+                                        hint=f"See {log}; scripts/gpu-bundle lists what the environment needs.")
+        _write_marker(env.path, {"name": name, "key": env_key(s), "torch": TORCH_VERSION, "offline": str(wheels)})
+        return env
     _venv(env.path, log)
     constraints = env.path / "qwrap-constraints.txt"
     constraints.write_text(f"torch=={TORCH_VERSION}\n")
