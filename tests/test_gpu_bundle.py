@@ -15,8 +15,8 @@ LISTS = REPO / "scripts" / "gpu-device"
 
 def _pins(path: Path) -> dict[str, str]:
     pins = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
+    for raw in path.read_text().splitlines():
+        line = raw.split("#")[0].strip()
         if line:
             name, _, version = line.partition("==")
             assert version, f"{path.name}: {line!r} is not pinned with =="
