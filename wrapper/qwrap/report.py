@@ -49,6 +49,7 @@ class StepRow(TypedDict):
     fingerprint: str
     seconds: float | None
     peak_rss_bytes: int | None
+    peak_gpu_bytes: int | None  # the worker's peak CUDA memory (0 on a CPU)
 
 
 class RunResult(TypedDict):
@@ -135,7 +136,8 @@ def build_result(outcome: RunOutcome) -> RunResult:
         "steps": [
             {"id": s.step.id, "state": s.state.value, "fingerprint": s.step.fingerprint,
              "seconds": s.record.seconds if s.record else None,
-             "peak_rss_bytes": s.record.peak_rss_bytes if s.record else None}
+             "peak_rss_bytes": s.record.peak_rss_bytes if s.record else None,
+             "peak_gpu_bytes": s.record.peak_gpu_bytes if s.record else None}
             for s in outcome.summaries
         ],
         "warnings": outcome.warnings,

@@ -466,6 +466,12 @@ def _tools() -> Toolchain:
     return find_toolchain()
 
 
+def _offload(tools: Toolchain) -> list[str]:
+    """A CUDA build runs every layer on the GPU (the imatrix, the validation, the evaluation);
+    a CPU build takes no such flag."""
+    return ["-ngl", "999"] if tools.variant == "cuda" else []
+
+
 def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
@@ -505,7 +511,7 @@ def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         raise UsageError("computing an importance matrix needs calibration text", hint="Pass --calib FILE.txt.")
     argv: list[str | os.PathLike[str]] = [
         tools.tool("llama-imatrix"), "-m", inputs["model"].path, "-f", step.file("calib"), "-o", tmp,
-        "-t", str(ctx.threads), "-c", "512", "--chunks", str(step.param("chunks")), "--log-jsonl",
+        "-t", str(ctx.threads), "-c", "512", "--chunks", str(step.param("chunks")), "--log-jsonl", *_offload(tools),
     ]
     result = ctx.run_tool(argv, what="llama-imatrix", parser=ChunkProgress())
     if not tmp.is_file():
@@ -566,7 +572,8 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     if problems:
         raise ValidationFailedError(f"{quant} artifact failed header checks: " + "; ".join(problems))
     tools = _tools()
-    argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", partial, "-n", "8", VALIDATE_PROMPT]
+    argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", partial, "-n", "8", *_offload(tools),
+                                          VALIDATE_PROMPT]
     try:
         result = ctx.run_tool(argv, what=f"loading {quant} in llama.cpp")
     except ToolKilledError:
@@ -588,8 +595,9 @@ PERPLEXITY_ATTEMPTS = 4
 
 
 def _perplexity_argv(model: Path, step: Step, ctx: StepContext) -> list[str | os.PathLike[str]]:
-    return [_tools().tool("llama-perplexity"), "-m", model, "-c", str(step.param("ctx")),
-            "--chunks", str(step.param("chunks")), "-t", str(ctx.threads), "-b", str(step.param("ctx"))]
+    tools = _tools()
+    return [tools.tool("llama-perplexity"), "-m", model, "-c", str(step.param("ctx")), "--chunks",
+            str(step.param("chunks")), "-t", str(ctx.threads), "-b", str(step.param("ctx")), *_offload(tools)]
 
 
 def _eval_base(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
