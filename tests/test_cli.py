@@ -13,7 +13,7 @@ from hubserver import HubServer
 from qwrap.formats.gguf import QUANT_TYPES
 from qwrap.toolchain import Toolchain, read_pin
 
-COMMANDS = ("run", "resume", "status", "eval", "formats", "doctor", "env")
+COMMANDS = ("run", "resume", "status", "eval", "formats", "doctor", "env", "setup")
 
 
 def plain(text: str) -> str:

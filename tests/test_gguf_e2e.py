@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_model, run_qwrap
+from conftest import make_model, run_qwrap
 from qwrap.formats.gguf import QUANT_TYPES
 from qwrap.ggufinfo import read_info, tensor_data
 from qwrap.toolchain import Toolchain
@@ -132,10 +132,8 @@ def test_unrecognised_pretokenizer_explained(convert_python: Path, tmp_path: Pat
 def test_archive_hash_mismatch_refused(tmp_path: Path) -> None:
     fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
     fake.write_bytes(b"not the pinned archive")
-    proc = subprocess.run([str(REPO / "scripts" / "fetch-llama"), "--archive", str(fake)],
-                          capture_output=True, text=True, env={"QWRAP_CACHE_DIR": str(tmp_path / "cache"),
-                                                               "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 3
+    proc = run_qwrap("setup", "--no-envs", "--archive", str(fake), env={"QWRAP_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 7, proc.stderr
     assert "REFUSED" in proc.stderr and "sha256" in proc.stderr
     assert not (tmp_path / "cache" / "llama.cpp").exists()
 

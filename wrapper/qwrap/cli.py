@@ -373,6 +373,30 @@ def doctor(json_out: JsonFlag = False) -> None:
         render(info, out_console)
 
 
+@app.command()
+def setup(
+    cuda: Annotated[Optional[bool], typer.Option("--cuda/--cpu", help="Build llama.cpp with CUDA (default: when nvidia-smi sees a GPU).")] = None,
+    backends: Annotated[list[str], typer.Option(help="Backend environments to create too (autoawq, gptqmodel, auto-gptq, or all); repeatable.")] = [],  # noqa: B006
+    llama: Annotated[bool, typer.Option(help="Fetch and build the pinned llama.cpp.")] = True,
+    envs: Annotated[bool, typer.Option(help="Create the converter and report environments.")] = True,
+    archive: Annotated[Optional[Path], typer.Option(help="A local copy of the pinned llama.cpp source archive (still hash-checked).")] = None,
+) -> None:
+    """Fetch (hash-checked) and build the pinned llama.cpp and create the environments in the cache; what is already there is reused.
+
+    Examples:
+
+      qwrap setup
+
+      qwrap setup --cuda --backends gptqmodel
+    """
+    from .install import setup as run_setup
+
+    done = run_setup(llama=llama, base_envs=envs, backends=backends, cuda=cuda, archive=archive,
+                     say=lambda line: err_console.print(line, highlight=False))
+    for what, path in done.items():
+        typer.echo(f"{what}\t{path}")
+
+
 @env_app.command("create")
 def env_create(
     name: Annotated[str, typer.Argument(help="convert (the GGUF converter), a backend (autoawq, gptqmodel, auto-gptq) or report (the quality plot).")],

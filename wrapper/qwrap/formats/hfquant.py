@@ -276,10 +276,10 @@ def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 
 def _worker_env(ctx: StepContext) -> dict[str, str | None]:
-    from ..toolchain import REPO_ROOT
+    from ..envs import worker_code
 
     return {
-        "PYTHONPATH": str(REPO_ROOT / "wrapper"),
+        "PYTHONPATH": str(worker_code()),
         "PYTHONUNBUFFERED": "1",
         # gptqmodel sizes its CPU worker pools from this and needs at least 2
         "GPTQMODEL_CPU_WORKERS": str(max(2, os.cpu_count() or 1)),
