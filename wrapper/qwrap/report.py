@@ -129,7 +129,7 @@ def build_result(outcome: RunOutcome) -> RunResult:
                   "repo_id": src.repo_id, "revision": src.revision},
         "toolchain": {"llama_cpp_commit": read_pin().commit},
         "request": outcome.request.to_json(),
-        "command": safe_argv(),
+        "command": outcome.command or safe_argv(),
         "artifacts": artifacts,
         "quality_reference": _quality_reference(outcome),
         "steps": [

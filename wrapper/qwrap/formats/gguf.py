@@ -659,6 +659,13 @@ def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]
             "calibration": None}
 
 
+LIBRARY = "gguf"
+
+
+def publishable(path: Path) -> str | None:
+    return None if path.is_file() else f"{path.name} is missing"
+
+
 def card_usage(paths: list[str]) -> str:
     name = paths[0]
     return f"llama.cpp:\n\n```sh\nllama-cli -m {name} -p \"Hello\"\nllama-server -m {name}\n```"

@@ -10,6 +10,7 @@ own options and worker-job fields.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -222,6 +223,22 @@ def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]
         quality = {**quality, "weights": {k: v for k, v in quality.items() if k != "weights"}}
     return {"bits_per_weight": produced.get("bits_per_weight"), "quality": quality,
             "calibration": produced.get("metadata", {}).get("calibration")}
+
+
+LIBRARY = "transformers"
+
+
+def publishable(path: Path) -> str | None:
+    """A folder without its quantization_config loads as an unquantized model (users report
+    "very bad" output from such pushes): refuse it."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return f"{path.name} has no readable config.json"
+    if not isinstance(config, dict) or not config.get("quantization_config"):
+        return (f"{path.name}/config.json has no quantization_config: transformers would load it as an "
+                "unquantized model")
+    return None
 
 
 def card_usage(paths: list[str]) -> str:
