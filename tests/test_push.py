@@ -16,6 +16,7 @@ import yaml
 
 from conftest import run_qwrap
 from hubserver import HubServer
+from qwrap.ggufinfo import read_info
 from qwrap.journal import Journal
 
 pytestmark = [pytest.mark.slow, pytest.mark.backend]
@@ -25,11 +26,25 @@ READER = "hf_reader_fedcba98765432100000"  # a valid account without write acces
 UNKNOWN = "hf_nobody_55555555555555555555"
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
 @pytest.fixture(scope="module")
-def finished(tiny_model: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def chat_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a chat template in its tokenizer_config.json."""
+    model = tmp_path_factory.mktemp("chat") / tiny_model.name
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}, indent=2))
+    return model
+
+
+@pytest.fixture(scope="module")
+def finished(chat_model: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real run: the default GGUF type (with an importance matrix from --calib) and GPTQ."""
     out = tmp_path_factory.mktemp("run") / "out"
-    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-f", "gguf", "-f", "gptq", "--calib", str(corpus),
+    proc = run_qwrap("run", str(chat_model), "-o", str(out), "-f", "gguf", "-f", "gptq", "--calib", str(corpus),
                      "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--keep-intermediate")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -68,6 +83,16 @@ def test_card_shows_the_command_that_ran_and_no_local_path(finished: Path) -> No
     assert str(finished.parent) not in card and "/tmp" not in card
     meta = yaml.safe_load(card.split("---\n")[1])
     assert "base_model" not in meta, "a local folder name is not a Hub id"
+
+
+def test_chat_template_and_tokenizer_carried_through(finished: Path, chat_model: Path) -> None:
+    (gguf,) = [p for p in finished.glob("*.gguf")]
+    assert read_info(gguf).metadata["tokenizer.chat_template"] == CHAT_TEMPLATE
+    (folder,) = [p for p in finished.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (folder / name).read_bytes() == (chat_model / name).read_bytes(), name
+    card = (finished / "README.md").read_text()
+    assert "apply_chat_template" in card and "--jinja" in card
 
 
 def test_push_is_byte_identical_one_commit_and_idempotent(finished: Path, hub: HubServer, tmp_path: Path) -> None:
@@ -159,8 +184,8 @@ def test_refuses_a_folder_without_quantization_config(finished: Path, hub: HubSe
     assert not hub.requests, "nothing may reach the Hub"
 
 
-def test_run_push_to_is_the_journaled_last_step(finished: Path, hub: HubServer, tiny_model: Path, corpus: Path) -> None:
-    proc = run_qwrap("run", str(tiny_model), "-o", str(finished), "-f", "gguf", "-f", "gptq", "--calib", str(corpus),
+def test_run_push_to_is_the_journaled_last_step(finished: Path, hub: HubServer, chat_model: Path, corpus: Path) -> None:
+    proc = run_qwrap("run", str(chat_model), "-o", str(finished), "-f", "gguf", "-f", "gptq", "--calib", str(corpus),
                      "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--keep-intermediate",
                      "--push-to", "me/from-run", "--token", WRITER, "--json",
                      env={"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1"})

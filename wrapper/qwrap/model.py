@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UnsupportedModelError
@@ -11,6 +12,21 @@ from .errors import UnsupportedModelError
 if TYPE_CHECKING:
     from .evaltext import Evaluation
     from .hub import ModelSource
+
+def chat_template(folder: Path) -> str | None:
+    """The source's chat template, as the converter and transformers read it: chat_template.jinja,
+    else tokenizer_config.json's chat_template (a string, or named templates: the default one)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        value = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) else None
+
 
 MiB = 1 << 20
 BYTES_PER_DTYPE = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1}

@@ -74,7 +74,7 @@ def _usage(result: RunResult, output: Path) -> str:
     parts: list[str] = []
     for name, fmt in FORMATS.items():
         paths = [os.path.relpath(a["path"], output) for a in result["artifacts"] if a["format"] == name]
-        text = fmt.card_usage(paths) if paths else ""
+        text = fmt.card_usage(paths, chat=bool(result["model"].get("chat_template"))) if paths else ""
         if text and text not in parts:
             parts.append(text)
     return "\n\n".join(parts)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from . import __version__
 from .formats import FORMATS, producer_chain
+from .model import chat_template
 from .plan import StepState
 from .quality import Quality, gate, parse_gates
 from .request import safe_argv
@@ -126,7 +127,7 @@ def build_result(outcome: RunOutcome) -> RunResult:
         "schema": RESULT_SCHEMA,
         "qwrap_version": __version__,
         "model": {"input": outcome.request.model, "name": src.name, "path": str(src.path),
-                  "repo_id": src.repo_id, "revision": src.revision},
+                  "repo_id": src.repo_id, "revision": src.revision, "chat_template": chat_template(src.path) is not None},
         "toolchain": {"llama_cpp_commit": read_pin().commit},
         "request": outcome.request.to_json(),
         "command": outcome.command or safe_argv(),

@@ -101,5 +101,5 @@ def publishable(path: Path) -> str | None:
     return None if path.is_file() else f"{path.name} is missing"
 
 
-def card_usage(paths: list[str]) -> str:
+def card_usage(paths: list[str], *, chat: bool) -> str:
     return f"cat {paths[0]}"

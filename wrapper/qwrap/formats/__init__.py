@@ -77,8 +77,9 @@ class Format(Protocol):
         """What it can make, for `qwrap formats`."""
         ...
 
-    def card_usage(self, paths: list[str]) -> str:
-        """How to use these artifacts (relative paths), for the model card."""
+    def card_usage(self, paths: list[str], *, chat: bool) -> str:
+        """How to use these artifacts (relative paths), for the model card; ``chat``: the source has a
+        chat template (carried in the artifacts), so show it applied."""
         ...
 
     def publishable(self, path: Path) -> str | None:

@@ -9,6 +9,7 @@ This module owns everything GGUF: options, checks, steps, estimates, actions and
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -446,6 +447,7 @@ def _partial(path: Path) -> Path:
 def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     from .. import envs
     from ..hub import safetensors_header
+    from ..model import chat_template
     from ..progress import ConvertProgress
 
     tools = _tools()
@@ -461,9 +463,14 @@ def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     result = ctx.run_tool(argv, what="convert_hf_to_gguf.py", parser=ConvertProgress(n_tensors or None),
                           env={"PYTHONUNBUFFERED": "1"}, oom_extra="--no-lazy is off by default; close other jobs")
     info = _read_header(tmp, "the converter's output")
+    template, wanted = info.metadata.get(CHAT_TEMPLATE_KEY), chat_template(model)
+    if wanted is not None and template != wanted:
+        raise ValidationFailedError("the converter's output does not carry the source's chat template "
+                                    f"({CHAT_TEMPLATE_KEY} {'differs' if template else 'is missing'})")
     os.replace(tmp, out)
     facts = {"architecture": info.architecture, "tensor_count": len(info.tensors),
-             "parameter_count": info.parameter_count, "file_type": info.file_type}
+             "parameter_count": info.parameter_count, "file_type": info.file_type,
+             "chat_template_sha256": _text_sha256(template)}
     return StepOutcome((out,), facts, result.peak_rss_bytes)
 
 
@@ -520,6 +527,13 @@ def _read_header(path: Path, what: str) -> GGUFInfo:
         raise ValidationFailedError(f"{what} {path} is not a readable GGUF file: {exc}") from exc
 
 
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+
+
+def _text_sha256(text: object) -> str | None:
+    return hashlib.sha256(text.encode()).hexdigest() if isinstance(text, str) else None
+
+
 def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     """Read the header back, compare with the 16-bit source, load it in llama.cpp and
     generate a few tokens; only then rename the partial file to its final name."""
@@ -536,6 +550,9 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         problems.append(f"file type {info.file_type} != {expected} ({quant})")
     if source.get("tensor_count") and len(info.tensors) != source["tensor_count"]:
         problems.append(f"{len(info.tensors)} tensors != {source['tensor_count']} in the 16-bit source")
+    if "chat_template_sha256" in source and _text_sha256(info.metadata.get(CHAT_TEMPLATE_KEY)) != \
+            source["chat_template_sha256"]:
+        problems.append(f"{CHAT_TEMPLATE_KEY} differs from the source's chat template")
     if problems:
         raise ValidationFailedError(f"{quant} artifact failed header checks: " + "; ".join(problems))
     tools = _tools()
@@ -666,8 +683,11 @@ def publishable(path: Path) -> str | None:
     return None if path.is_file() else f"{path.name} is missing"
 
 
-def card_usage(paths: list[str]) -> str:
+def card_usage(paths: list[str], *, chat: bool) -> str:
     name = paths[0]
+    if chat:  # the source's chat template is in every file (tokenizer.chat_template): --jinja applies it
+        return (f"llama.cpp (the chat template is in the file, `--jinja` applies it):\n\n```sh\n"
+                f"llama-cli -m {name} --jinja -cnv\nllama-server -m {name} --jinja\n```")
     return f"llama.cpp:\n\n```sh\nllama-cli -m {name} -p \"Hello\"\nllama-server -m {name}\n```"
 
 

@@ -241,12 +241,15 @@ def publishable(path: Path) -> str | None:
     return None
 
 
-def card_usage(paths: list[str]) -> str:
+def card_usage(paths: list[str], *, chat: bool) -> str:
     name = paths[0]
+    applied = ("messages = [{\"role\": \"user\", \"content\": \"Hello\"}]\n"
+               "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")\n"
+               "print(tokenizer.decode(model.generate(inputs.to(model.device), max_new_tokens=32)[0]))\n") if chat else ""
     return (
         "transformers:\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"model = AutoModelForCausalLM.from_pretrained(\"{name}\", device_map=\"auto\")\n"
-        f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n```\n\n"
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n{applied}```\n\n"
         f"vLLM:\n\n```sh\nvllm serve {name}\n```"
     )
 
@@ -414,10 +417,23 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     kl = meta.get("kl_divergence")
     if not meta.get("finite", False) or kl is None or not math.isfinite(kl):
         raise ValidationFailedError(f"{final.name} produced non-finite logits or no KL divergence")
+    changed = _changed_tokenizer_files(Path(step.file("model")), partial)
+    if changed:
+        raise ValidationFailedError(f"{final.name} does not carry the source's tokenizer files unchanged: "
+                                    f"{', '.join(changed)}")
     ctx.check_final(final)
     facts = {"validated": True, "kl_divergence": kl, "tokens": meta.get("tokens"), "quality": meta.get("eval")}
     return StepOutcome((), facts, peak, renames=((partial, final),))
 
+
+
+def _changed_tokenizer_files(source: Path, folder: Path) -> list[str]:
+    """The source's tokenizer files (the chat template among them) that the folder lacks or holds changed."""
+    from ..journal import sha256_file
+    from ..workers.calib import TOKENIZER_FILES
+
+    return [name for name in TOKENIZER_FILES if (source / name).is_file()
+            and not ((folder / name).is_file() and sha256_file(folder / name) == sha256_file(source / name))]
 
 
 def listing(fmt: str, backends: tuple[str, ...]) -> Listing:
