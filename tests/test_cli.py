@@ -30,7 +30,7 @@ def test_help_lists_every_command_and_teaches() -> None:
     for option in ("--format", "--quant", "--output", "--revision", "--token", "--outtype", "--imatrix",
                    "--calib", "--threads", "--stall-timeout", "--keep-intermediate", "--force", "--json",
                    "--no-preflight", "--jobs", "--eval-text", "--eval-tokens", "--eval-ctx", "--no-eval", "--max-kld",
-                   "--no-imatrix"):
+                   "--no-imatrix", "--split-max-size", "--push-to", "--base-model"):
         assert option in run_help, option
     assert "Examples" in run_help and "qwrap run" in run_help
 

@@ -62,7 +62,9 @@ def _artifact_table(result: RunResult, output: Path) -> str:
         quality += " | " + ("-" if p99 is None else f"{p99:.4g}") + " | " + ("-" if dppl is None else f"{dppl:+.4g}") \
             + " | " + ("-" if top1 is None else f"{top1:.1%}")
         rel = os.path.relpath(a["path"], output)
-        rows.append(f"| `{rel}` | {a['format']} | {a['quant']} | {human_bytes(a['bytes'])} | {bpw} | "
+        shards = a.get("shards") or ()
+        more = f" (+{len(shards) - 1} more shards: load the first)" if len(shards) > 1 else ""
+        rows.append(f"| `{rel}`{more} | {a['format']} | {a['quant']} | {human_bytes(a['bytes'])} | {bpw} | "
                     f"{'yes' if a['validated'] else 'no'} | {quality} |")
     return "\n".join(rows)
 

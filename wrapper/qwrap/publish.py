@@ -79,10 +79,12 @@ def uploads(output: Path, result: RunResult) -> list[Upload]:
         if a["gate"] == "failed":
             raise NotPublishableError(f"{name} ({path.name}) failed its --max-kld quality gate",
                                       hint="Publish only what passed: a run without that type, or a looser limit.")
-        reason = FORMATS[a["format"]].publishable(path) if a["format"] in FORMATS else "an unknown format"
-        if reason:
-            raise NotPublishableError(f"{name}: {reason}", hint="Run `qwrap run` again to remake it.")
-        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        parts = [path.with_name(s["path"]) for s in a.get("shards") or ()] or [path]  # a split set goes whole
+        for part in parts:
+            reason = FORMATS[a["format"]].publishable(part) if a["format"] in FORMATS else "an unknown format"
+            if reason:
+                raise NotPublishableError(f"{name}: {reason}", hint="Run `qwrap run` again to remake it.")
+            files += sorted(p for p in part.rglob("*") if p.is_file()) if part.is_dir() else [part]
     files += [output / "README.md", *(output / e for e in EXTRAS if (output / e).is_file())]
     listed = [Upload(p.relative_to(output).as_posix(), p, sha256_file(p), p.stat().st_size) for p in files]
     imatrix = output / IMATRIX[0]

@@ -19,6 +19,8 @@ from .toolchain import read_pin
 from .units import human_bytes
 
 if TYPE_CHECKING:
+    from typing import NotRequired  # Python 3.11; only a type here
+
     from .pipeline import RunOutcome
     from .runner import StepSummary
 
@@ -42,6 +44,7 @@ class ArtifactRow(TypedDict):
     peak_gpu_bytes: int
     reused: bool
     calibration: dict[str, Any] | None
+    shards: NotRequired[list[dict[str, Any]]]  # a split set (--split-max-size): each shard's path, bytes, sha256
 
 
 class StepRow(TypedDict):
