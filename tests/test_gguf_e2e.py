@@ -174,7 +174,9 @@ def test_events_stream_and_model_card(tiny_model: Path, tmp_path: Path, toolchai
     started = [e["step"] for e in events if e["event"] == "step_started"]
     assert started == ["gguf.convert", "gguf.quantize:Q8_0", "gguf.validate:Q8_0"]
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model: tiny-llama\n") and "quantized_by: qwrap" in card
+    # a local folder's name is no Hub id: no base_model (qwrap run --base-model ORG/NAME sets one)
+    assert card.startswith("---\nlibrary_name: gguf\n") and "quantized_by: qwrap" in card
+    assert "base_model" not in card.split("---")[1]
     assert "tiny-llama-Q8_0.gguf" in card and "0c1e57098bba" in card and "llama-cli -m" in card
     # A failing run ends its stream with the exit code too.
     bad = run_qwrap("run", str(tmp_path / "missing"), "-o", str(out), "--events", str(tmp_path / "bad.ndjson"))
