@@ -98,6 +98,9 @@ def test_installed_wheel_runs_outside_the_checkout(installed: Path, tiny_model: 
     assert version.returncode == 0, version.stderr
     assert __version__ in version.stdout and read_pin().commit[:12] in version.stdout
 
+    setup = user(installed, "setup", "--no-envs", cwd=elsewhere)  # the cache's build, found up to date
+    assert setup.returncode == 0 and setup.stdout.strip() == f"llama.cpp\t{toolchain.bin_dir.parent}", setup.stderr
+
     doctor = user(installed, "doctor", "--json", cwd=elsewhere)
     assert doctor.returncode == 0, doctor.stderr
     info = json.loads(doctor.stdout)
@@ -106,10 +109,11 @@ def test_installed_wheel_runs_outside_the_checkout(installed: Path, tiny_model: 
     assert info["environments"]["convert"]["path"] == str(envs.env_path("convert"))
     assert info["environments"]["gptqmodel"]["path"] == str(gptqmodel.path)
 
-    for fmt, extra in (("gguf", ("-q", "Q8_0")),
-                       ("gptq", ("--calib", str(corpus), "--calib-samples", "4", "--calib-seq-len", "64"))):
-        proc = user(installed, "run", str(tiny_model), "-o", str(tmp_path / fmt), "-f", fmt, *extra, "--no-eval",
-                    "--json", cwd=elsewhere)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (artifact,) = json.loads(proc.stdout)["artifacts"]
-        assert artifact["validated"] and Path(artifact["path"]).exists(), artifact
+    # one run, both kinds: llama.cpp tools and a backend worker (its PYTHONPATH holds only qwrap's worker code)
+    proc = user(installed, "run", str(tiny_model), "-o", str(tmp_path / "out"), "-f", "gguf", "-q", "Q8_0", "-f", "gptq",
+                "--calib", str(corpus), "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--json",
+                cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    artifacts = json.loads(proc.stdout)["artifacts"]
+    assert sorted(a["format"] for a in artifacts) == ["gguf", "gptq"]
+    assert all(a["validated"] and Path(a["path"]).exists() for a in artifacts), artifacts
