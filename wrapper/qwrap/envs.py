@@ -226,8 +226,12 @@ def worker_code() -> Path:
     root = cache_root() / "code" / f"qwrap-{__version__}-{digest.hexdigest()[:12]}"
     if (root / "qwrap" / "workers" / "protocol.py").is_file():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=root.parent))
+    except OSError as exc:
+        raise ToolchainMissingError(f"cannot stage qwrap's worker code in {root.parent}: {exc.strerror}",
+                                    hint="Make the cache writable, or point QWRAP_CACHE_DIR at a writable folder.") from exc
     for name, data in blobs.items():
         (stage / "qwrap" / name).parent.mkdir(parents=True, exist_ok=True)
         (stage / "qwrap" / name).write_bytes(data)

@@ -2,8 +2,10 @@
 matrix, quantize each requested type with llama-quantize, validate each artifact.
 
 Steps (ids): ``gguf.convert`` -> [``gguf.imatrix``] -> ``gguf.quantize:<T>`` ->
-``gguf.validate:<T>``. The 16-bit intermediate lives in ``.checkpoint/work/``; each
-quantized file is written as ``<final>.partial`` and renamed by its validate step.
+``gguf.validate:<T>`` [-> ``gguf.split:<T>`` when the file is planned over --split-max-size].
+The 16-bit intermediate lives in ``.checkpoint/work/``; each quantized file is written as
+``<final>.partial`` and renamed by its validate step (into ``.checkpoint/work/`` when a split
+step then turns it into ``<final>-00001-of-0000N.gguf`` shards).
 This module owns everything GGUF: options, checks, steps, estimates, actions and rows.
 """
 
