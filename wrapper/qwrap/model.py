@@ -13,16 +13,23 @@ if TYPE_CHECKING:
     from .evaltext import Evaluation
     from .hub import ModelSource
 
-def chat_template(folder: Path) -> str | None:
-    """The source's chat template, as the converter and transformers read it: chat_template.jinja,
-    else tokenizer_config.json's chat_template (a string, or named templates: the default one)."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+def _json_key(path: Path, key: str) -> Any:
     try:
-        value = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def chat_template(folder: Path) -> str | None:
+    """The source's chat template in the pinned converter's order (gguf-py's SpecialVocab):
+    tokenizer_config.json's chat_template, else chat_template.jinja, else chat_template.json;
+    named templates give the default one (the one ``tokenizer.chat_template`` holds)."""
+    value = _json_key(folder / "tokenizer_config.json", "chat_template")
+    if value is None and (folder / "chat_template.jinja").is_file():
+        value = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif value is None:
+        value = _json_key(folder / "chat_template.json", "chat_template")
     if isinstance(value, list):
         value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
     return value if isinstance(value, str) else None
