@@ -15,7 +15,7 @@ DEMO := demo-out
 PYTEST_ARGS ?=
 SCALING_ARGS ?= --sizes 7m 110m 400m 1b
 
-.PHONY: help setup venv llama envs backend-envs browser demo test test-fast gguf awq gptq all-formats bench lint clean
+.PHONY: help setup venv llama envs backend-envs browser demo test test-fast gguf awq gptq all-formats bench lint wheel clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,15 +28,14 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## The qwrap package (light: no torch) in .venv
 
-llama: ## Fetch (hash-checked) and build the pinned llama.cpp into the cache
-	scripts/build-llama >/dev/null
+llama: venv ## Fetch (hash-checked) and build the pinned llama.cpp into the cache (qwrap setup)
+	$(QWRAP) setup --no-envs >/dev/null
 
 envs: venv ## The converter environment (torch CPU + transformers) and the report one (matplotlib) in the cache
-	$(QWRAP) env create convert
-	$(QWRAP) env create report
+	$(QWRAP) setup --no-llama >/dev/null
 
 backend-envs: venv ## The AWQ/GPTQ backend environments in the cache
-	@for b in $(BACKENDS); do $(QWRAP) env create $$b || exit 1; done
+	$(QWRAP) setup --no-llama --no-envs $(foreach b,$(BACKENDS),--backends $(b)) >/dev/null
 
 browser: ## Headless Chromium for the quality-page test (Debian/Ubuntu apt, when missing)
 	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -84,5 +83,8 @@ lint: venv ## ruff + mypy
 	$(VENV)/bin/ruff check wrapper tests
 	$(VENV)/bin/mypy
 
+wheel: venv ## The qwrap wheel (python -m build) in dist/
+	$(PY) -m build --wheel --no-isolation --outdir dist .
+
 clean: ## Remove local outputs (not the cache)
-	rm -rf $(DEMO) $(OUT) .pytest_cache
+	rm -rf $(DEMO) $(OUT) .pytest_cache build dist

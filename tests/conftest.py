@@ -60,7 +60,7 @@ def _guard_home_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     before = {p: _listing(p) for p in watched}
     yield
     for path, names in before.items():
-        new = _listing(path) - names - {"logs", ".pytest_cache", "calibration", "test-models"}
+        new = _listing(path) - names - {"logs", ".pytest_cache", "calibration", "test-models", "code"}
         assert not new, f"test wrote {sorted(new)} into {path}"
 
 

@@ -13,7 +13,7 @@ from hubserver import HubServer
 from qwrap.formats.gguf import QUANT_TYPES
 from qwrap.toolchain import Toolchain, read_pin
 
-COMMANDS = ("run", "resume", "status", "eval", "formats", "doctor", "env")
+COMMANDS = ("run", "resume", "status", "eval", "formats", "doctor", "env", "setup")
 
 
 def plain(text: str) -> str:
@@ -30,7 +30,7 @@ def test_help_lists_every_command_and_teaches() -> None:
     for option in ("--format", "--quant", "--output", "--revision", "--token", "--outtype", "--imatrix",
                    "--calib", "--threads", "--stall-timeout", "--keep-intermediate", "--force", "--json",
                    "--no-preflight", "--jobs", "--eval-text", "--eval-tokens", "--eval-ctx", "--no-eval", "--max-kld",
-                   "--no-imatrix"):
+                   "--no-imatrix", "--split-max-size", "--push-to", "--base-model"):
         assert option in run_help, option
     assert "Examples" in run_help and "qwrap run" in run_help
 
@@ -103,3 +103,14 @@ def test_plan_of_a_hub_model_downloads_no_weights(tiny_model: Path, tmp_path: Pa
     checks = {c["name"]: c["ok"] for c in plan["checks"]}
     assert checks["hub cache"] and checks["architecture"] and checks["tokenizer"]
     assert plan["disk"]["hub_cache"]["download_bytes"] > 6_000_000
+
+
+def test_doctor_names_what_is_missing_and_the_one_fix(tmp_path: Path) -> None:
+    proc = run_qwrap("doctor", "--json", env={"QWRAP_CACHE_DIR": str(tmp_path / "empty-cache"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert {"llama.cpp", "convert", "report", "gptqmodel"} <= set(info["missing"])
+    assert info["fix"].startswith("qwrap setup") and "--backends gptqmodel" in info["fix"]
+    text = run_qwrap("doctor", env={"QWRAP_CACHE_DIR": str(tmp_path / "empty-cache"), "PATH": "/usr/bin:/bin",
+                                    "COLUMNS": "200"})
+    assert "One command fixes it: qwrap setup" in plain(text.stdout)

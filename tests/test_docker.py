@@ -36,4 +36,4 @@ def test_image_uses_the_makefile_and_is_portable() -> None:
     assert "LLAMA_NATIVE=0" in text and "LLAMA_CUDA=1" in text
     assert re.search(r"^USER (?!root)", text, re.MULTILINE)
     assert 'ENTRYPOINT ["qwrap"]' in text and "VOLUME" in text
-    assert "LLAMA_NATIVE" in (ROOT / "scripts" / "build-llama").read_text()
+    assert "LLAMA_NATIVE" in (ROOT / "wrapper" / "qwrap" / "install.py").read_text()

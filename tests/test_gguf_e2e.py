@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_model, run_qwrap
+from conftest import make_model, run_qwrap
 from qwrap.formats.gguf import QUANT_TYPES
 from qwrap.ggufinfo import read_info, tensor_data
 from qwrap.toolchain import Toolchain
@@ -132,10 +132,8 @@ def test_unrecognised_pretokenizer_explained(convert_python: Path, tmp_path: Pat
 def test_archive_hash_mismatch_refused(tmp_path: Path) -> None:
     fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
     fake.write_bytes(b"not the pinned archive")
-    proc = subprocess.run([str(REPO / "scripts" / "fetch-llama"), "--archive", str(fake)],
-                          capture_output=True, text=True, env={"QWRAP_CACHE_DIR": str(tmp_path / "cache"),
-                                                               "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 3
+    proc = run_qwrap("setup", "--no-envs", "--archive", str(fake), env={"QWRAP_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 7, proc.stderr
     assert "REFUSED" in proc.stderr and "sha256" in proc.stderr
     assert not (tmp_path / "cache" / "llama.cpp").exists()
 
@@ -176,7 +174,9 @@ def test_events_stream_and_model_card(tiny_model: Path, tmp_path: Path, toolchai
     started = [e["step"] for e in events if e["event"] == "step_started"]
     assert started == ["gguf.convert", "gguf.quantize:Q8_0", "gguf.validate:Q8_0"]
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model: tiny-llama\n") and "quantized_by: qwrap" in card
+    # a local folder's name is no Hub id: no base_model (qwrap run --base-model ORG/NAME sets one)
+    assert card.startswith("---\nlibrary_name: gguf\n") and "quantized_by: qwrap" in card
+    assert "base_model" not in card.split("---")[1]
     assert "tiny-llama-Q8_0.gguf" in card and "0c1e57098bba" in card and "llama-cli -m" in card
     # A failing run ends its stream with the exit code too.
     bad = run_qwrap("run", str(tmp_path / "missing"), "-o", str(out), "--events", str(tmp_path / "bad.ndjson"))

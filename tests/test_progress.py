@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qwrap.progress import ChunkProgress, ConvertProgress, Progress, QuantizeProgress
+from qwrap.progress import ChunkProgress, ConvertProgress, NinjaProgress, Progress, QuantizeProgress
 
 RECORDED = Path(__file__).parent / "data" / "recorded"
 
@@ -65,3 +65,10 @@ def test_parsers_ignore_garbage() -> None:
     for parser in (ConvertProgress(), QuantizeProgress(), ChunkProgress()):
         assert parser.feed("") is None
         assert parser.feed("\x1b[31mcolored\x1b[0m {{{") is None
+
+
+def test_ninja_counts_build_edges() -> None:
+    """Recorded from `cmake --build` of a small CMake/Ninja project (what `qwrap setup` parses)."""
+    parser = NinjaProgress()
+    events = [e for e in map(parser.feed, [*lines("ninja-build.log"), "-- Configuring done", "ninja: no work to do."]) if e]
+    assert [e.done for e in events] == [1, 2, 3, 4, 5] and events[-1] == Progress(5, 5, "objects", "building")

@@ -1,7 +1,7 @@
 """scripts/make-tiny-model: deterministic offline model folders the pinned converter accepts.
 
 The slow tests need the converter environment's Python in $QWRAP_CONVERT_PYTHON and the
-pinned llama.cpp source (scripts/fetch-llama); they skip with the reason otherwise.
+pinned llama.cpp source (`qwrap setup`); they skip with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def converter() -> Path:
     try:
         return find_toolchain().converter
     except ToolchainMissingError:
-        _missing("the pinned llama.cpp source", f"no {script}; run scripts/fetch-llama")
+        _missing("the pinned llama.cpp source", f"no {script}; run `qwrap setup`")
         raise
 
 

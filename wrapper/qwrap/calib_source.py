@@ -71,11 +71,11 @@ def wikitext2_text(split: str = "train", *, token: str | None = None) -> Path:
     if not text.exists():
         from . import envs
         from .children import run_checked
-        from .toolchain import REPO_ROOT, cache_root
+        from .toolchain import cache_root
 
         python = str(envs.find_env("convert").python)
         run_checked(conversion_argv(parquet, python=python), what="turning the WikiText-2 parquet file into text",
-                    log_path=cache_root() / "logs" / f"wikitext2-{split}-text.log", env={"PYTHONPATH": str(REPO_ROOT / "wrapper")}, timeout=600)
+                    log_path=cache_root() / "logs" / f"wikitext2-{split}-text.log", env={"PYTHONPATH": str(envs.worker_code())}, timeout=600)
     return text
 
 

@@ -121,6 +121,9 @@ def _run_options() -> tuple[Option, ...]:
         Option("eval_ctx", int, 512, "Evaluation chunk length in tokens (the second half of each chunk is scored)."),
         Option("max_kld", list[str], [], "Quality gate: fail (exit 17) when an artifact's mean KLD is over VALUE; "
                "NAME=VALUE for one type or format (Q2_K=0.2, awq=0.05). Repeatable."),
+        Option("push_to", Optional[str], None, "After a successful run (artifacts validated, quality gates passed), "
+               "push OUT to this Hub repo (as `qwrap push`)."),
+        Option("base_model", Optional[str], None, "The model card's base_model (a Hub id) when MODEL is a local folder."),
         Option("json_out", bool, False, "Print one JSON document on stdout.", ("--json",)),
         Option("events", Optional[str], None, "Write NDJSON events (schema qwrap.events/1) to FILE, or - for stdout."),
     )
@@ -158,7 +161,8 @@ def _command(impl: Callable[[dict[str, Any]], None], doc: str) -> Callable[..., 
 
 
 def _run(values: dict[str, Any]) -> None:
-    _execute(_request(values), token=values["token"], json_out=values["json_out"], events=values["events"])
+    _execute(_request(values), token=values["token"], json_out=values["json_out"], events=values["events"],
+             push_to=values["push_to"])
 
 
 def _plan(values: dict[str, Any]) -> None:
@@ -200,6 +204,7 @@ def _request(values: dict[str, Any]) -> Any:
         jobs=values["jobs"], stall_timeout=values["stall_timeout"], preflight=values["preflight"],
         evaluate=values["eval"], eval_text=str(Path(values["eval_text"]).resolve()) if values["eval_text"] else None,
         eval_tokens=values["eval_tokens"], eval_ctx=values["eval_ctx"], max_kld=tuple(values["max_kld"]),
+        base_model=values["base_model"],
     )
 
 
@@ -222,7 +227,7 @@ def backends_from(values: list[str], formats: tuple[str, ...]) -> dict[str, str]
     return chosen
 
 
-def _execute(request: Any, *, token: str | None, json_out: bool, events: str | None) -> None:
+def _execute(request: Any, *, token: str | None, json_out: bool, events: str | None, push_to: str | None = None) -> None:
     """Run with live progress (and an NDJSON event stream), then print the result."""
     from . import pipeline
     from .errors import QualityGateError, UsageError, exit_code_for
@@ -249,6 +254,8 @@ def _execute(request: Any, *, token: str | None, json_out: bool, events: str | N
             stream.emit("run_finished", exit_code=QualityGateError.exit_code if failed else 0,
                         artifacts=[a["path"] for a in result["artifacts"]])
             stream.close()
+    if push_to and not failed:  # the journaled final step: only what passed validation and the gates
+        result["push"] = _push(request.output, push_to, token=token)  # type: ignore[typeddict-unknown-key]
     if json_out:
         typer.echo(json.dumps(result, indent=2))
     elif events != "-":
@@ -258,6 +265,45 @@ def _execute(request: Any, *, token: str | None, json_out: bool, events: str | N
         raise QualityGateError(f"{names} measured over the --max-kld limit",
                                hint="The artifacts are kept and marked \"gate\": \"failed\" in the result and the "
                                "model card; a higher-bit type, an --imatrix, or a looser limit would pass.")
+
+
+def _push(output: Path, repo_id: str, **options: Any) -> dict[str, Any]:
+    from .publish import push as run_push
+
+    pushed = run_push(output, repo_id, say=lambda line: err_console.print(line, highlight=False), **options)
+    if pushed.commit_url is None:
+        err_console.print(f"{repo_id} is up to date: all {len(pushed.unchanged)} files are already there", highlight=False)
+    else:
+        err_console.print(f"pushed {len(pushed.uploaded)} files ({pushed.bytes_uploaded:,} bytes; "
+                          f"{len(pushed.unchanged)} already there): {pushed.pr_url or pushed.commit_url}", highlight=False)
+    return pushed.to_json()
+
+
+@app.command()
+def push(
+    output: OutDir,
+    repo_id: Annotated[str, typer.Argument(help="The Hub repo to push to, `org/name` (created if missing).")],
+    private: Annotated[bool, typer.Option(help="Create the repo private (an existing repo keeps its visibility).")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="The branch to push to (created if missing); default main.")] = None,
+    create_pr: Annotated[bool, typer.Option(help="Open a pull request instead of committing to the branch.")] = False,
+    token: Annotated[Optional[str], typer.Option(help="Hub token with write access (default: HF_TOKEN or the stored login). Never printed or written.")] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="The model card's base_model (a Hub id), when the source was a local folder.")] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Publish a finished run: its validated artifacts, the model card, the quality page and plot (and the importance matrix when kept), in one commit.
+
+    Files already on the branch with the same sha256 are not sent again, so a second push uploads nothing and a push cut mid-way resumes where it stopped.
+
+    Examples:
+
+      qwrap push out/ me/Llama-3.2-1B-GGUF
+
+      qwrap push out/ org/model-GPTQ --private --revision v1 --base-model meta-llama/Llama-3.2-1B
+    """
+    pushed = _push(output.resolve(), repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
+                   base_model=base_model)
+    if json_out:
+        typer.echo(json.dumps(pushed, indent=2))
 
 
 @app.command()
@@ -372,6 +418,30 @@ def doctor(json_out: JsonFlag = False) -> None:
         typer.echo(json.dumps(info, indent=2))
     else:
         render(info, out_console)
+
+
+@app.command()
+def setup(
+    cuda: Annotated[Optional[bool], typer.Option("--cuda/--cpu", help="Build llama.cpp with CUDA (default: when nvidia-smi sees a GPU).")] = None,
+    backends: Annotated[list[str], typer.Option(help="Backend environments to create too (autoawq, gptqmodel, auto-gptq, or all); repeatable.")] = [],  # noqa: B006
+    llama: Annotated[bool, typer.Option(help="Fetch and build the pinned llama.cpp.")] = True,
+    envs: Annotated[bool, typer.Option(help="Create the converter and report environments.")] = True,
+    archive: Annotated[Optional[Path], typer.Option(help="A local copy of the pinned llama.cpp source archive (still hash-checked).")] = None,
+) -> None:
+    """Fetch (hash-checked) and build the pinned llama.cpp and create the environments in the cache; what is already there is reused.
+
+    Examples:
+
+      qwrap setup
+
+      qwrap setup --cuda --backends gptqmodel
+    """
+    from .install import setup as run_setup
+
+    done = run_setup(llama=llama, base_envs=envs, backends=backends, cuda=cuda, archive=archive,
+                     say=lambda line: err_console.print(line, highlight=False))
+    for what, path in done.items():
+        typer.echo(f"{what}\t{path}")
 
 
 @env_app.command("create")

@@ -62,8 +62,13 @@ def _envs() -> dict[str, Any]:
 
 
 def collect() -> dict[str, Any]:
-    return {"schema": "qwrap.doctor/1", "qwrap_version": __version__, "cache": str(cache_root()),
+    info: dict[str, Any] = {"schema": "qwrap.doctor/1", "qwrap_version": __version__, "cache": str(cache_root()),
             "llama_cpp": _toolchain(), "environments": _envs(), "gpu": _gpu()}
+    missing = ([] if info["llama_cpp"]["ok"] else ["llama.cpp"]) + [n for n, e in info["environments"].items()
+                                                                      if not e["ok"]]
+    info["missing"] = missing
+    info["fix"] = envs.setup_command(missing) if missing else None
+    return info
 
 
 def render(info: dict[str, Any], console: Console) -> None:
@@ -81,3 +86,8 @@ def render(info: dict[str, Any], console: Console) -> None:
     console.print(table)
     gpu = info["gpu"]
     console.print("GPU: " + (", ".join(gpu["devices"]) if gpu["present"] else gpu["detail"]))
+    if info["missing"]:
+        console.print(f"[yellow]missing[/yellow]: {', '.join(info['missing'])}. One command fixes it: "
+                      f"[bold]{info['fix']}[/bold]", highlight=False)
+    else:
+        console.print("[green]nothing missing[/green]")

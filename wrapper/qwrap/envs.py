@@ -25,16 +25,18 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import __version__
 from .children import run_checked
 from .errors import StepFailedError, ToolchainMissingError
-from .toolchain import cache_root, gpu_present
+from .toolchain import cache_root, gpu_present, package_data
 from .workers.protocol import BACKEND_ENVIRONMENTS
 
-LOCK_DIR = Path(__file__).parent / "locks"
+LOCK_DIR = package_data("locks")
 TORCH_VERSION = os.environ.get("QWRAP_TORCH_VERSION", "2.13.0")
 MARKER = "qwrap-env.json"
 HEALTH_TIMEOUT_S = float(os.environ.get("QWRAP_HEALTH_TIMEOUT", "300"))
@@ -215,7 +217,9 @@ def ensure_env(name: str, *, on_line: Callable[[str], None] | None = None, rebui
     if s.torch:
         shared = _ensure_torch(log, on_line)
         (_site_packages(env.path) / "_qwrap_shared_torch.pth").write_text(f"{shared}\n")
-    _pip(env.python, ["-r", str(LOCK_DIR / s.lock), "-c", str(constraints)], log, on_line)
+    lock = env.path / "qwrap-lock.txt"  # the lock as installed (package data may not be a plain file)
+    lock.write_bytes((LOCK_DIR / s.lock).read_bytes())
+    _pip(env.python, ["-r", str(lock), "-c", str(constraints)], log, on_line)
     if not _check(env.python, s.imports, log):
         raise ToolchainMissingError(
             f"environment {name} was installed but its health check failed", hint=f"See {log}."
@@ -248,6 +252,43 @@ def find_env(name: str) -> Env:
     if not (env.path / MARKER).is_file():
         raise ToolchainMissingError(
             f"the {name} environment is not created yet ({env.path})",
-            hint=f"Run `qwrap env create {name}` (or `make envs`).",
+            hint=f"Run `{setup_command([name])}`.",
         )
     return env
+
+
+def worker_code() -> Path:
+    """The folder to put on a worker's PYTHONPATH: only qwrap's worker code (``qwrap/__init__.py``
+    and ``qwrap/workers/``), copied from the installed package into the cache and keyed by its
+    content. Never the parent's own site-packages, whose typer/huggingface_hub would shadow an
+    environment's pins; and no source checkout needed."""
+    pkg = package_data()
+    blobs = {"__init__.py": (pkg / "__init__.py").read_bytes()}
+    blobs |= {f"workers/{t.name}": t.read_bytes() for t in (pkg / "workers").iterdir() if t.name.endswith(".py")}
+    digest = hashlib.sha256()
+    for name in sorted(blobs):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(blobs[name]).digest())
+    root = cache_root() / "code" / f"qwrap-{__version__}-{digest.hexdigest()[:12]}"
+    if (root / "qwrap" / "workers" / "protocol.py").is_file():
+        return root
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=root.parent))
+    except OSError as exc:
+        raise ToolchainMissingError(f"cannot stage qwrap's worker code in {root.parent}: {exc.strerror}",
+                                    hint="Make the cache writable, or point QWRAP_CACHE_DIR at a writable folder.") from exc
+    for name, data in blobs.items():
+        (stage / "qwrap" / name).parent.mkdir(parents=True, exist_ok=True)
+        (stage / "qwrap" / name).write_bytes(data)
+    try:
+        os.replace(stage, root)
+    except OSError:  # another qwrap staged the same code first
+        shutil.rmtree(stage, ignore_errors=True)
+    return root
+
+
+def setup_command(missing: list[str], *, llama: bool = True) -> str:
+    """The one `qwrap setup` command that creates the environments ``missing`` (and whatever
+    else is missing: setup reuses what is there)."""
+    backends = [n for n in missing if n in BACKEND_ENVIRONMENTS]
+    return " ".join(["qwrap setup", *([] if llama else ["--no-llama"]), *(f"--backends {b}" for b in backends)])

@@ -139,6 +139,21 @@ class QualityGateError(QwrapError):
     title = "quality gate failed"
 
 
+class WriteAccessError(QwrapError):
+    """The Hub refused a push: the token may read but not write there (403), or the repo is gated/owned by others."""
+
+    exit_code = 18
+    title = "no write access"
+
+
+class NotPublishableError(QwrapError):
+    """An output folder that must not be pushed as it is: an unvalidated artifact, a failed quality gate,
+    an AWQ/GPTQ folder without its quantization_config, a model card the Hub would reject."""
+
+    exit_code = 19
+    title = "not publishable"
+
+
 class Interrupted(QwrapError):
     """Ctrl-C (130) or SIGTERM (143): children were stopped, the journal says interrupted."""
 
@@ -171,6 +186,8 @@ ALL_ERRORS: tuple[type[QwrapError], ...] = (
     JournalError,
     BackendUnavailableError,
     QualityGateError,
+    WriteAccessError,
+    NotPublishableError,
     Interrupted,
 )
 

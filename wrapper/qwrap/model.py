@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UnsupportedModelError
@@ -11,6 +12,28 @@ from .errors import UnsupportedModelError
 if TYPE_CHECKING:
     from .evaltext import Evaluation
     from .hub import ModelSource
+
+def _json_key(path: Path, key: str) -> Any:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def chat_template(folder: Path) -> str | None:
+    """The source's chat template in the pinned converter's order (gguf-py's SpecialVocab):
+    tokenizer_config.json's chat_template, else chat_template.jinja, else chat_template.json;
+    named templates give the default one (the one ``tokenizer.chat_template`` holds)."""
+    value = _json_key(folder / "tokenizer_config.json", "chat_template")
+    if value is None and (folder / "chat_template.jinja").is_file():
+        value = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif value is None:
+        value = _json_key(folder / "chat_template.json", "chat_template")
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) else None
+
 
 MiB = 1 << 20
 BYTES_PER_DTYPE = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1}

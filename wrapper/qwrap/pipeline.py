@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import calib_source, evaltext, modelcard, qualitypage
+from . import calib_source, evaltext, modelcard, publish, qualitypage
 from .checks import Check, raise_first_failure
 from .context import Reporter
 from .errors import OfflineError, UsageError
@@ -41,6 +41,7 @@ class RunOutcome:
     plan: Plan
     summaries: list[StepSummary]
     warnings: list[str]
+    command: list[str] = dataclasses.field(default_factory=list)  # the `qwrap run` command that made it
 
     @property
     def source(self) -> ModelSource:
@@ -235,14 +236,22 @@ def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOu
         summaries = Runner(plan, journal, settings).run()
         if not request.keep_intermediate:
             remove_intermediates(plan, output)
-        outcome = RunOutcome(request, model, plan, summaries, journal.warnings)
+        outcome = RunOutcome(request, model, plan, summaries, journal.warnings, made_by(journal))
         result = build_result(outcome)
-        modelcard.write(result, output, model.calibration.label if model.calibration else None)
+        calib_label = model.calibration.label if model.calibration else None
+        modelcard.write(result, output, calib_label)
+        publish.save_result(output, result, calib_label)
         sixteen = next((s.estimate.output_bytes for s in plan.steps if s.kind.endswith(".convert")), None)
         page = qualitypage.write(output, result, reference_bytes=sixteen)
         if page.note:
             reporter.warning(f"quality page: {page.note}")
     return outcome
+
+
+def made_by(journal: Journal) -> list[str]:
+    """The last `qwrap run` command recorded (a `resume` or `eval` continues what it made)."""
+    runs = [r["argv"] for r in journal.records() if r.get("kind") == "run" and r.get("argv", [])[1:2] == ["run"]]
+    return runs[-1] if runs else safe_argv()
 
 
 def request_from_journal(output: Path) -> Request:

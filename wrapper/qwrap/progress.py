@@ -98,3 +98,15 @@ class ChunkProgress:
             return None
         self.done = max(self.done, *done)
         return Progress(self.done, self.total, "chunks")
+
+
+# ninja (cmake --build): "[12/345] Building CXX object src/CMakeFiles/llama.dir/llama.cpp.o"
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\] ")
+
+
+class NinjaProgress:
+    """cmake --build with ninja: one ``[done/total]`` line per finished edge."""
+
+    def feed(self, line: str) -> Progress | None:
+        m = _NINJA_STEP.match(line)
+        return Progress(int(m[1]), int(m[2]), "objects", "building") if m else None

@@ -76,7 +76,6 @@ def _draw(output: Path, doc: dict[str, Any]) -> tuple[Path | None, str | None]:
     """Run the plot worker; (the PNG, None) or (None, why not)."""
     from . import envs
     from .children import run_checked
-    from .toolchain import REPO_ROOT
 
     try:
         env = envs.find_env("report")
@@ -91,7 +90,7 @@ def _draw(output: Path, doc: dict[str, Any]) -> tuple[Path | None, str | None]:
     log = checkpoint / "logs" / "quality-plot.log"
     argv: list[str | os.PathLike[str]] = [env.python, "-m", "qwrap.workers.quality_plot", job, png]
     child_env: dict[str, str | None] = {
-        "PYTHONPATH": str(REPO_ROOT / "wrapper"), "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
+        "PYTHONPATH": str(envs.worker_code()), "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
         # matplotlib's font cache, kept with the matplotlib it belongs to (not in $HOME)
         "MPLCONFIGDIR": str(env.path / "mplconfig"),
     }

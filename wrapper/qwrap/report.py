@@ -11,6 +11,7 @@ from rich.table import Table
 
 from . import __version__
 from .formats import FORMATS, producer_chain
+from .model import chat_template
 from .plan import StepState
 from .quality import Quality, gate, parse_gates
 from .request import safe_argv
@@ -18,6 +19,8 @@ from .toolchain import read_pin
 from .units import human_bytes
 
 if TYPE_CHECKING:
+    from typing import NotRequired  # Python 3.11; only a type here
+
     from .pipeline import RunOutcome
     from .runner import StepSummary
 
@@ -41,6 +44,7 @@ class ArtifactRow(TypedDict):
     peak_gpu_bytes: int
     reused: bool
     calibration: dict[str, Any] | None
+    shards: NotRequired[list[dict[str, Any]]]  # a split set (--split-max-size): each shard's path, bytes, sha256
 
 
 class StepRow(TypedDict):
@@ -127,10 +131,10 @@ def build_result(outcome: RunOutcome) -> RunResult:
         "schema": RESULT_SCHEMA,
         "qwrap_version": __version__,
         "model": {"input": outcome.request.model, "name": src.name, "path": str(src.path),
-                  "repo_id": src.repo_id, "revision": src.revision},
+                  "repo_id": src.repo_id, "revision": src.revision, "chat_template": chat_template(src.path) is not None},
         "toolchain": {"llama_cpp_commit": read_pin().commit},
         "request": outcome.request.to_json(),
-        "command": safe_argv(),
+        "command": outcome.command or safe_argv(),
         "artifacts": artifacts,
         "quality_reference": _quality_reference(outcome),
         "steps": [

@@ -38,6 +38,7 @@ class Request:
     eval_tokens: int = 0  # tokens evaluated (chunks x ctx); 0: sized to the run (pipeline.sized_evaluation)
     eval_ctx: int = 512
     max_kld: tuple[str, ...] = ()  # quality gates: "VALUE" or "NAME=VALUE"
+    base_model: str | None = None  # the model card's base_model (a Hub id) when the source is a local folder
 
     def options(self, fmt: str) -> Any:
         return dict(self.format_options)[fmt]

@@ -1,7 +1,7 @@
 """Find the pinned llama.cpp build and converter; explain exactly what is missing.
 
-Lookup order for the binaries: the qwrap cache (built by ``make llama`` for the pin in
-``vendor/llama.cpp.lock``), then ``$QWRAP_LLAMA_CPP_DIR`` (a folder holding the tools,
+Lookup order for the binaries: the qwrap cache (built by ``qwrap setup`` for the pin in the
+package data file ``locks/llama.cpp.lock``), then ``$QWRAP_LLAMA_CPP_DIR`` (a folder holding the tools,
 directly or under ``bin/``), then ``PATH``.
 """
 
@@ -12,13 +12,14 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
 from pathlib import Path
 
 from .errors import ToolchainMissingError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-simple")
-SETUP_HINT = "Run `make llama` in the qwrap checkout (builds the pinned llama.cpp into the cache)."
+SETUP_HINT = "Run `qwrap setup` (fetches and builds the pinned llama.cpp into the cache; `make llama` does the same)."
 
 
 def cache_root() -> Path:
@@ -36,17 +37,25 @@ class Pin:
     archive_file: str
     archive_sha256: str
     archive_version: str
+    archive_package: str = ""
+    archive_subdir: str = ""
 
     @property
     def short(self) -> str:
         return self.commit[:12]
 
 
-def lock_path() -> Path:
-    return Path(os.environ.get("QWRAP_LLAMA_LOCK", REPO_ROOT / "vendor" / "llama.cpp.lock"))
+def package_data(*parts: str) -> Traversable:
+    """A file shipped inside the qwrap package (locks, the pin), wherever qwrap is installed."""
+    return resources.files("qwrap").joinpath(*parts)
 
 
-def read_pin(path: Path | None = None) -> Pin:
+def lock_path() -> Path | Traversable:
+    override = os.environ.get("QWRAP_LLAMA_LOCK")
+    return Path(override) if override else package_data("locks", "llama.cpp.lock")
+
+
+def read_pin(path: Path | Traversable | None = None) -> Pin:
     path = path or lock_path()
     try:
         text = path.read_text()
@@ -58,6 +67,8 @@ def read_pin(path: Path | None = None) -> Pin:
         archive_file=values.get("ARCHIVE_FILE", ""),
         archive_sha256=values.get("ARCHIVE_SHA256", ""),
         archive_version=values.get("ARCHIVE_VERSION", ""),
+        archive_package=values.get("ARCHIVE_PACKAGE", ""),
+        archive_subdir=values.get("ARCHIVE_SUBDIR", ""),
     )
 
 

@@ -94,5 +94,12 @@ def listing() -> Listing:
     return Listing(("option",), (("--echo-text",),))
 
 
-def card_usage(paths: list[str]) -> str:
+LIBRARY = "echo"
+
+
+def publishable(path: Path) -> str | None:
+    return None if path.is_file() else f"{path.name} is missing"
+
+
+def card_usage(paths: list[str], *, chat: bool) -> str:
     return f"cat {paths[0]}"

@@ -11,6 +11,7 @@ this registry names a format: adding one is a module, its worker, its lock and a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..checks import Check
@@ -29,6 +30,7 @@ class Format(Protocol):
     SUMMARY: str  # one line for docs and `qwrap formats`
     OPTIONS: tuple[Option, ...]  # its option group (shared options may appear in several groups)
     BACKENDS: tuple[str, ...]  # --backend choices, the default first; () when there is no choice
+    LIBRARY: str  # the model card's `library_name` on the Hub for its artifacts
 
     def make_options(self, values: Mapping[str, Any], backend: str | None) -> Any:
         """The format's options value from the CLI values of its OPTIONS (and --backend)."""
@@ -75,8 +77,13 @@ class Format(Protocol):
         """What it can make, for `qwrap formats`."""
         ...
 
-    def card_usage(self, paths: list[str]) -> str:
-        """How to use these artifacts (relative paths), for the model card."""
+    def card_usage(self, paths: list[str], *, chat: bool) -> str:
+        """How to use these artifacts (relative paths), for the model card; ``chat``: the source has a
+        chat template (carried in the artifacts), so show it applied."""
+        ...
+
+    def publishable(self, path: Path) -> str | None:
+        """Why this artifact must not be pushed to the Hub as it is, or None."""
         ...
 
 

@@ -2,15 +2,19 @@
 matrix, quantize each requested type with llama-quantize, validate each artifact.
 
 Steps (ids): ``gguf.convert`` -> [``gguf.imatrix``] -> ``gguf.quantize:<T>`` ->
-``gguf.validate:<T>``. The 16-bit intermediate lives in ``.checkpoint/work/``; each
-quantized file is written as ``<final>.partial`` and renamed by its validate step.
+``gguf.validate:<T>`` [-> ``gguf.split:<T>`` when the file is planned over --split-max-size].
+The 16-bit intermediate lives in ``.checkpoint/work/``; each quantized file is written as
+``<final>.partial`` and renamed by its validate step (into ``.checkpoint/work/`` when a split
+step then turns it into ``<final>-00001-of-0000N.gguf`` shards).
 This module owns everything GGUF: options, checks, steps, estimates, actions and rows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,9 +39,11 @@ from . import hfquant
 if TYPE_CHECKING:  # loaded by the functions that need them: `qwrap --help` imports this module
     from ..ggufinfo import GGUFInfo
     from ..model import ModelInfo, Shape
+    from ..supervisor import ProcessResult
     from ..toolchain import Toolchain
 
 MiB = 1 << 20
+WORK = ".checkpoint/work"  # intermediates, removed after a successful run unless --keep-intermediate
 
 NAME = "gguf"
 TITLE = "GGUF (llama.cpp)"
@@ -122,6 +128,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("eval_weights", str, "auto", "GGUF weights view: every artifact also dequantized into transformers and "
            "scored on the same tokens (quality.weights). auto: where a CUDA GPU is present (on a CPU it runs the model "
            "in float32 torch twice per artifact, several times the cost of quantizing); on; off."),
+    Option("split_max_size", str, "48G", "GGUF: a file larger than this (N followed by M or G, as llama-gguf-split "
+           "takes it; the Hub refuses files over 50 GB) is split after validation into NAME-00001-of-0000N.gguf."),
 )
 WEIGHTS_CHOICES = ("auto", "on", "off")
 
@@ -132,6 +140,7 @@ class Options:
     outtype: str = "auto"
     imatrix: str | None = None  # a file path, "auto", "none" (--no-imatrix), or None: by default
     eval_weights: str = "auto"  # the weights view: auto (where a GPU is present), on, off
+    split_max_size: str = "48G"  # llama-gguf-split's N(M|G)
 
 
 def normalize_quant(name: str) -> str:
@@ -154,11 +163,23 @@ def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
     elif imatrix not in (None, "auto"):
         imatrix = str(Path(imatrix).resolve())
     return Options(tuple(values.get("quant") or ()), values.get("outtype", "auto"), imatrix,
-                   values.get("eval_weights", "auto"))
+                   values.get("eval_weights", "auto"), str(values.get("split_max_size") or "48G").upper())
 
 
 def options_from_json(data: Mapping[str, Any]) -> Options:
-    return Options(tuple(data.get("quants", ("Q4_K_M",))), data.get("outtype", "auto"), data.get("imatrix"))
+    return Options(tuple(data.get("quants", ("Q4_K_M",))), data.get("outtype", "auto"), data.get("imatrix"),
+                   eval_weights=data.get("eval_weights", "auto"), split_max_size=data.get("split_max_size", "48G"))
+
+
+_SPLIT_SIZE = re.compile(r"^([1-9][0-9]*)([MG])$")
+
+
+def split_bytes(size: str) -> int:
+    """llama-gguf-split's --split-max-size N(M|G) in bytes (decimal units, as the tool counts)."""
+    m = _SPLIT_SIZE.match(size)
+    if m is None:
+        raise UsageError(f"--split-max-size {size!r} is not N followed by M or G", hint="For example 48G or 500M.")
+    return int(m[1]) * (1000**2 if m[2] == "M" else 1000**3)
 
 
 def validate(o: Options) -> None:
@@ -178,6 +199,7 @@ def validate(o: Options) -> None:
         raise UsageError(f"unknown --eval-weights {o.eval_weights!r}", hint=f"Choose from: {', '.join(WEIGHTS_CHOICES)}.")
     if o.imatrix not in (None, "auto", NO_IMATRIX) and not Path(o.imatrix).is_file():
         raise UsageError(f"--imatrix file {o.imatrix} does not exist")
+    split_bytes(o.split_max_size)
 
 
 def _default_imatrix_types(o: Options) -> list[str]:
@@ -272,6 +294,11 @@ def artifact_name(model_name: str, quant: str) -> str:
     return f"{model_name}-{quant}.gguf"
 
 
+def split_name(final: str, index: int, count: int) -> str:
+    """llama.cpp's shard names: NAME-00001-of-00003.gguf (the first one is what loaders are given)."""
+    return f"{final.removesuffix('.gguf')}-{index:05d}-of-{count:05d}.gguf"
+
+
 def gguf_bytes(shape: Shape, quant: str) -> int:
     """Expected file size of one GGUF type: 1-D norms stay F32, the output matrix of K-quant
     mixes is Q6_K, everything else takes the type's bits per weight."""
@@ -313,6 +340,7 @@ EVAL_S_PER_GTOKEN_PARAM = 0.033  # llama-perplexity: seconds per (1e9 parameters
 # dequantized copy each run a forward pass over the chunks.
 WEIGHTS_STARTUP_S = 8.0
 DEQUANT_PARAMS_PER_S = 6e6
+SPLIT_BYTES_PER_S = 500e6  # llama-gguf-split copies tensor data
 
 
 def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
@@ -332,6 +360,8 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
     size = gguf_bytes(shape, quant)
     if kind == "gguf.eval":
         return _eval_estimate(params, shape, base=False, model_bytes=size)
+    if kind == "gguf.split":  # the shards; the single file is an intermediate, removed at the end
+        return Estimate(size, TOOL_BASE_RAM, size, size / SPLIT_BYTES_PER_S)
     if kind == "gguf.quantize":
         per = QUANTIZE_S_PER_100M.get(quant)
         ram = QUANTIZE_BASE_RAM + int(shape.largest_tensor * (4 + 2 + QUANT_TYPES[quant].bpw / 8))
@@ -423,20 +453,31 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                   inputs=inputs, outputs=(final + ".partial",), params=params, files=files,
                   estimate=estimate("gguf.quantize", params, shape), threaded=True)
         params = {"quant": quant, "outtype": outtype}
+        shards = -(-q.estimate.output_bytes // split_bytes(o.split_max_size))  # planned from the estimate
         v = b.add(f"gguf.validate:{quant}", "gguf.validate", NAME, f"validate {quant}",
-                  inputs={"artifact": q.id, "source": convert.id}, outputs=(final,), params=params,
-                  estimate=estimate("gguf.validate", params, shape), deliverable=True)
+                  inputs={"artifact": q.id, "source": convert.id},
+                  outputs=(f"{WORK}/{final}" if shards > 1 else final,), params=params,
+                  estimate=estimate("gguf.validate", params, shape), deliverable=shards == 1)
+        readers: dict[str, str] = {}
         if model.evaluation is not None:
             base = base or _add_eval_base(b, convert, model, outtype)
             params = {"quant": quant, "outtype": outtype, "ctx": model.evaluation.ctx,
                       "chunks": model.evaluation.chunks}
-            b.add(f"gguf.eval:{quant}", "gguf.eval", NAME, f"measure {quant}",
-                  inputs={"artifact": v.id, "base": base.id}, params=params,
-                  estimate=estimate("gguf.eval", params, shape), threaded=True)
+            readers["quality"] = b.add(f"gguf.eval:{quant}", "gguf.eval", NAME, f"measure {quant}",
+                                       inputs={"artifact": v.id, "base": base.id}, params=params,
+                                       estimate=estimate("gguf.eval", params, shape), threaded=True).id
             if _weights_view(o, shape):
-                b.add(f"gguf.weights:{quant}", "gguf.weights", NAME, f"measure {quant}'s weights in transformers",
-                      inputs={"artifact": v.id, "tokens": base.id}, params=params, files=model_file,
-                      estimate=_weights_estimate(shape, params), exclusive=hfquant.WORKERS, scratch=(hfquant.REFERENCE_DIR,))
+                readers["weights"] = b.add(
+                    f"gguf.weights:{quant}", "gguf.weights", NAME, f"measure {quant}'s weights in transformers",
+                    inputs={"artifact": v.id, "tokens": base.id}, params=params, files=model_file,
+                    estimate=_weights_estimate(shape, params), exclusive=hfquant.WORKERS,
+                    scratch=(hfquant.REFERENCE_DIR,)).id
+        if shards > 1:  # after the measurements, which read the single file
+            params = {"quant": quant, "max_size": o.split_max_size}
+            b.add(f"gguf.split:{quant}", "gguf.split", NAME, f"split {quant} into {o.split_max_size} shards",
+                  inputs={"artifact": v.id, "quantized": q.id, **readers},
+                  outputs=(split_name(final, 1, shards),), params=params, scratch=(f"{WORK}/split-{quant}",),
+                  estimate=estimate("gguf.split", params, shape), deliverable=True)
 
 
 def _add_eval_base(b: PlanBuilder, convert: Step, model: ModelInfo, outtype: str) -> Step:
@@ -456,7 +497,7 @@ def _add_eval_base(b: PlanBuilder, convert: Step, model: ModelInfo, outtype: str
 
 def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     actions = {"gguf.convert": _convert, "gguf.imatrix": _imatrix, "gguf.quantize": _quantize,
-               "gguf.validate": _validate, "gguf.eval-base": _eval_base, "gguf.eval": _eval, "gguf.weights": _weights}
+               "gguf.validate": _validate, "gguf.split": _split, "gguf.eval-base": _eval_base, "gguf.eval": _eval, "gguf.weights": _weights}
     return actions[step.kind](step, inputs, ctx)
 
 
@@ -479,6 +520,7 @@ def _partial(path: Path) -> Path:
 def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     from .. import envs
     from ..hub import safetensors_header
+    from ..model import chat_template
     from ..progress import ConvertProgress
 
     tools = _tools()
@@ -494,9 +536,14 @@ def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     result = ctx.run_tool(argv, what="convert_hf_to_gguf.py", parser=ConvertProgress(n_tensors or None),
                           env={"PYTHONUNBUFFERED": "1"}, oom_extra="--no-lazy is off by default; close other jobs")
     info = _read_header(tmp, "the converter's output")
+    template, wanted = info.metadata.get(CHAT_TEMPLATE_KEY), chat_template(model)
+    if wanted is not None and template != wanted:
+        raise ValidationFailedError("the converter's output does not carry the source's chat template "
+                                    f"({CHAT_TEMPLATE_KEY} {'differs' if template else 'is missing'})")
     os.replace(tmp, out)
     facts = {"architecture": info.architecture, "tensor_count": len(info.tensors),
-             "parameter_count": info.parameter_count, "file_type": info.file_type}
+             "parameter_count": info.parameter_count, "file_type": info.file_type,
+             "chat_template_sha256": _text_sha256(template)}
     return StepOutcome((out,), facts, result.peak_rss_bytes)
 
 
@@ -553,6 +600,30 @@ def _read_header(path: Path, what: str) -> GGUFInfo:
         raise ValidationFailedError(f"{what} {path} is not a readable GGUF file: {exc}") from exc
 
 
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+
+
+def _text_sha256(text: object) -> str | None:
+    return hashlib.sha256(text.encode()).hexdigest() if isinstance(text, str) else None
+
+
+def _load_and_generate(model: Path, what: str, ctx: StepContext) -> ProcessResult:
+    """The real load: llama.cpp reads ``model`` (a split set from its first shard) and generates."""
+    tools = _tools()
+    argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", model, "-n", "8", *_offload(tools),
+                                          VALIDATE_PROMPT]
+    try:
+        result = ctx.run_tool(argv, what=f"loading {what} in llama.cpp")
+    except ToolKilledError:
+        raise
+    except StepFailedError as exc:  # the artifact is what failed, not a tool
+        raise ValidationFailedError(f"llama.cpp cannot load {what}: {exc.message}",
+                                    hint=exc.hint, log_path=exc.log_path) from None
+    if VALIDATE_PROMPT not in "\n".join(result.tail):
+        raise ValidationFailedError(f"llama.cpp loaded {what} but generated nothing")
+    return result
+
+
 def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     """Read the header back, compare with the 16-bit source, load it in llama.cpp and
     generate a few tokens; only then rename the partial file to its final name."""
@@ -569,23 +640,39 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         problems.append(f"file type {info.file_type} != {expected} ({quant})")
     if source.get("tensor_count") and len(info.tensors) != source["tensor_count"]:
         problems.append(f"{len(info.tensors)} tensors != {source['tensor_count']} in the 16-bit source")
+    if "chat_template_sha256" in source and _text_sha256(info.metadata.get(CHAT_TEMPLATE_KEY)) != \
+            source["chat_template_sha256"]:
+        problems.append(f"{CHAT_TEMPLATE_KEY} differs from the source's chat template")
     if problems:
         raise ValidationFailedError(f"{quant} artifact failed header checks: " + "; ".join(problems))
-    tools = _tools()
-    argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", partial, "-n", "8", *_offload(tools),
-                                          VALIDATE_PROMPT]
-    try:
-        result = ctx.run_tool(argv, what=f"loading {quant} in llama.cpp")
-    except ToolKilledError:
-        raise
-    except StepFailedError as exc:  # the artifact is what failed, not a tool
-        raise ValidationFailedError(f"llama.cpp cannot load the {quant} artifact: {exc.message}",
-                                    hint=exc.hint, log_path=exc.log_path) from None
-    if VALIDATE_PROMPT not in "\n".join(result.tail):
-        raise ValidationFailedError(f"llama.cpp loaded {quant} but generated nothing")
+    result = _load_and_generate(partial, f"the {quant} artifact", ctx)
     ctx.check_final(final)
     facts = {"validated": True, "architecture": info.architecture, "tensor_count": len(info.tensors)}
     return StepOutcome((), facts, result.peak_rss_bytes, renames=((partial, final),))
+
+
+def _split(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    """llama-gguf-split the validated file into shards, load the set from its first shard in
+    llama.cpp, and rename the shards to their final names only then."""
+    from ..journal import sha256_file
+
+    quant, single = step.param("quant"), inputs["artifact"].path
+    stage = ctx.path(f"{WORK}/split-{quant}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    prefix = stage / single.name.removesuffix(".gguf")
+    ctx.run_tool([_tools().tool("llama-gguf-split"), "--split", "--split-max-size", step.param("max_size"), single,
+                  prefix], what=f"llama-gguf-split of {quant}")
+    shards = sorted(stage.glob(f"{prefix.name}-*-of-*.gguf"))
+    if not shards or [s.name for s in shards] != [split_name(single.name, i + 1, len(shards)) for i in range(len(shards))]:
+        raise ValidationFailedError(f"llama-gguf-split wrote {[s.name for s in shards]}, not a numbered set of shards")
+    result = _load_and_generate(shards[0], f"the first of {len(shards)} {quant} shards", ctx)
+    finals = [ctx.path(s.name) for s in shards]
+    for final in finals:
+        ctx.check_final(final)
+    listed = [{"path": f.name, "bytes": s.stat().st_size, "sha256": sha256_file(s)} for s, f in zip(shards, finals, strict=True)]
+    facts = {"validated": True, "shards": listed}
+    return StepOutcome((), facts, result.peak_rss_bytes, renames=tuple(zip(shards, finals, strict=True)))
 
 
 # The pinned llama-perplexity sometimes exits 0 without printing its last lines (the summary),
@@ -686,16 +773,31 @@ def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
 
 def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]],
                   readers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    quality = readers.get("gguf.eval", {}).get("quality")
+    # a split set's step reads the measurements and the quantization as inputs; a single file's are its readers
+    quality = readers.get("gguf.eval", inputs.get("quality", {})).get("quality")
     if quality is not None:  # the weights view, scored in transformers (or why it is missing)
-        weights = readers.get("gguf.weights", {}).get("weights", {"unavailable": WEIGHTS_UNAVAILABLE})
+        weights = readers.get("gguf.weights", inputs.get("weights", {})).get("weights",
+                                                                           {"unavailable": WEIGHTS_UNAVAILABLE})
         quality = {**quality, "weights": weights}
-    return {"bits_per_weight": inputs.get("artifact", {}).get("bits_per_weight"), "quality": quality,
-            "calibration": None}
+    fields = {"bits_per_weight": inputs.get("quantized", inputs.get("artifact", {})).get("bits_per_weight"),
+              "quality": quality, "calibration": None}
+    if own.get("shards"):  # a split set: its total size; each shard's size and hash are listed
+        fields |= {"shards": own["shards"], "bytes": sum(s["bytes"] for s in own["shards"]), "sha256": None}
+    return fields
 
 
-def card_usage(paths: list[str]) -> str:
+LIBRARY = "gguf"
+
+
+def publishable(path: Path) -> str | None:
+    return None if path.is_file() else f"{path.name} is missing"
+
+
+def card_usage(paths: list[str], *, chat: bool) -> str:
     name = paths[0]
+    if chat:  # the source's chat template is in every file (tokenizer.chat_template): --jinja applies it
+        return (f"llama.cpp (the chat template is in the file, `--jinja` applies it):\n\n```sh\n"
+                f"llama-cli -m {name} --jinja -cnv\nllama-server -m {name} --jinja\n```")
     return f"llama.cpp:\n\n```sh\nllama-cli -m {name} -p \"Hello\"\nllama-server -m {name}\n```"
 
 

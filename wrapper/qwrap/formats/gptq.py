@@ -14,11 +14,13 @@ from . import hfquant
 
 # what GPTQ shares with AWQ, assigned by name (the Format Protocol's functions)
 from .hfquant import (  # noqa: F401
+    LIBRARY,
     card_usage,
     checks,
     execute,
     needs_calibration,
     plan_artifact,
+    publishable,
     requirements,
     result_fields,
     wants_calibration,

@@ -10,6 +10,7 @@ own options and worker-job fields.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -233,12 +234,31 @@ def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]
             "calibration": produced.get("metadata", {}).get("calibration")}
 
 
-def card_usage(paths: list[str]) -> str:
+LIBRARY = "transformers"
+
+
+def publishable(path: Path) -> str | None:
+    """A folder without its quantization_config loads as an unquantized model (users report
+    "very bad" output from such pushes): refuse it."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return f"{path.name} has no readable config.json"
+    if not isinstance(config, dict) or not config.get("quantization_config"):
+        return (f"{path.name}/config.json has no quantization_config: transformers would load it as an "
+                "unquantized model")
+    return None
+
+
+def card_usage(paths: list[str], *, chat: bool) -> str:
     name = paths[0]
+    applied = ("messages = [{\"role\": \"user\", \"content\": \"Hello\"}]\n"
+               "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")\n"
+               "print(tokenizer.decode(model.generate(inputs.to(model.device), max_new_tokens=32)[0]))\n") if chat else ""
     return (
         "transformers:\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"model = AutoModelForCausalLM.from_pretrained(\"{name}\", device_map=\"auto\")\n"
-        f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n```\n\n"
+        f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")\n{applied}```\n\n"
         f"vLLM:\n\n```sh\nvllm serve {name}\n```"
     )
 
@@ -285,10 +305,10 @@ def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 
 def _worker_env(ctx: StepContext) -> dict[str, str | None]:
-    from ..toolchain import REPO_ROOT
+    from ..envs import worker_code
 
     return {
-        "PYTHONPATH": str(REPO_ROOT / "wrapper"),
+        "PYTHONPATH": str(worker_code()),
         "PYTHONUNBUFFERED": "1",
         # gptqmodel sizes its CPU worker pools from this and needs at least 2
         "GPTQMODEL_CPU_WORKERS": str(max(2, os.cpu_count() or 1)),
@@ -406,10 +426,23 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     kl = meta.get("kl_divergence")
     if not meta.get("finite", False) or kl is None or not math.isfinite(kl):
         raise ValidationFailedError(f"{final.name} produced non-finite logits or no KL divergence")
+    changed = _changed_tokenizer_files(Path(step.file("model")), partial)
+    if changed:
+        raise ValidationFailedError(f"{final.name} does not carry the source's tokenizer files unchanged: "
+                                    f"{', '.join(changed)}")
     ctx.check_final(final)
     facts = {"validated": True, "kl_divergence": kl, "tokens": meta.get("tokens"), "quality": meta.get("eval")}
     return StepOutcome((), facts, peak, renames=((partial, final),))
 
+
+
+def _changed_tokenizer_files(source: Path, folder: Path) -> list[str]:
+    """The source's tokenizer files (the chat template among them) that the folder lacks or holds changed."""
+    from ..journal import sha256_file
+    from ..workers.calib import TOKENIZER_FILES
+
+    return [name for name in TOKENIZER_FILES if (source / name).is_file()
+            and not ((folder / name).is_file() and sha256_file(folder / name) == sha256_file(source / name))]
 
 
 def listing(fmt: str, backends: tuple[str, ...]) -> Listing:

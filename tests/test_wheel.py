@@ -1,0 +1,121 @@
+"""qwrap as a user installs it: a wheel built by the standard backend from a copy of the
+tracked files, installed into a fresh venv outside the checkout, and run from another folder
+against the already-built cache (the same pins give the same cache keys, so nothing is rebuilt)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, _missing
+from qwrap import __version__, envs
+from qwrap.errors import ToolchainMissingError
+from qwrap.toolchain import Toolchain, read_pin
+
+pytestmark = pytest.mark.slow
+
+
+def _tracked(root: Path) -> list[str]:
+    out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         check=True, capture_output=True).stdout
+    return [name for name in out.decode().split("\0") if name and os.path.lexists(root / name)]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built from a clean copy (as a fresh clone would be), so the checkout gets no build/ or egg-info."""
+    src = tmp_path_factory.mktemp("clone")
+    for name in _tracked(REPO):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, src / name, follow_symlinks=False)
+    dist = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "deprecated" not in proc.stdout + proc.stderr
+    (found,) = dist.glob("qwrap-*.whl")
+    return found
+
+
+def test_wheel_holds_the_package_and_nothing_else(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    dist_info = f"qwrap-{__version__}.dist-info/"
+    assert all(n.startswith(("qwrap/", dist_info)) for n in names), [n for n in names if not n.startswith("qwrap")]
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "egg-info" in n or "tests/" in n]
+    package = REPO / "wrapper" / "qwrap"
+    shipped = {n.removeprefix("qwrap/") for n in names if n.startswith("qwrap/")}
+    tracked = {n.removeprefix("wrapper/qwrap/") for n in _tracked(REPO) if n.startswith("wrapper/qwrap/")}
+    assert shipped == tracked, (shipped ^ tracked)
+    assert {"locks/llama.cpp.lock", "workers/protocol.py", *(f"locks/{s.lock}" for s in envs.SPECS.values())} <= shipped
+    assert (package / "locks" / "llama.cpp.lock").read_bytes() == zipfile.ZipFile(wheel).read("qwrap/locks/llama.cpp.lock")
+    meta = zipfile.ZipFile(wheel).read(dist_info + "METADATA").decode()
+    requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert requires and not [r for r in requires if "torch" in r or "transformers" in r]
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    venv = tmp_path_factory.mktemp("user") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # --no-cache-dir: nothing written to ~/.cache/pip (the guard fixture watches ~/.cache)
+    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "--no-cache-dir",
+                           str(wheel)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format=json"], capture_output=True, text=True,
+                            check=True).stdout
+    packages = {p["name"].lower() for p in json.loads(listed)}
+    assert "qwrap" in packages and not packages & {"torch", "transformers", "numpy"}, packages
+    return venv
+
+
+def user(venv: Path, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """The installed console script, from a folder that is not the checkout, with nothing
+    pointing back at the checkout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QWRAP_LLAMA_LOCK", "VIRTUAL_ENV")}
+    return subprocess.run([str(venv / "bin" / "qwrap"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_installed_wheel_runs_outside_the_checkout(installed: Path, tiny_model: Path, corpus: Path, tmp_path: Path,
+                                                   toolchain: Toolchain) -> None:
+    try:
+        gptqmodel = envs.find_env("gptqmodel")
+    except ToolchainMissingError:
+        _missing("the gptqmodel environment", "run `qwrap setup --backends gptqmodel`")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run([str(installed / "bin" / "python"), "-c", "import qwrap; print(qwrap.__file__)"],
+                           cwd=elsewhere, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(installed)), where
+
+    version = user(installed, "--version", cwd=elsewhere)
+    assert version.returncode == 0, version.stderr
+    assert __version__ in version.stdout and read_pin().commit[:12] in version.stdout
+
+    setup = user(installed, "setup", "--no-envs", cwd=elsewhere)  # the cache's build, found up to date
+    assert setup.returncode == 0 and setup.stdout.strip() == f"llama.cpp\t{toolchain.bin_dir.parent}", setup.stderr
+
+    doctor = user(installed, "doctor", "--json", cwd=elsewhere)
+    assert doctor.returncode == 0, doctor.stderr
+    info = json.loads(doctor.stdout)
+    assert info["llama_cpp"]["ok"] and info["llama_cpp"]["bin_dir"] == str(toolchain.bin_dir)
+    # the same pins give the same cache keys: the installed wheel finds the checkout's environments
+    assert info["environments"]["convert"]["path"] == str(envs.env_path("convert"))
+    assert info["environments"]["gptqmodel"]["path"] == str(gptqmodel.path)
+
+    # one run, both kinds: llama.cpp tools and a backend worker (its PYTHONPATH holds only qwrap's worker code)
+    proc = user(installed, "run", str(tiny_model), "-o", str(tmp_path / "out"), "-f", "gguf", "-q", "Q8_0", "-f", "gptq",
+                "--calib", str(corpus), "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--json",
+                cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    artifacts = json.loads(proc.stdout)["artifacts"]
+    assert sorted(a["format"] for a in artifacts) == ["gguf", "gptq"]
+    assert all(a["validated"] and Path(a["path"]).exists() for a in artifacts), artifacts
