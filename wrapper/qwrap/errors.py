@@ -112,7 +112,7 @@ class StalledError(QwrapError):
 
 
 class LockedError(QwrapError):
-    """Another live qwrap process holds the output folder."""
+    """Another live qwrap process holds the output folder, or the step (``--step``) being asked for."""
 
     exit_code = 14
     title = "output folder in use"
@@ -137,6 +137,13 @@ class QualityGateError(QwrapError):
 
     exit_code = 17
     title = "quality gate failed"
+
+
+class InputsNotReadyError(QwrapError):
+    """``--step``: a step it reads is not done and verified yet (a scheduler ran it too early)."""
+
+    exit_code = 18
+    title = "inputs not ready"
 
 
 class Interrupted(QwrapError):
@@ -171,6 +178,7 @@ ALL_ERRORS: tuple[type[QwrapError], ...] = (
     JournalError,
     BackendUnavailableError,
     QualityGateError,
+    InputsNotReadyError,
     Interrupted,
 )
 
