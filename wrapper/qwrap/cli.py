@@ -388,9 +388,14 @@ def eval_command(
 
 @app.command()
 def status(output: OutDir, json_out: JsonFlag = False) -> None:
-    """Show every step recorded in OUTPUT's journal: state, duration, peak memory, output, error.
+    """Show every step of the plan in OUTPUT, whichever process or machine ran it: state (pending, running, done,
+    failed, ...), host, duration, peak memory, output, error.
 
-    Example: qwrap status out/ --json
+    Examples:
+
+      qwrap status /shared/out
+
+      qwrap status /shared/out --json
     """
     from .status import collect, render
 
