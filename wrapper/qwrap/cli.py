@@ -316,14 +316,15 @@ def _execute(request: Any, *, token: str | None, json_out: bool, events: str | N
                 stream.close()
             raise
         result = build_result(outcome)
-        failed = [a for a in result["artifacts"] if a["gate"] == "failed"]
+        # a --step run may make an artifact before its measurement: the run that ends the plan applies the gates
+        failed = [] if steps else [a for a in result["artifacts"] if a["gate"] == "failed"]
         if stream is not None:
             stream.emit("run_finished", exit_code=QualityGateError.exit_code if failed else 0,
                         artifacts=[a["path"] for a in result["artifacts"]])
             stream.close()
     if json_out:
         typer.echo(json.dumps(result, indent=2))
-    elif events != "-":
+    elif events != "-" and (result["artifacts"] or not steps):
         render_table(result, out_console)
     if failed:
         names = ", ".join(f"{a['format']} {a['quant']}" for a in failed)
