@@ -109,7 +109,8 @@ RUN_EXTRA = (
 )
 PLAN_EXTRA = (
     Option("emit", Optional[tuple[str, Path]], None, "Write the plan as scheduler jobs: `slurm DIR` (sbatch scripts "
-           "and DIR/submit.sh) or `github-actions FILE` (a workflow).", ("--emit",), metavar="KIND PATH"),
+           "and DIR/submit.sh) or `github-actions FILE` (a workflow). Memory and time come from the estimates; "
+           "multi-threaded steps ask for --jobs cores (default 4).", ("--emit",), metavar="KIND PATH"),
     Option("partition", Optional[str], None, "--emit slurm: the partition of the jobs."),
     Option("gpu_partition", Optional[str], None, "--emit slurm: the partition of GPU steps (AWQ/GPTQ), with --gres=gpu:1."),
     Option("account", Optional[str], None, "--emit slurm: the account the jobs are charged to."),
