@@ -52,13 +52,13 @@ def collect(output: Path) -> dict[str, Any]:
 
 def render(info: dict[str, Any], console: Console) -> None:
     table = Table(title=f"{info['output']} ({info['model']})")
-    for col in ("step", "state", "host", "time", "peak RAM", "output / error"):
+    for col in ("step", "state", "host", "run by", "time", "peak RAM", "output / error"):
         table.add_column(col)
     colors = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "pending": "dim"}
     for s in info["steps"]:
         color = colors.get(s["state"], "yellow")
         detail = s["error"] or ", ".join(s["outputs"])
-        table.add_row(s["step"], f"[{color}]{s['state']}[/{color}]", s["host"] or "-",
+        table.add_row(s["step"], f"[{color}]{s['state']}[/{color}]", s["host"] or "-", s["by"] or "-",
                       f"{s['seconds']:.1f}s" if s["seconds"] is not None else "-",
                       human_bytes(s["peak_rss_bytes"]) if s["peak_rss_bytes"] else "-", detail)
     console.print(table)
