@@ -101,6 +101,12 @@ def test_a_step_run_too_early_names_what_to_run(tiny_model: Path, corpus: Path, 
     assert states["gguf.quantize:Q4_K_M"] == "pending"
     repeat = run_qwrap("run", str(tiny_model), "-o", str(out), *opts, "--step", "gguf.convert", "--json")
     assert json.loads(repeat.stdout)["steps"][0]["state"] == "skipped"  # done and verified: reused
+    validate = run_qwrap("run", str(tiny_model), "-o", str(out), *opts, "--step", "gguf.validate:Q8_0")
+    assert validate.returncode == 0, validate.stderr
+    # its validation renamed the quantization's partial file: asked again, that step has nothing left to give
+    again = run_qwrap("run", str(tiny_model), "-o", str(out), *opts, "--step", "gguf.quantize:Q8_0", "--json")
+    assert {s["id"]: s["state"] for s in json.loads(again.stdout)["steps"]}["gguf.quantize:Q8_0"] == "skipped"
+    assert not list(out.glob("*.partial"))
 
 
 def test_the_same_step_twice_at_once_the_second_exits_14(tiny_model: Path, corpus: Path, tmp_path: Path,

@@ -85,7 +85,9 @@ def test_a_task_cancelled_mid_step_then_resubmitted_completes_identically(
     assert artifact_shas(out) == reference
     all_done(out)
     done = [r for r in Journal(out).records() if r.get("state") == "done"]
-    assert sum(r["step"] == "gguf.convert" for r in done) == 1  # the resubmission reused what was done
+    for step in ("gguf.convert", "gguf.quantize:Q4_K_M", "gguf.weights:Q8_0"):  # the resubmission reused them
+        assert sum(r["step"] == step for r in done) == 1, step
+    assert not list(out.glob("*.partial"))
 
 
 def wait_for_child(out: Path, step: str, timeout: float = 600) -> None:

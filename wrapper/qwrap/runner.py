@@ -162,7 +162,7 @@ class Runner:
             raise UsageError(f"--step {unknown[0]!r} is not a step of this plan",
                              hint=f"Its steps: {', '.join(s.id for s in self.plan.steps)} "
                              "(`qwrap plan` with the same options shows them).")
-        need = {i for i in only if not self._done_ok(self._by_id[i], states)}
+        need = {i for i in only if not self._done_ok(self._by_id[i], states) and self._wanted(self._by_id[i], states)}
         missing = [i for s in self.plan.steps if s.id in need for i in s.input_ids
                    if i not in only and not self._done_ok(self._by_id[i], states)]
         if missing:
@@ -173,6 +173,12 @@ class Runner:
                 hint="Run " + " ".join(f"--step {i}" for i in names) + " first (same options), "
                 "or the whole plan with `qwrap run` and the same options.")
         return need
+
+    def _wanted(self, step: Step, states: Mapping[str, StepRecord]) -> bool:
+        """--step: a step whose every reader is done has nothing left to give (e.g. a quantization
+        whose partial file its validation renamed): running it again would only leave a stray file."""
+        consumers = self.plan.consumers(step.id)
+        return step.deliverable or not consumers or any(not self._done_ok(c, states) for c in consumers)
 
     def _distances(self) -> dict[str, int]:
         """Steps from each step to the nearest deliverable: the scheduler's priority."""
@@ -217,7 +223,7 @@ class Runner:
         for step in self.plan.steps:
             if step.id in need:
                 continue
-            if self.settings.only and not self._verified.get(step.id):
+            if self.settings.only and step.id not in self.settings.only and not self._verified.get(step.id):
                 summaries[step.id] = StepSummary(step, StepState.PENDING)  # another process's business
                 continue
             summaries[step.id] = StepSummary(step, StepState.SKIPPED, states.get(step.id))
