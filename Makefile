@@ -15,7 +15,7 @@ DEMO := demo-out
 PYTEST_ARGS ?=
 SCALING_ARGS ?= --sizes 7m 110m 400m 1b
 
-.PHONY: help setup venv llama envs backend-envs browser demo test test-fast gguf awq gptq all-formats bench lint wheel clean
+.PHONY: help setup venv llama envs backend-envs browser slurm demo test test-fast gguf awq gptq all-formats bench lint wheel clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -41,7 +41,12 @@ browser: ## Headless Chromium for the quality-page test (Debian/Ubuntu apt, when
 	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }
 
-setup: venv llama envs backend-envs browser ## Everything the tests and demo need
+slurm: ## Debian's slurm-wlm (slurmctld, slurmd, munge) for the real-Slurm tests (apt, when missing)
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y slurm-wlm; }
+
+setup: venv llama envs backend-envs browser slurm ## Everything the tests and demo need
 
 demo: venv llama envs ## Build a tiny model offline and quantize it to a few GGUF types
 	@test -d $(DEMO)/tiny-llama || $$($(QWRAP) env create convert) scripts/make-tiny-model $(DEMO)/tiny-llama

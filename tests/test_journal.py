@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from qwrap.errors import JournalError, LockedError
-from qwrap.journal import Journal, StepRecord, StepState, describe_file, fingerprint_tree, output_lock, verify_file
+from qwrap.journal import Journal, StepRecord, StepState, describe_file, fingerprint_tree, verify_file
+from qwrap.locks import StepLock, folder_lock, step_running
 
 
 def test_records_fold_into_states(tmp_path: Path) -> None:
@@ -75,24 +76,74 @@ def test_fingerprint_tree_sees_small_file_edits(tmp_path: Path) -> None:
     assert fingerprint_tree(tmp_path) != before
 
 
-def test_lock_excludes_a_second_process_and_dies_with_its_holder(tmp_path: Path) -> None:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"""
+def hold(code: str) -> subprocess.Popen[str]:
+    """A process that runs ``code`` (a with-statement header), says "locked" and sleeps."""
+    holder = subprocess.Popen([sys.executable, "-c", f"""
 import time
 from pathlib import Path
-from qwrap.journal import output_lock
-with output_lock(Path({str(tmp_path)!r})):
+from qwrap.locks import StepLock, folder_lock
+{code}
     print("locked", flush=True); time.sleep(60)
 """], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-    with pytest.raises(LockedError, match=str(holder.pid)):
-        with output_lock(tmp_path):
-            pass
+    return holder
+
+
+def release(holder: subprocess.Popen[str]) -> None:
     holder.kill()
     holder.wait()
+    assert holder.stdout is not None
     holder.stdout.close()
-    with output_lock(tmp_path):  # a dead holder's lock is taken over
-        assert (tmp_path / ".checkpoint" / "lock").read_text().strip() == str(os.getpid())
+
+
+def test_lock_excludes_a_second_process_and_dies_with_its_holder(tmp_path: Path) -> None:
+    holder = hold(f"with folder_lock(Path({str(tmp_path)!r}), shared=False):")
+    with pytest.raises(LockedError, match=f"pid {holder.pid}"):
+        with folder_lock(tmp_path, shared=False):
+            pass
+    with pytest.raises(LockedError, match="whole-plan"):  # a --step run waits for no whole-plan run either
+        with folder_lock(tmp_path, shared=True):
+            pass
+    release(holder)
+    with folder_lock(tmp_path, shared=False):  # a dead holder's lock is taken over
+        assert (tmp_path / ".checkpoint" / "lock").read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_step_runs_share_the_folder_and_exclude_a_whole_plan_run(tmp_path: Path) -> None:
+    holder = hold(f"with folder_lock(Path({str(tmp_path)!r}), shared=True):")
+    with folder_lock(tmp_path, shared=True):  # another --step run: fine
+        pass
+    with pytest.raises(LockedError, match="--step"):
+        with folder_lock(tmp_path, shared=False):
+            pass
+    release(holder)
+
+
+def test_a_step_lock_names_its_holder_and_is_free_once_it_dies(tmp_path: Path) -> None:
+    holder = hold(f"lock = StepLock(Path({str(tmp_path)!r}), 'gguf.quantize:Q4_K_M')\nlock.acquire()\nif True:")
+    assert step_running(tmp_path, "gguf.quantize:Q4_K_M") and not step_running(tmp_path, "gguf.convert")
+    with pytest.raises(LockedError, match=f"gguf.quantize:Q4_K_M is already running \\(pid {holder.pid} on "):
+        StepLock(tmp_path, "gguf.quantize:Q4_K_M").acquire()
+    release(holder)
+    assert not step_running(tmp_path, "gguf.quantize:Q4_K_M")
+    lock = StepLock(tmp_path, "gguf.quantize:Q4_K_M")
+    assert lock.try_acquire() is None
+    lock.release()
+
+
+def test_processes_appending_at_once_never_tear_a_line(tmp_path: Path) -> None:
+    code = f"""
+from pathlib import Path
+from qwrap.journal import Journal, StepRecord, StepState
+j = Journal(Path({str(tmp_path)!r}))
+for n in range(200):
+    j.record(StepRecord(f"s{{n}}", StepState.DONE, "x" * 3000, info={{"n": n}}))
+    j.states()
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    lines = Journal(tmp_path).path.read_bytes().split(b"\n")
+    assert len([line for line in lines if line]) == 800 and all(json.loads(line) for line in lines if line)
 
 
 def test_folder_outputs_are_verified_file_by_file(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from qwrap.toolchain import Toolchain
 pytestmark = pytest.mark.slow
 QUANTS = ("Q4_K_M", "Q8_0", "Q2_K")
 STEP_KEYS = {"id", "kind", "format", "label", "inputs", "outputs", "params", "files", "fingerprint", "deliverable",
+             "threaded", "gpu",
              "estimates"}
 
 

@@ -78,6 +78,10 @@ Examples:
   qwrap run meta-llama/Llama-3.2-1B --revision main -q IQ3_XXS --imatrix auto --calib wiki.txt -o out/ --json
 
   qwrap run org/name --format gguf --format awq --format gptq --calib data.txt -o out/
+
+One step of the plan (on a scheduler; other processes or machines may run other steps of it in the same folder at the same time; the steps it reads must be done):
+
+  qwrap run ./Llama-3.2-1B -q Q4_K_M -q Q8_0 -o /shared/out --step gguf.quantize:Q4_K_M
 """
 
 PLAN_DOC = """Show the plan `qwrap run` with the same options executes, and the checks, without heavy work.
@@ -89,7 +93,28 @@ Examples:
   qwrap plan ./Llama-3.2-1B -q Q4_K_M -q Q8_0 -o out/
 
   qwrap plan meta-llama/Llama-3.2-1B -q Q4_K_M --json
+
+Scale out (one job per stage, one task per step, all on one shared output folder):
+
+  qwrap plan ./Llama-3.2-1B -q Q4_K_M -q Q8_0 -o /shared/out --emit slurm jobs/ --partition cpu --gpu-partition gpu && jobs/submit.sh
+
+  qwrap plan ./Llama-3.2-1B -q Q4_K_M -o /shared/out --emit github-actions .github/workflows/quantize.yml
 """
+
+SCALE_PANEL = "Scaling out"
+RUN_EXTRA = (
+    Option("step", list[str], [], "Run exactly this step of the plan (repeatable; ids as `qwrap plan` shows them); "
+           "the steps it reads must be done (exit 22 names them), a step already running elsewhere exits 14.",
+           ("--step",), metavar="ID"),
+)
+PLAN_EXTRA = (
+    Option("emit", Optional[tuple[str, Path]], None, "Write the plan as scheduler jobs: `slurm DIR` (sbatch scripts "
+           "and DIR/submit.sh) or `github-actions FILE` (a workflow). Memory and time come from the estimates; "
+           "multi-threaded steps ask for --jobs cores (default 4).", ("--emit",), metavar="KIND PATH"),
+    Option("partition", Optional[str], None, "--emit slurm: the partition of the jobs."),
+    Option("gpu_partition", Optional[str], None, "--emit slurm: the partition of GPU steps (AWQ/GPTQ), with --gres=gpu:1."),
+    Option("account", Optional[str], None, "--emit slurm: the account the jobs are charged to."),
+)
 
 
 def _run_options() -> tuple[Option, ...]:
@@ -130,14 +155,15 @@ def _run_options() -> tuple[Option, ...]:
 
 
 def _parameter(opt: Option, panel: str | None) -> inspect.Parameter:
-    info = typer.Option(*opt.flags, help=opt.help, rich_help_panel=panel)  # no flags: --x/--no-x for bools
+    info = typer.Option(*opt.flags, help=opt.help, rich_help_panel=panel,  # no flags: --x/--no-x for bools
+                        metavar=opt.metavar)
     return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=opt.default,
                              annotation=Annotated[opt.type, info])
 
 
-def _command(impl: Callable[[dict[str, Any]], None], doc: str) -> Callable[..., None]:
+def _command(impl: Callable[[dict[str, Any]], None], doc: str, extra: tuple[Option, ...] = ()) -> Callable[..., None]:
     """A typer command taking MODEL, the run options and every format's option group (each
-    under its own heading in --help), all mounted from the registry."""
+    under its own heading in --help), all mounted from the registry, then its own ``extra``."""
     from .formats import FORMATS
 
     params = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -151,6 +177,7 @@ def _command(impl: Callable[[dict[str, Any]], None], doc: str) -> Callable[..., 
             if opt.name not in seen:
                 params.append(_parameter(opt, f"{fmt.TITLE} options"))
                 seen.add(opt.name)
+    params += [_parameter(opt, SCALE_PANEL) for opt in extra]
 
     def command(**values: Any) -> None:
         impl(values)
@@ -162,13 +189,26 @@ def _command(impl: Callable[[dict[str, Any]], None], doc: str) -> Callable[..., 
 
 def _run(values: dict[str, Any]) -> None:
     _execute(_request(values), token=values["token"], json_out=values["json_out"], events=values["events"],
-             push_to=values["push_to"])
+             push_to=values["push_to"], steps=tuple(dict.fromkeys(values["step"])))
 
 
 def _plan(values: dict[str, Any]) -> None:
     from . import pipeline
 
-    report = pipeline.plan_only(_request(values), token=values["token"]).to_json()
+    request = _request(values)
+    plan_report = pipeline.plan_only(request, token=values["token"])
+    if values["emit"] is not None:
+        from . import scaleout
+
+        kind, dest = values["emit"]
+        written = scaleout.emit(kind, Path(dest), plan_report.plan, _task_command(values, request),
+                                partition=values["partition"], gpu_partition=values["gpu_partition"],
+                                account=values["account"], model_name=plan_report.model.source.name,
+                                cpus=request.jobs)
+        for path in written:
+            typer.echo(str(path))
+        return
+    report = plan_report.to_json()
     if values["json_out"]:
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -177,8 +217,40 @@ def _plan(values: dict[str, Any]) -> None:
         render_plan(report, out_console)
 
 
-app.command("run")(_command(_run, RUN_DOC))
-app.command("plan")(_command(_plan, PLAN_DOC))
+app.command("run")(_command(_run, RUN_DOC, RUN_EXTRA))
+app.command("plan")(_command(_plan, PLAN_DOC, PLAN_EXTRA))
+
+# not carried into a job's command: the job's own choices, the plan command's, and the token
+_NOT_IN_JOBS = {"model", "output", "token", "json_out", "events", "jobs", *(o.name for o in PLAN_EXTRA)}
+
+
+def _task_command(values: dict[str, Any], request: Any) -> Any:
+    """The `qwrap run` a job runs: the plan's options as typed (defaults left out), with the
+    paths made absolute; the token never (jobs read HF_TOKEN)."""
+    from .formats import FORMATS
+    from .stages import TaskCommand
+
+    resolved = {"calib": request.calib, "eval_text": request.eval_text}
+    args: list[str] = []
+    options = [*_run_options(), *(o for f in FORMATS.values() for o in f.OPTIONS)]
+    for opt in {o.name: o for o in options}.values():
+        value = resolved.get(opt.name, values.get(opt.name))
+        if opt.name in _NOT_IN_JOBS or value == opt.default:
+            continue
+        args += _words(opt, value)
+    # the qwrap that wrote the jobs (on a cluster, the submit host's install on the shared filesystem)
+    program = (os.path.abspath(sys.argv[0]),) if Path(sys.argv[0]).name == "qwrap" else (
+        sys.executable, "-m", "qwrap.cli")
+    return TaskCommand(program, request.model, request.output, tuple(args))
+
+
+def _words(opt: Option, value: Any) -> list[str]:
+    flag = opt.cli_flags[0]
+    if opt.type is bool:
+        return [flag] if opt.flags or value else ["--no-" + opt.name.replace("_", "-")]
+    values = value if isinstance(value, list) else [value]
+    return [w for v in values for w in (flag, str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists()
+                                        else str(v))]
 
 
 def _request(values: dict[str, Any]) -> Any:
@@ -227,7 +299,8 @@ def backends_from(values: list[str], formats: tuple[str, ...]) -> dict[str, str]
     return chosen
 
 
-def _execute(request: Any, *, token: str | None, json_out: bool, events: str | None, push_to: str | None = None) -> None:
+def _execute(request: Any, *, token: str | None, json_out: bool, events: str | None, push_to: str | None = None,
+             steps: tuple[str, ...] = ()) -> None:
     """Run with live progress (and an NDJSON event stream), then print the result."""
     from . import pipeline
     from .errors import QualityGateError, UsageError, exit_code_for
@@ -242,14 +315,15 @@ def _execute(request: Any, *, token: str | None, json_out: bool, events: str | N
             stream.emit("run_started", model=request.model, output=str(request.output),
                         formats=list(request.formats))
         try:
-            outcome = pipeline.execute(request, token=token, reporter=stream or inner)
+            outcome = pipeline.execute(request, token=token, reporter=stream or inner, steps=steps)
         except BaseException as exc:
             if stream is not None:
                 stream.emit("run_finished", exit_code=exit_code_for(exc), error=str(exc))
                 stream.close()
             raise
         result = build_result(outcome)
-        failed = [a for a in result["artifacts"] if a["gate"] == "failed"]
+        # a --step run may make an artifact before its measurement: the run that ends the plan applies the gates
+        failed = [] if steps else [a for a in result["artifacts"] if a["gate"] == "failed"]
         if stream is not None:
             stream.emit("run_finished", exit_code=QualityGateError.exit_code if failed else 0,
                         artifacts=[a["path"] for a in result["artifacts"]])
@@ -258,7 +332,7 @@ def _execute(request: Any, *, token: str | None, json_out: bool, events: str | N
         result["push"] = _push(request.output, push_to, token=token)  # type: ignore[typeddict-unknown-key]
     if json_out:
         typer.echo(json.dumps(result, indent=2))
-    elif events != "-":
+    elif events != "-" and (result["artifacts"] or not steps):
         render_table(result, out_console)
     if failed:
         names = ", ".join(f"{a['format']} {a['quant']}" for a in failed)
@@ -362,9 +436,14 @@ def eval_command(
 
 @app.command()
 def status(output: OutDir, json_out: JsonFlag = False) -> None:
-    """Show every step recorded in OUTPUT's journal: state, duration, peak memory, output, error.
+    """Show every step of the plan in OUTPUT, whichever process or machine ran it: state (pending, running, done,
+    failed, ...), host, duration, peak memory, output, error.
 
-    Example: qwrap status out/ --json
+    Examples:
+
+      qwrap status /shared/out
+
+      qwrap status /shared/out --json
     """
     from .status import collect, render
 

@@ -112,7 +112,7 @@ class StalledError(QwrapError):
 
 
 class LockedError(QwrapError):
-    """Another live qwrap process holds the output folder."""
+    """Another live qwrap process holds the output folder, or the step (``--step``) being asked for."""
 
     exit_code = 14
     title = "output folder in use"
@@ -154,6 +154,13 @@ class NotPublishableError(QwrapError):
     title = "not publishable"
 
 
+class InputsNotReadyError(QwrapError):
+    """``--step``: a step it reads is not done and verified yet (a scheduler ran it too early)."""
+
+    exit_code = 22
+    title = "inputs not ready"
+
+
 class Interrupted(QwrapError):
     """Ctrl-C (130) or SIGTERM (143): children were stopped, the journal says interrupted."""
 
@@ -188,6 +195,7 @@ ALL_ERRORS: tuple[type[QwrapError], ...] = (
     QualityGateError,
     WriteAccessError,
     NotPublishableError,
+    InputsNotReadyError,
     Interrupted,
 )
 

@@ -18,6 +18,7 @@ there whatever the size; with a GPU it grows to the 16k cap.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def held_out(calib: Path, ctx: int, chunks: int, work: Path | None) -> Evaluatio
         work.mkdir(parents=True, exist_ok=True)
         target = work / "eval-text.txt"
         if not target.is_file() or target.read_text() != text:
-            tmp = target.with_suffix(".partial")
+            tmp = target.with_suffix(f".{os.getpid()}.partial")  # several --step processes may write it at once
             tmp.write_text(text)
             tmp.replace(target)
         path = str(target)

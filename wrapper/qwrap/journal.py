@@ -4,9 +4,12 @@ One JSON object per line, one line per state change. The state of a step is its 
 record. A crash can only truncate the *last* line; that is ignored with a warning.
 Anything else unreadable is a JournalError naming the file. JSON only: no pickle.
 
-Also here: the lock on the output folder (flock, so a dead holder releases it by
-itself) and file fingerprints (size + sha256 for outputs; size + mtime + hash of small
-files for source models).
+Several processes, on one machine or on several sharing the folder, may write it at once
+(``qwrap run --step``): each append takes an exclusive flock on ``journal.lock`` for the few
+microseconds of repair + write + fsync, and each read a shared one, so lines never interleave
+and a reader never sees half a line. The locks that decide who may run what live in
+``locks.py``. Also here: file fingerprints (size + sha256 for outputs; size + mtime + hash of
+small files for source models).
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from .errors import JournalError, LockedError
+from .errors import JournalError
 from .plan import StepState
 
 SCHEMA = 1
 CHECKPOINT_DIR = ".checkpoint"
 JOURNAL_FILE = "journal.jsonl"
+JOURNAL_LOCK = "journal.lock"
 SMALL_FILE = 1 << 20  # source files below this size are hashed, larger ones use size+mtime
 
 log = logging.getLogger(__name__)
@@ -143,16 +147,20 @@ class StepRecord:
     error_type: str | None = None
     log: str | None = None
     t: float | None = None
+    host: str | None = None  # the machine that ran it
+    by: str | None = None  # who ran it there: pid, and the scheduler's job id if any
 
     @classmethod
     def from_json(cls, r: Mapping[str, Any]) -> StepRecord:
         return cls(str(r["step"]), StepState(r["state"]), str(r.get("fingerprint", "")),
                    tuple(r.get("outputs") or ()), dict(r.get("info") or {}), r.get("seconds"),
                    int(r.get("peak_rss_bytes") or 0), int(r.get("peak_gpu_bytes") or 0), r.get("error"),
-                   r.get("error_type"), r.get("log"), r.get("t"))
+                   r.get("error_type"), r.get("log"), r.get("t"), r.get("host"), r.get("by"))
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"step": self.step, "state": self.state.value, "fingerprint": self.fingerprint}
+        if self.host is not None:
+            data.update(host=self.host, by=self.by)
         if self.state is StepState.DONE:
             data.update(outputs=list(self.outputs), info=dict(self.info), seconds=self.seconds,
                         peak_rss_bytes=self.peak_rss_bytes, peak_gpu_bytes=self.peak_gpu_bytes)
@@ -170,6 +178,7 @@ class ChildRecord:
     step: str
     pid: int
     create_time: float
+    host: str | None = None  # pids mean something only on the machine that recorded them
 
 
 class Journal:
@@ -179,11 +188,28 @@ class Journal:
         self.path = self.dir / JOURNAL_FILE
         self.warnings: list[str] = []
 
+    @contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        """flock on journal.lock: exclusive to append, shared to read (across processes and
+        machines; the thread lock orders this process's own threads)."""
+        if mode == fcntl.LOCK_EX:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        elif not self.dir.is_dir():
+            yield
+            return
+        fd = os.open(self.dir / JOURNAL_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
     # -- reading -------------------------------------------------------------
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        raw = self.path.read_bytes()
+        with _APPEND_LOCK, self._locked(fcntl.LOCK_SH):
+            raw = self.path.read_bytes()
         lines = raw.split(b"\n")
         out: list[dict[str, Any]] = []
         for number, line in enumerate(lines, start=1):
@@ -225,7 +251,7 @@ class Journal:
         return states
 
     def children(self) -> list[ChildRecord]:
-        return [ChildRecord(str(r["step_ref"]), int(r["pid"]), float(r["create_time"]))
+        return [ChildRecord(str(r["step_ref"]), int(r["pid"]), float(r["create_time"]), r.get("host"))
                 for r in self.records() if r.get("kind") == "child"]
 
     def run_header(self) -> dict[str, Any] | None:
@@ -240,11 +266,11 @@ class Journal:
 
     # -- writing -------------------------------------------------------------
     def append(self, record: dict[str, Any]) -> None:
-        """One line, written whole and fsync'd. Several steps run at once: the lock keeps their
-        lines from interleaving (O_APPEND writes of one line are atomic on local filesystems)."""
+        """One line, written whole and fsync'd, under the journal's exclusive lock: lines of
+        several steps and several processes never interleave (O_APPEND alone is not atomic on
+        NFS)."""
         line = json.dumps({"v": SCHEMA, "t": round(time.time(), 3), **record}, sort_keys=True)
-        with _APPEND_LOCK:
-            self.dir.mkdir(parents=True, exist_ok=True)
+        with _APPEND_LOCK, self._locked(fcntl.LOCK_EX):
             self._repair_tail()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
@@ -257,7 +283,8 @@ class Journal:
         self.append(rec.to_json())
 
     def child(self, rec: ChildRecord) -> None:
-        self.append({"kind": "child", "step_ref": rec.step, "pid": rec.pid, "create_time": rec.create_time})
+        self.append({"kind": "child", "step_ref": rec.step, "pid": rec.pid, "create_time": rec.create_time,
+                     "host": rec.host})
 
     def _repair_tail(self) -> None:
         """Cut a truncated last line so that the next record starts on a line of its own."""
@@ -280,30 +307,3 @@ class Journal:
 
 def outputs_verified(entries: Iterable[OutputEntry], base: Path) -> bool:
     return all(verify_file(e, base) for e in entries)
-
-
-@contextmanager
-def output_lock(output: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the output folder for the duration of a run.
-
-    flock is released by the kernel when the holder dies, so a lock left by a killed
-    qwrap is taken over without ceremony; the pid inside is only for the message.
-    """
-    lock_dir = checkpoint_dir(output)
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    path = lock_dir / "lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise LockedError(
-                f"{output} is in use by another qwrap (pid {holder})",
-                hint="Wait for it to finish, or choose another --output folder.",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)

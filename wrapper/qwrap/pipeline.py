@@ -14,7 +14,8 @@ from .errors import OfflineError, UsageError
 from .evaltext import Evaluation
 from .formats import FORMATS
 from .hub import ModelSource, resolve_model
-from .journal import Journal, output_lock, sha256_file
+from .journal import Journal, sha256_file
+from .locks import folder_lock
 from .model import Calibration, ModelInfo, model_info
 from .plan import Plan, PlanBuilder
 from .preflight import (
@@ -204,7 +205,9 @@ def plan_only(request: Request, *, token: str | None) -> PlanReport:
     return PlanReport(request, model, plan, tuple(checks), {**disk_info, **({"hub_cache": hub_info} if hub else {})})
 
 
-def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOutcome:
+def execute(request: Request, *, token: str | None, reporter: Reporter, steps: tuple[str, ...] = ()) -> RunOutcome:
+    """`qwrap run`: the whole plan, or with ``steps`` (``--step``) exactly those steps, beside
+    other processes running other steps of the same plan in the same folder."""
     validate(request)
     source = resolve_model(request.model, revision=request.revision, token=token)
     model = model_info(source, None, token=token)
@@ -213,38 +216,20 @@ def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOu
     check_toolchain(request)
     output = request.output
     output.mkdir(parents=True, exist_ok=True)
-    with output_lock(output):
-        calib, calib_note = calibration(request, token, fetch=True)
-        if calib_note:
-            reporter.warning(calib_note)
-        model = dataclasses.replace(model, calibration=calib)
-        ev, note = evaluation(request, model, token, work=output / ".checkpoint" / "work")
-        model, cost = sized_evaluation(request, dataclasses.replace(model, evaluation=ev))
-        ev = model.evaluation
-        if cost and cost.warning():
-            reporter.warning(cost.warning())
-        warn_overlap(request, ev, reporter)
-        if note:
-            reporter.warning(note)
+    with folder_lock(output, shared=bool(steps)):
+        model = _with_texts(request, model, token, reporter)
         plan = build_plan(request, model)
         journal = Journal(output)
-        journal.append({"kind": "run", "request": request.to_json(), "argv": safe_argv(),
+        journal.append({"kind": "run", "request": request.to_json(), "argv": safe_argv(), "steps": list(steps),
+                        "plan": [s.id for s in plan.steps],
                         "source": {"path": str(source.path), "repo_id": source.repo_id,
                                    "revision": source.revision, "name": source.name}})
         settings = RunSettings(output, reporter, request.jobs, request.threads, request.stall_timeout,
-                               request.force, request.preflight)
+                               request.force, request.preflight, steps)
         summaries = Runner(plan, journal, settings).run()
-        if not request.keep_intermediate:
-            remove_intermediates(plan, output)
         outcome = RunOutcome(request, model, plan, summaries, journal.warnings, made_by(journal))
-        result = build_result(outcome)
-        calib_label = model.calibration.label if model.calibration else None
-        modelcard.write(result, output, calib_label)
-        publish.save_result(output, result, calib_label)
-        sixteen = next((s.estimate.output_bytes for s in plan.steps if s.kind.endswith(".convert")), None)
-        page = qualitypage.write(output, result, reference_bytes=sixteen)
-        if page.note:
-            reporter.warning(f"quality page: {page.note}")
+        if not steps:  # the documents of the whole plan; a --step run leaves them to the run that ends it
+            _finish(outcome, output, reporter)
     return outcome
 
 
@@ -252,6 +237,38 @@ def made_by(journal: Journal) -> list[str]:
     """The last `qwrap run` command recorded (a `resume` or `eval` continues what it made)."""
     runs = [r["argv"] for r in journal.records() if r.get("kind") == "run" and r.get("argv", [])[1:2] == ["run"]]
     return runs[-1] if runs else safe_argv()
+
+
+def _with_texts(request: Request, model: ModelInfo, token: str | None, reporter: Reporter) -> ModelInfo:
+    """The model with its calibration and evaluation texts (fetched when needed), the evaluation
+    sized to the run (sized_evaluation)."""
+    calib, calib_note = calibration(request, token, fetch=True)
+    if calib_note:
+        reporter.warning(calib_note)
+    model = dataclasses.replace(model, calibration=calib)
+    ev, note = evaluation(request, model, token, work=request.output / ".checkpoint" / "work")
+    model, cost = sized_evaluation(request, dataclasses.replace(model, evaluation=ev))
+    if cost and cost.warning():
+        reporter.warning(cost.warning())
+    warn_overlap(request, model.evaluation, reporter)
+    if note:
+        reporter.warning(note)
+    return model
+
+
+def _finish(outcome: RunOutcome, output: Path, reporter: Reporter) -> None:
+    """After the whole plan: intermediates removed, the model card, the saved result and the quality page."""
+    request, model, plan = outcome.request, outcome.model, outcome.plan
+    if not request.keep_intermediate:
+        remove_intermediates(plan, output)
+    result = build_result(outcome)
+    calib_label = model.calibration.label if model.calibration else None
+    modelcard.write(result, output, calib_label)
+    publish.save_result(output, result, calib_label)
+    sixteen = next((s.estimate.output_bytes for s in plan.steps if s.kind.endswith(".convert")), None)
+    page = qualitypage.write(output, result, reference_bytes=sixteen)
+    if page.note:
+        reporter.warning(f"quality page: {page.note}")
 
 
 def request_from_journal(output: Path) -> Request:

@@ -73,6 +73,7 @@ class Step:
     threaded: bool = False  # the tool uses the thread count it is given (else one core)
     exclusive: str | None = None  # steps with the same value never run at the same time (one GPU)
     provides: tuple[str, ...] = ()  # what other formats' steps may read from it ("eval-tokens")
+    gpu: bool = False  # wants a GPU when a scheduler has one to give (--emit: --gres=gpu:1)
 
     def param(self, key: str, default: Any = None) -> Any:
         return dict(self.params).get(key, default)
@@ -91,7 +92,8 @@ class Step:
         return {"id": self.id, "kind": self.kind, "format": self.format, "label": self.label,
                 "inputs": dict(self.inputs), "outputs": list(self.outputs), "params": dict(self.params),
                 "files": dict(self.files), "fingerprint": self.fingerprint,
-                "deliverable": self.deliverable, "estimates": self.estimate.to_json()}
+                "deliverable": self.deliverable, "threaded": self.threaded, "gpu": self.gpu,
+                "estimates": self.estimate.to_json()}
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class PlanBuilder:
         threaded: bool = False,
         exclusive: str | None = None,
         provides: tuple[str, ...] = (),
+        gpu: bool = False,
     ) -> Step:
         known = {s.id: s for s in self.steps}
         wired = tuple((inputs or {}).items())
@@ -156,7 +159,7 @@ class PlanBuilder:
         fp = fingerprint(kind, items, self.pin, upstream, outputs)
         scratch = tuple(s.replace("{fingerprint}", fp[:12]) for s in scratch)
         step = Step(step_id, kind, fmt, label, wired, outputs, items, fp, estimate,
-                    tuple(sorted((files or {}).items())), scratch, deliverable, threaded, exclusive, provides)
+                    tuple(sorted((files or {}).items())), scratch, deliverable, threaded, exclusive, provides, gpu)
         if step_id in known:
             raise ValueError(f"two steps with id {step_id}")
         self.steps.append(step)

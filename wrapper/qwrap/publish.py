@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import modelcard
 from .errors import NotPublishableError, QwrapError, UsageError
-from .journal import Journal, checkpoint_dir, output_lock, sha256_file
+from .journal import Journal, checkpoint_dir, sha256_file
+from .locks import folder_lock
 
 if TYPE_CHECKING:
     from .report import RunResult
@@ -100,7 +101,7 @@ def push(output: Path, repo_id: str, *, token: str | None, private: bool = False
     result, calib = load_result(output)
     if base_model:
         result["request"]["base_model"] = base_model
-    with output_lock(output):
+    with folder_lock(output, shared=False):
         if modelcard.write(result, output, calib) is None:
             raise NotPublishableError(f"{output / 'README.md'} was not written by qwrap",
                                       hint="Move it aside: the pushed card must describe the files it is pushed with.")

@@ -125,7 +125,9 @@ def _bridge(outcome: RunOutcome, base: Mapping[str, Any]) -> dict[str, Any] | No
 
 def build_result(outcome: RunOutcome) -> RunResult:
     by_id = {s.step.id: s for s in outcome.summaries}
-    artifacts = [_artifact(s, by_id, outcome) for s in outcome.summaries if s.step.deliverable]
+    # a --step run reports the deliverables that are done; the others are other processes' business
+    artifacts = [_artifact(s, by_id, outcome) for s in outcome.summaries
+                 if s.step.deliverable and s.record is not None and s.record.state is StepState.DONE]
     src = outcome.source
     return {
         "schema": RESULT_SCHEMA,

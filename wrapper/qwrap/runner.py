@@ -14,6 +14,11 @@ share two cores instead of queueing. Steps nearest to a deliverable go first (th
 one type overlaps the quantization of the next), the longest first among equals. Ctrl-C/SIGTERM reach the main thread only: it
 asks the supervisor to stop every child, waits for every step to record "interrupted", then
 raises. A failure starts nothing new; steps already running finish and are kept.
+
+``--step ID`` (``RunSettings.only``) runs exactly the named steps: the others must be done and
+verified already (else InputsNotReadyError names them). Each step runs under its own lock
+(locks.py), so other processes - on this machine or another sharing the folder - may run other
+steps of the same plan at the same time; a step whose lock is held elsewhere is refused (exit 14).
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ import psutil
 
 from . import supervisor
 from .context import InputOutputs, Reporter, StepContext, StepOutcome, place
-from .errors import InsufficientDiskError, Interrupted, OutputExistsError, QwrapError
+from .errors import InputsNotReadyError, InsufficientDiskError, Interrupted, OutputExistsError, QwrapError, UsageError
 from .formats import FORMATS
 from .journal import ChildRecord, Journal, OutputEntry, StepRecord, describe_file, outputs_verified
+from .locks import StepLock, host, step_running, whoami
 from .plan import Plan, Step, StepState
 from .units import human_bytes
 
@@ -53,6 +59,7 @@ class RunSettings:
     stall_timeout: float | None = 600.0
     force: bool = False
     preflight: bool = True  # check free disk before starting
+    only: tuple[str, ...] = ()  # --step: run exactly these steps (their inputs must be done)
 
     @property
     def budget(self) -> int:
@@ -128,16 +135,16 @@ class Runner:
     # -- deciding -------------------------------------------------------------
     def _done_ok(self, step: Step, states: Mapping[str, StepRecord]) -> bool:
         if step.id not in self._verified:
-            st = states.get(step.id)
-            self._verified[step.id] = (
-                st is not None
-                and st.state is StepState.DONE
-                and st.fingerprint == step.fingerprint
-                and outputs_verified(st.outputs, self.output)
-            )
+            self._verified[step.id] = self._proven(step, states.get(step.id))
         return self._verified[step.id]
 
+    def _proven(self, step: Step, st: StepRecord | None) -> bool:
+        return (st is not None and st.state is StepState.DONE and st.fingerprint == step.fingerprint
+                and outputs_verified(st.outputs, self.output))
+
     def needed(self, states: Mapping[str, StepRecord]) -> set[str]:
+        if self.settings.only:
+            return self._needed_only(states)
         need: set[str] = set()
         for step in reversed(self.plan.steps):
             consumers = self.plan.consumers(step.id)
@@ -145,6 +152,33 @@ class Runner:
             if wanted and not self._done_ok(step, states):
                 need.add(step.id)
         return need
+
+    def _needed_only(self, states: Mapping[str, StepRecord]) -> set[str]:
+        """--step: the named steps not proven done; every step they read must be proven done
+        or named too."""
+        only = self.settings.only
+        unknown = [i for i in only if i not in self._by_id]
+        if unknown:
+            raise UsageError(f"--step {unknown[0]!r} is not a step of this plan",
+                             hint=f"Its steps: {', '.join(s.id for s in self.plan.steps)} "
+                             "(`qwrap plan` with the same options shows them).")
+        need = {i for i in only if not self._done_ok(self._by_id[i], states) and self._wanted(self._by_id[i], states)}
+        missing = [i for s in self.plan.steps if s.id in need for i in s.input_ids
+                   if i not in only and not self._done_ok(self._by_id[i], states)]
+        if missing:
+            names = list(dict.fromkeys(missing))
+            raise InputsNotReadyError(
+                f"{', '.join(sorted(need))} read{'s' if len(need) == 1 else ''} {', '.join(names)}, "
+                "not done and verified in this output folder yet",
+                hint="Run " + " ".join(f"--step {i}" for i in names) + " first (same options), "
+                "or the whole plan with `qwrap run` and the same options.")
+        return need
+
+    def _wanted(self, step: Step, states: Mapping[str, StepRecord]) -> bool:
+        """--step: a step whose every reader is done has nothing left to give (e.g. a quantization
+        whose partial file its validation renamed): running it again would only leave a stray file."""
+        consumers = self.plan.consumers(step.id)
+        return step.deliverable or not consumers or any(not self._done_ok(c, states) for c in consumers)
 
     def _distances(self) -> dict[str, int]:
         """Steps from each step to the nearest deliverable: the scheduler's priority."""
@@ -155,16 +189,27 @@ class Runner:
         return dist
 
     def reap_orphans(self) -> None:
-        """Children of a qwrap that was SIGKILLed: kill them, and close their steps."""
-        states = self.journal.states()
-        for child in self.journal.children():
-            st = states.get(child.step)
-            if st is not None and st.state is StepState.STARTED:
-                supervisor.reap_orphans(child.pid, child.create_time)
-        for st in states.values():
+        """Steps left ``started`` by a qwrap that was SIGKILLed (their step lock is free): kill
+        its children on this machine and close the steps. A step whose lock is held is running
+        in another process, here or elsewhere: left alone."""
+        for st in self.journal.states().values():
             if st.state is StepState.STARTED:
-                self.journal.record(StepRecord(st.step, StepState.INTERRUPTED, st.fingerprint,
-                                               error="qwrap itself was killed mid-step"))
+                lock = StepLock(self.output, st.step)
+                if lock.try_acquire() is None:
+                    try:
+                        self._close_dead(st.step)
+                    finally:
+                        lock.release()
+
+    def _close_dead(self, step_id: str) -> None:
+        st = self.journal.states().get(step_id)  # again, under its lock: it may have finished meanwhile
+        if st is None or st.state is not StepState.STARTED:
+            return
+        for child in self.journal.children():
+            if child.step == step_id and child.host in (None, host()):
+                supervisor.reap_orphans(child.pid, child.create_time)
+        self.journal.record(StepRecord(step_id, StepState.INTERRUPTED, st.fingerprint, host=host(), by=whoami(),
+                                       error="qwrap itself was killed mid-step"))
 
     # -- running --------------------------------------------------------------
     def run(self) -> list[StepSummary]:
@@ -176,8 +221,13 @@ class Runner:
             self._check_disk(need)
         summaries: dict[str, StepSummary] = {}
         for step in self.plan.steps:
-            if step.id not in need:
-                summaries[step.id] = StepSummary(step, StepState.SKIPPED, states.get(step.id))
+            if step.id in need:
+                continue
+            if self.settings.only and step.id not in self.settings.only and not self._verified.get(step.id):
+                summaries[step.id] = StepSummary(step, StepState.PENDING)  # another process's business
+                continue
+            summaries[step.id] = StepSummary(step, StepState.SKIPPED, states.get(step.id))
+            if not self.settings.only or step.id in self.settings.only:
                 self.settings.reporter.step_finished(step.id, "skipped", step.label)
         self._execute([s for s in self.plan.steps if s.id in need], summaries)
         return [summaries.get(s.id, StepSummary(s, StepState.PENDING)) for s in self.plan.steps]
@@ -271,22 +321,41 @@ class Runner:
 
     def _thread(self, step: Step, threads: int, inputs: dict[str, InputOutputs],
                 results: queue.Queue[tuple[str, StepSummary | BaseException]]) -> None:
+        lock = StepLock(self.output, step.id)
         try:
-            results.put((step.id, self._run_step(step, threads, inputs)))
+            lock.acquire()
+            results.put((step.id, self._already_done(step) or self._run_step(step, threads, inputs)))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
             results.put((step.id, exc))
+        finally:
+            lock.release()
+
+    def _already_done(self, step: Step) -> StepSummary | None:
+        """Another process may have finished the step since this run read the journal."""
+        if not self.settings.only:
+            return None  # a whole-plan run holds the folder alone
+        st = self.journal.states().get(step.id)
+        if not self._proven(step, st):
+            return None
+        self.settings.reporter.step_finished(step.id, "skipped", step.label)
+        return StepSummary(step, StepState.SKIPPED, st)
 
     def _refuse_overwrites(self, need: set[str]) -> None:
         if self.settings.force:
             return
         for step in self.plan.steps:
-            if step.deliverable and step.id in need:
+            if step.deliverable and step.id in need and not self._started_elsewhere(step):
                 for rel in step.outputs:
                     if (self.output / rel).exists():
                         raise OutputExistsError(
                             f"{self.output / rel} already exists and this run did not make it",
                             hint="Pass --force to overwrite it, or choose another --output.",
                         )
+
+    def _started_elsewhere(self, step: Step) -> bool:
+        """--step: a deliverable that another process is making right now is refused by its
+        lock (exit 14), not as an existing output (exit 8)."""
+        return bool(self.settings.only) and step_running(self.output, step.id)
 
     def _check_disk(self, need: set[str]) -> None:
         wanted = sum(s.estimate.peak_disk_bytes for s in self.plan.steps if s.id in need)
@@ -314,14 +383,14 @@ class Runner:
 
     def _on_child(self, step: Step) -> Callable[[int, float], None]:
         def record(pid: int, create_time: float) -> None:
-            self.journal.child(ChildRecord(step.id, pid, create_time))
+            self.journal.child(ChildRecord(step.id, pid, create_time, host()))
 
         return record
 
     def _run_step(self, step: Step, threads: int, inputs: dict[str, InputOutputs]) -> StepSummary:
         s = self.settings
         s.reporter.step_started(step.id, step.label)
-        self.journal.record(StepRecord(step.id, StepState.STARTED, step.fingerprint))
+        self.journal.record(StepRecord(step.id, StepState.STARTED, step.fingerprint, host=host(), by=whoami()))
         ctx = StepContext(step.id, self.output, s.reporter, threads, s.stall_timeout, s.force, self._on_child(step))
         started = time.monotonic()
         try:
@@ -351,7 +420,8 @@ class Runner:
         for partial, final in outcome.renames:
             outputs.append({**describe_file(partial, self.output), "path": os.path.relpath(final, self.output)})
         record = StepRecord(step.id, StepState.DONE, step.fingerprint, tuple(outputs), dict(outcome.facts),
-                            round(time.monotonic() - started, 3), outcome.peak_rss_bytes, outcome.peak_gpu_bytes)
+                            round(time.monotonic() - started, 3), outcome.peak_rss_bytes, outcome.peak_gpu_bytes,
+                            host=host(), by=whoami())
         self.journal.record(record)
         for partial, final in outcome.renames:
             place(partial, final)
@@ -369,7 +439,7 @@ class Runner:
                 path.unlink()
         log = exc.log_path if isinstance(exc, QwrapError) else None
         self.journal.record(StepRecord(step.id, state, step.fingerprint, error=str(exc) or type(exc).__name__,
-                                       error_type=type(exc).__name__, log=log,
+                                       error_type=type(exc).__name__, log=log, host=host(), by=whoami(),
                                        seconds=round(time.monotonic() - started, 3)))
         self.settings.reporter.step_finished(step.id, state.value, str(exc))
 

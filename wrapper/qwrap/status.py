@@ -1,4 +1,6 @@
-"""`qwrap status OUT`: the journal as a table (or JSON): one row per step."""
+"""`qwrap status OUT`: the journal as a table (or JSON): one row per step of the plan, whichever
+process or machine ran it. A ``started`` step whose lock is held is ``running``; one whose lock
+is free was left by a process that died (the next run closes it and runs it again)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from rich.table import Table
 
 from .errors import UsageError
 from .journal import Journal
+from .locks import step_running
 from .units import human_bytes
 
 
@@ -18,11 +21,23 @@ def collect(output: Path) -> dict[str, Any]:
     if not journal.path.exists():
         raise UsageError(f"{output} has no qwrap journal", hint="Pass the --output folder of a run.")
     header = journal.run_header() or {}
+    states = journal.states()
     steps = []
-    for st in journal.states().values():
+    for step_id in dict.fromkeys([*header.get("plan", []), *states]):
+        st = states.get(step_id)
+        if st is None:
+            steps.append({"step": step_id, "state": "pending", "host": None, "by": None, "seconds": None,
+                          "peak_rss_bytes": 0, "peak_gpu_bytes": 0, "outputs": [], "error": None, "log": None,
+                          "time": None})
+            continue
+        state = st.state.value
+        if state == "started":
+            state = "running" if step_running(output, step_id) else "started (its process is gone)"
         steps.append({
             "step": st.step,
-            "state": st.state.value,
+            "state": state,
+            "host": st.host,
+            "by": st.by,
             "seconds": st.seconds,
             "peak_rss_bytes": st.peak_rss_bytes,
             "peak_gpu_bytes": st.peak_gpu_bytes,
@@ -31,19 +46,19 @@ def collect(output: Path) -> dict[str, Any]:
             "log": st.log,
             "time": st.t,
         })
-    return {"schema": "qwrap.status/1", "output": str(output), "model": header.get("request", {}).get("model"),
+    return {"schema": "qwrap.status/2", "output": str(output), "model": header.get("request", {}).get("model"),
             "steps": steps, "warnings": journal.warnings}
 
 
 def render(info: dict[str, Any], console: Console) -> None:
     table = Table(title=f"{info['output']} ({info['model']})")
-    for col in ("step", "state", "time", "peak RAM", "output / error"):
+    for col in ("step", "state", "host", "run by", "time", "peak RAM", "output / error"):
         table.add_column(col)
-    colors = {"done": "green", "failed": "red", "interrupted": "yellow", "started": "yellow"}
+    colors = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "pending": "dim"}
     for s in info["steps"]:
-        color = colors.get(s["state"], "white")
+        color = colors.get(s["state"], "yellow")
         detail = s["error"] or ", ".join(s["outputs"])
-        table.add_row(s["step"], f"[{color}]{s['state']}[/{color}]",
+        table.add_row(s["step"], f"[{color}]{s['state']}[/{color}]", s["host"] or "-", s["by"] or "-",
                       f"{s['seconds']:.1f}s" if s["seconds"] is not None else "-",
                       human_bytes(s["peak_rss_bytes"]) if s["peak_rss_bytes"] else "-", detail)
     console.print(table)

@@ -194,7 +194,7 @@ def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Map
     q = b.add(f"{fmt}.quantize", "hf.quantize", fmt, f"{fmt.upper()} quantize ({o.backend})",
               outputs=(final + ".partial",), params=params, files=files,
               estimate=estimate("hf.quantize", params, shape), threaded=not _on_gpu(o), exclusive=WORKERS,
-              scratch=(f".checkpoint/layers/{fmt}-{{fingerprint}}",))
+              scratch=(f".checkpoint/layers/{fmt}-{{fingerprint}}",), gpu=o.device != "cpu")
     params = {"samples": VALIDATE_SAMPLES, "seq_len": VALIDATE_SEQ_LEN, "quant": f"{o.bits}bit-g{o.group_size}",
               "bits": o.bits, "group_size": o.group_size,
               "calib_label": params["calib_label"], "seed": o.seed, "device": o.device}
@@ -211,7 +211,7 @@ def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Map
     b.add(f"{fmt}.validate", "hf.validate", fmt, f"{fmt.upper()} validate and measure" if ev else f"{fmt.upper()} validate",
           inputs=inputs, outputs=(final,), params=params, files=files,
           estimate=estimate("hf.validate", params, shape), deliverable=True, exclusive=WORKERS,
-          scratch=(REFERENCE_DIR,) if ev else ())
+          scratch=(REFERENCE_DIR,) if ev else (), gpu=o.device != "cpu")
 
 
 def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
