@@ -151,6 +151,8 @@ def test_emitted_slurm_scripts_call_every_step_in_dependency_order(tiny_model: P
         if len(ids) > 1:
             assert f"#SBATCH --array=0-{len(ids) - 1}" in text
         assert '--step "$step"' in text if ids else "--step" not in text  # no step: the finishing plain run
+        # what this host chose for the defaults is pinned: a GPU node and a CPU node plan alike
+        assert "--eval-weights off" in text or "--eval-weights on" in text
         named |= set(ids)
     assert named == {s["id"] for s in steps}
     # each stage is submitted after the stages it reads

@@ -201,7 +201,7 @@ def _plan(values: dict[str, Any]) -> None:
         from . import scaleout
 
         kind, dest = values["emit"]
-        written = scaleout.emit(kind, Path(dest), plan_report.plan, _task_command(values, request),
+        written = scaleout.emit(kind, Path(dest), plan_report.plan, _task_command(values, request, plan_report),
                                 partition=values["partition"], gpu_partition=values["gpu_partition"],
                                 account=values["account"], model_name=plan_report.model.source.name,
                                 cpus=request.jobs)
@@ -224,13 +224,21 @@ app.command("plan")(_command(_plan, PLAN_DOC, PLAN_EXTRA))
 _NOT_IN_JOBS = {"model", "output", "token", "json_out", "events", "jobs", *(o.name for o in PLAN_EXTRA)}
 
 
-def _task_command(values: dict[str, Any], request: Any) -> Any:
+def _task_command(values: dict[str, Any], request: Any, report: Any) -> Any:
     """The `qwrap run` a job runs: the plan's options as typed (defaults left out), with the
-    paths made absolute; the token never (jobs read HF_TOKEN)."""
+    paths made absolute; the token never (jobs read HF_TOKEN). What this host decided for the
+    defaults is pinned, so that a CPU node and a GPU node build the same plan: the evaluation's
+    size (sized to the run from estimates that depend on the device) and the weights view."""
     from .formats import FORMATS
     from .stages import TaskCommand
+    from .toolchain import gpu_present
 
-    resolved = {"calib": request.calib, "eval_text": request.eval_text}
+    resolved: dict[str, Any] = {"calib": request.calib, "eval_text": request.eval_text}
+    ev = report.model.evaluation
+    if ev is not None and not values.get("eval_tokens"):
+        resolved["eval_tokens"] = ev.tokens
+    if values.get("eval_weights") == "auto":
+        resolved["eval_weights"] = "on" if gpu_present() else "off"
     args: list[str] = []
     options = [*_run_options(), *(o for f in FORMATS.values() for o in f.OPTIONS)]
     for opt in {o.name: o for o in options}.values():
