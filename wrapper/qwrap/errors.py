@@ -139,6 +139,13 @@ class QualityGateError(QwrapError):
     title = "quality gate failed"
 
 
+class ModelFilesError(QwrapError):
+    """A model file is broken: a safetensors header, an index, config.json (named, with the fix)."""
+
+    exit_code = 18
+    title = "broken model files"
+
+
 class Interrupted(QwrapError):
     """Ctrl-C (130) or SIGTERM (143): children were stopped, the journal says interrupted."""
 
@@ -171,6 +178,7 @@ ALL_ERRORS: tuple[type[QwrapError], ...] = (
     JournalError,
     BackendUnavailableError,
     QualityGateError,
+    ModelFilesError,
     Interrupted,
 )
 

@@ -17,12 +17,11 @@ import glob
 import json
 import logging
 import re
-import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qwrap.errors import (
     AuthError,
@@ -320,21 +319,12 @@ def parameter_counts(source: ModelSource, *, token: str | None = None) -> dict[s
     return {str(k): int(v) for k, v in meta.parameter_count.items()}
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """A safetensors file's tensor entries (dtype, shape, offsets), read from its JSON header."""
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return {name: info for name, info in header.items() if name != "__metadata__"}
-
-
 def _header_counts(path: Path) -> dict[str, int]:
+    from .modelfiles import read_header
+
     counts: dict[str, int] = {}
-    for info in safetensors_header(path).values():
-        n = 1
-        for dim in info["shape"]:
-            n *= dim
-        counts[info["dtype"]] = counts.get(info["dtype"], 0) + n
+    for t in read_header(path).tensors.values():
+        counts[t.dtype] = counts.get(t.dtype, 0) + t.elements
     return counts
 
 

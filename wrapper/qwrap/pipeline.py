@@ -126,7 +126,7 @@ def plan_only(request: Request, *, token: str | None) -> PlanReport:
     validate(request)
     source = resolve_model(request.model, revision=request.revision, token=token, weights=False)
     calib, calib_note = calibration(request, token, fetch=False)
-    model = model_info(source, calib, token=token)
+    model = model_info(source, calib, token=token, weights=False)
     ev, note = evaluation(request, model, token, work=None)
     model = dataclasses.replace(model, evaluation=ev)
     checks = model_checks(request, model, thorough=True)

@@ -445,7 +445,7 @@ def _partial(path: Path) -> Path:
 
 def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     from .. import envs
-    from ..hub import safetensors_header
+    from ..modelfiles import read_header
     from ..progress import ConvertProgress
 
     tools = _tools()
@@ -455,7 +455,7 @@ def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.unlink(missing_ok=True)
     python = envs.find_env("convert").python
-    n_tensors = sum(len(safetensors_header(p)) for p in sorted(model.glob("*.safetensors")))
+    n_tensors = sum(len(read_header(p).tensors) for p in sorted(model.glob("*.safetensors")))
     argv: list[str | os.PathLike[str]] = [python, tools.converter, model, "--outfile", tmp,
                                           "--outtype", step.param("outtype")]
     result = ctx.run_tool(argv, what="convert_hf_to_gguf.py", parser=ConvertProgress(n_tensors or None),
