@@ -53,6 +53,7 @@ META_PATTERNS = (
     "vocab.txt",
     "merges.txt",
     "chat_template*",
+    "*.py",  # a model's own code (auto_map): refused unless --trust-remote-code, never run by qwrap itself
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
 )

@@ -225,3 +225,27 @@ def check_dtypes(source: ModelSource, counts: Mapping[str, int]) -> None:
         raise ModelFilesError(f"{source.repo_id or source.path} has weights of dtype {', '.join(bad)}, which the "
                               "pinned converter cannot read",
                               hint=f"Use a checkpoint in one of {', '.join(READABLE_DTYPES)} (bf16/f16 are usual).")
+
+
+def custom_code(folder: Path, config: Mapping[str, Any]) -> list[str]:
+    """What of the model is its own Python code: config.json's (and tokenizer_config.json's)
+    ``auto_map`` entries and the ``*.py`` files at the folder's root; empty for a model that
+    transformers' own classes load."""
+    found: list[str] = []
+    for name, data in (("config.json", config), ("tokenizer_config.json", _json_or_none(folder / "tokenizer_config.json"))):
+        auto_map = data.get("auto_map") if isinstance(data, Mapping) else None
+        if isinstance(auto_map, Mapping) and auto_map:
+            refs = ", ".join(f"{k} -> {v if isinstance(v, str) else '/'.join(map(str, v))}"
+                             for k, v in auto_map.items())
+            found.append(f"{name} auto_map: {refs}")
+    files = sorted(p.name for p in folder.glob("*.py"))
+    if files:
+        found.append("code files: " + ", ".join(files))
+    return found
+
+
+def _json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None

@@ -112,6 +112,7 @@ class QuantizeJob:
     damp: float = 0.01  # GPTQ damp_percent
     device: str = "auto"
     checkpoint_dir: str | None = None
+    trust_remote_code: bool = False  # the model's own code (auto_map) runs only when the user asked
     task: str = "quantize"
     protocol: int = PROTOCOL_VERSION
 
@@ -131,6 +132,7 @@ class ValidateJob:
     eval_ctx: int = 512
     eval_chunks: int = 0
     reference_cache: str | None = None  # the source model's log-probs on those chunks, shared by artifacts
+    trust_remote_code: bool = False
     task: str = "validate"
     protocol: int = PROTOCOL_VERSION
 
