@@ -1,6 +1,6 @@
 """Broken model folders are caught before any step runs: real tiny models broken on purpose
 (truncated, bad headers, a missing shard, an unreadable dtype, a bad config.json), each giving
-a sentence that names the file, the fix and exit 18 from `plan` and `run`."""
+a sentence that names the file, the fix and exit 20 from `plan` and `run`."""
 
 from __future__ import annotations
 

@@ -142,7 +142,7 @@ class QualityGateError(QwrapError):
 class ModelFilesError(QwrapError):
     """A model file is broken: a safetensors header, an index, config.json (named, with the fix)."""
 
-    exit_code = 18
+    exit_code = 20
     title = "broken model files"
 
 

@@ -87,7 +87,7 @@ def model_shape(source: ModelSource, config: dict[str, Any], token: str | None =
 def model_info(source: ModelSource, calibration: Calibration | None, *, token: str | None = None,
                weights: bool = True) -> ModelInfo:
     """config.json and the safetensors headers checked first (modelfiles.verify: a broken file
-    exits 18 naming it); ``weights=False``: a Hub model planned before its weights are here."""
+    exits 20 naming it); ``weights=False``: a Hub model planned before its weights are here."""
     from .modelfiles import verify
 
     config = verify(source, weights=weights)

@@ -235,13 +235,19 @@ def custom_code(folder: Path, config: Mapping[str, Any]) -> list[str]:
     for name, data in (("config.json", config), ("tokenizer_config.json", _json_or_none(folder / "tokenizer_config.json"))):
         auto_map = data.get("auto_map") if isinstance(data, Mapping) else None
         if isinstance(auto_map, Mapping) and auto_map:
-            refs = ", ".join(f"{k} -> {v if isinstance(v, str) else '/'.join(map(str, v))}"
-                             for k, v in auto_map.items())
+            refs = ", ".join(f"{k} -> {_ref(v)}" for k, v in auto_map.items())
             found.append(f"{name} auto_map: {refs}")
     files = sorted(p.name for p in folder.glob("*.py"))
     if files:
         found.append("code files: " + ", ".join(files))
     return found
+
+
+def _ref(value: Any) -> str:
+    """An auto_map entry: "module.Class", or [slow, fast] for tokenizers (either may be null)."""
+    if isinstance(value, list):
+        return "/".join(str(v) for v in value)
+    return str(value)
 
 
 def _json_or_none(path: Path) -> Any:

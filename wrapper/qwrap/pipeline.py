@@ -191,6 +191,6 @@ def request_from_journal(output: Path) -> Request:
         )
     try:
         return Request.from_json(header["request"])
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UsageError(f"the journal in {output} records a request this qwrap cannot read ({exc!r})",
                          hint="Run `qwrap run` with the options again.") from exc

@@ -426,7 +426,7 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     assert events.result is not None
     meta = events.result.get("metadata", {})
     kl = meta.get("kl_divergence")
-    if not meta.get("finite", False) or kl is None or not math.isfinite(kl):
+    if not meta.get("finite", False) or not isinstance(kl, (int, float)) or not math.isfinite(kl):
         raise ValidationFailedError(f"{final.name} produced non-finite logits or no KL divergence")
     ctx.check_final(final)
     facts = {"validated": True, "kl_divergence": kl, "tokens": meta.get("tokens"), "quality": meta.get("eval")}
