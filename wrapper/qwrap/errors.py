@@ -146,6 +146,13 @@ class ModelFilesError(QwrapError):
     title = "broken model files"
 
 
+class OutputPathError(QwrapError):
+    """A path qwrap would write in the output folder is a symbolic link or leaves the folder."""
+
+    exit_code = 21
+    title = "unsafe output path"
+
+
 class Interrupted(QwrapError):
     """Ctrl-C (130) or SIGTERM (143): children were stopped, the journal says interrupted."""
 
@@ -179,6 +186,7 @@ ALL_ERRORS: tuple[type[QwrapError], ...] = (
     BackendUnavailableError,
     QualityGateError,
     ModelFilesError,
+    OutputPathError,
     Interrupted,
 )
 

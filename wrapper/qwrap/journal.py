@@ -93,6 +93,10 @@ def describe_file(path: Path, base: Path) -> OutputEntry:
 
 
 def verify_file(entry: OutputEntry, base: Path) -> bool:
+    from .outpaths import is_plain_relative
+
+    if not is_plain_relative(entry.get("path")):  # type: ignore[arg-type]  # "../x" in a crafted journal
+        return False
     path = base / entry["path"]
     try:
         if _size(path) != entry["bytes"]:

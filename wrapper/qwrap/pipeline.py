@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import calib_source, evaltext, modelcard, qualitypage
+from . import calib_source, evaltext, modelcard, outpaths, qualitypage
 from .checks import Check, raise_first_failure
 from .context import Reporter
 from .errors import OfflineError, UsageError
@@ -151,6 +151,7 @@ def execute(request: Request, *, token: str | None, reporter: Reporter) -> RunOu
     check_toolchain(request)
     output = request.output
     output.mkdir(parents=True, exist_ok=True)
+    outpaths.check(output, outpaths.FIXED)  # before the lock file and the journal are written
     with output_lock(output):
         calib, calib_note = calibration(request, token, fetch=True)
         if calib_note:
@@ -190,7 +191,8 @@ def request_from_journal(output: Path) -> Request:
             hint="Pass the folder given as --output to a previous `qwrap run`.",
         )
     try:
-        return Request.from_json(header["request"])
+        # the folder given, whatever the journal says: a copied or crafted journal must not send the run elsewhere
+        return dataclasses.replace(Request.from_json(header["request"]), output=output.resolve())
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UsageError(f"the journal in {output} records a request this qwrap cannot read ({exc!r})",
                          hint="Run `qwrap run` with the options again.") from exc

@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from . import supervisor
+from . import outpaths, supervisor
 from .context import InputOutputs, Reporter, StepContext, StepOutcome, place
 from .errors import InsufficientDiskError, Interrupted, OutputExistsError, QwrapError
 from .formats import FORMATS
@@ -168,6 +168,7 @@ class Runner:
 
     # -- running --------------------------------------------------------------
     def run(self) -> list[StepSummary]:
+        outpaths.check(self.output, [rel for s in self.plan.steps for rel in outpaths.written_by(s.outputs, s.scratch)])
         self.reap_orphans()
         states = self.journal.states()
         need = self.needed(states)
