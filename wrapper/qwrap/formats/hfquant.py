@@ -388,6 +388,7 @@ def _quantize(step: Step, ctx: StepContext) -> StepOutcome:
     assert events.result is not None
     facts = {"metadata": events.result.get("metadata", {}), "layers": len(events.layers),
              "trust_remote_code": bool(prm.get("trust_remote_code")),
+             "resumed_layers": sum(1 for e in events.layers if e.get("resumed")),  # restored from checkpoints
              "bits_per_weight": round(size * 8 / parameters, 3) if parameters else None,
              "layer_peaks": [{"index": e["index"], "peak_rss_bytes": e["peak_rss_bytes"],
                               "peak_gpu_bytes": e.get("peak_gpu_bytes")} for e in events.layers]}
