@@ -496,12 +496,14 @@ def _quantize(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     quant = step.param("quant")
     argv: list[str | os.PathLike[str]] = [tools.tool("llama-quantize")]
     if "imatrix" in inputs:
-        argv += ["--imatrix", inputs["imatrix"].path]
+        # relative to OUT (the tool runs there): llama-quantize records the path in the artifact,
+        # which must not depend on where the output folder is
+        argv += ["--imatrix", os.path.relpath(inputs["imatrix"].path, ctx.output)]
     elif "imatrix" in dict(step.files):
         argv += ["--imatrix", step.file("imatrix")]
     argv += [inputs["model"].path, out, quant, str(ctx.threads)]
     try:
-        result = ctx.run_tool(argv, what=f"llama-quantize {quant}", parser=QuantizeProgress())
+        result = ctx.run_tool(argv, what=f"llama-quantize {quant}", parser=QuantizeProgress(), cwd=ctx.output)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
