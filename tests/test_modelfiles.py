@@ -77,6 +77,12 @@ def _config_not_json(folder: Path) -> None:
     (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 2')
 
 
+def _edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 def _config_without_architecture(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     del config["architectures"]
@@ -90,6 +96,8 @@ BROKEN = {
     "offsets past the end": (_offsets_past_end, "model.safetensors", "offsets span"),
     "unreadable dtype": (_unreadable_dtype, "model.safetensors", "dtype U16"),
     "missing shard": (_missing_shard, "model-00002-of-00002.safetensors", "missing"),
+    "vocab size mismatch": (lambda f: _edit_config(f, vocab_size=5000), "config.json",
+                            "says vocab_size 5000 but model.safetensors's model.embed_tokens.weight has 4096 rows"),
     "config not json": (_config_not_json, "config.json", "not valid JSON"),
     "config without architecture": (_config_without_architecture, "config.json", "names no architecture"),
 }

@@ -210,12 +210,31 @@ def verify(source: ModelSource, *, weights: bool = True) -> dict[str, Any]:
                 continue
             raise _error(source, name, f"the file is missing (named in {INDEX})")
         try:
-            check_safetensors(path)
+            header = check_safetensors(path)
         except BadFile as exc:
             raise _error(source, name, str(exc)) from None
         except OSError as exc:
             raise _error(source, name, f"cannot be read ({exc.strerror or exc})") from None
+        _check_vocab(source, config, name, header)
     return config
+
+
+EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def _check_vocab(source: ModelSource, config: Mapping[str, Any], name: str, header: Header) -> None:
+    """config.json's vocab_size is the token embedding's row count (llama.cpp and transformers
+    both refuse the model otherwise, after the conversion)."""
+    text = config.get("text_config", config)
+    vocab = text.get("vocab_size") if isinstance(text, Mapping) else None
+    if type(vocab) is not int:
+        return
+    for tensor, t in header.tensors.items():
+        if tensor.endswith(EMBEDDINGS) and "vision" not in tensor and len(t.shape) == 2 and t.shape[0] != vocab:
+            raise ModelFilesError(
+                f"{source.path / 'config.json'} says vocab_size {vocab} but {name}'s {tensor} has {t.shape[0]} rows",
+                hint=f"Set \"vocab_size\": {t.shape[0]} in config.json if the weights are right; otherwise "
+                + _fix(source, "config.json")[0].lower() + _fix(source, "config.json")[1:])
 
 
 def check_dtypes(source: ModelSource, counts: Mapping[str, int]) -> None:
