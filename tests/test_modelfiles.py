@@ -163,3 +163,17 @@ def test_a_good_model_passes(tiny_model: Path) -> None:
 def test_short_or_odd_headers_are_bad_files(head: bytes) -> None:
     with pytest.raises(BadFile):
         parse_header(head)
+
+
+def test_a_broken_index_on_the_hub_is_named(tiny_model: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model, repo)
+    (repo / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": ')
+    with HubServer() as hub:
+        hub.add_repo("acme/tiny-llama", repo)
+        proc = run_qwrap("run", "acme/tiny-llama", "-q", "Q8_0", "-o", str(tmp_path / "out"), "--no-eval",
+                         env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")})
+    text = " ".join(proc.stderr.split())
+    assert proc.returncode == EXIT, proc.stderr
+    assert "model.safetensors.index.json: it is not valid JSON" in text
+    assert "hf download acme/tiny-llama model.safetensors.index.json --force-download" in text

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 from qwrap.errors import (
     AuthError,
     InsufficientDiskError,
+    ModelFilesError,
     ModelNotFoundError,
     OfflineError,
     QwrapError,
@@ -175,7 +175,7 @@ def _weight_files(files: list[str], folder: Path, repo_id: str) -> list[str]:
         if suffix == ".bin":
             log.warning("%s has no safetensors weights; downloading PyTorch .bin files", repo_id)
         if index in root:
-            return sorted({*json.loads((folder / index).read_text())["weight_map"].values()})
+            return _index_shards(folder / index, repo_id)
         single = "model.safetensors" if suffix == ".safetensors" else "pytorch_model.bin"
         return [single] if single in found else found
     raise UnsupportedModelError(
@@ -183,6 +183,17 @@ def _weight_files(files: list[str], folder: Path, repo_id: str) -> list[str]:
         hint="qwrap converts transformers checkpoints; a repo that only ships GGUF, ONNX or "
         "adapter weights needs its base model instead.",
     )
+
+
+def _index_shards(index: Path, repo_id: str) -> list[str]:
+    from .modelfiles import BadFile, read_index
+
+    try:
+        return read_index(index)
+    except (BadFile, OSError) as exc:
+        raise ModelFilesError(f"{index}: {exc}", hint=f"Remove {index.resolve()} (the cached copy) and fetch it again "
+                              f"with `hf download {repo_id} {index.name} --force-download`, then run the same "
+                              "command.") from None
 
 
 @contextmanager
