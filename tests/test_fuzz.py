@@ -3,7 +3,7 @@ reader, the safetensors header reader, config.json / the index / tokenizer_confi
 journal, the worker event protocol and the progress parsers. No input may raise anything but
 the reader's own documented error (which the CLI turns into a sentence and an exit code).
 
-Bounded: a few hundred examples each, no example database, well under a minute in all.
+Bounded: 200 examples each, no example database, well under a minute in all.
 Inputs are random bytes and mutations (flipped, cut, spliced bytes) of valid files."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from qwrap.pipeline import request_from_journal
 from qwrap.progress import ChunkProgress, ConvertProgress, QuantizeProgress
 from qwrap.workers import protocol as p
 
-FUZZ = settings(max_examples=300, deadline=None, database=None,
+FUZZ = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
