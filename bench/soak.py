@@ -6,7 +6,7 @@ a tool, a worker) is SIGKILLed at a random moment; after each kill: no orphan pr
 under a final name the journal does not vouch for; every completed run byte-identical to an
 uninterrupted one. Results (kills, survived, by victim, every failure) in bench/results/soak.json.
 
-    .venv/bin/python bench/soak.py [--kills 50] [--seed 12] [--budget-s 7200] [--gguf-only]
+    .venv/bin/python bench/soak.py [--kills 50] [--seed 12] [--budget-s 7200] [--threads 1] [--gguf-only]
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--budget-s", type=float, default=7200)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="--threads for every run (0: the runner's choice, which varies with what runs beside)")
     parser.add_argument("--gguf-only", action="store_true", help="no GPTQ and no evaluation (a faster soak)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "soak.json")
     args = parser.parse_args()
@@ -42,6 +44,8 @@ def main() -> None:
         else:
             plan += ["--format", "gguf", "--format", "gptq", "--calib-samples", "4", "--calib-seq-len", "64",
                      "--eval-text", str(calib), "--eval-tokens", "2048"]
+        if args.threads:  # GPTQ on CPU sums in another order with another thread count
+            plan += ["--threads", str(args.threads)]
         result = soak(model, work, plan, kills=args.kills, seed=args.seed, budget_s=args.budget_s)
     result["args"] = [a if not a.startswith(tmp) else Path(a).name for a in result["args"]]
     write_result(args.out, {**stamp(), **result})

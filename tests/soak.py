@@ -37,6 +37,7 @@ class Kill:
     orphans: list[str] = field(default_factory=list)
     unvouched: list[str] = field(default_factory=list)
     identical: bool | None = None  # the run that eventually completed matched the reference
+    differs: list[str] = field(default_factory=list)  # the artifacts that did not
 
     @property
     def survived(self) -> bool:
@@ -99,6 +100,10 @@ def _unvouched(out: Path, finals: Sequence[str]) -> list[str]:
     return bad
 
 
+def _differs(got: dict[str, str], reference: dict[str, str]) -> list[str]:
+    return sorted(name for name in {*got, *reference} if got.get(name) != reference.get(name))
+
+
 def _start(model: Path, out: Path, args: Sequence[str], work: Path) -> tuple[subprocess.Popen[bytes], Path]:
     """qwrap writing its --json result and its log to files (a full pipe would stall it)."""
     result = work / "result.json"
@@ -157,17 +162,18 @@ def soak(model: Path, work: Path, args: Sequence[str], *, kills: int, seed: int,
                 pending.append(kill)
         proc.wait(timeout=3600)
         if proc.returncode == 0:  # a completed run: it must match, whatever was killed before it
-            identical = _shas(result.read_text()) == reference
+            differs = _differs(_shas(result.read_text()), reference)
             for kill in pending:
-                kill.identical = identical
+                kill.identical, kill.differs = not differs, differs
             done += pending
             pending = []
             completed += 1
             shutil.rmtree(out)  # the next round starts from nothing
     if pending:  # finish the last round without a kill
         code, text = _completed(model, out, args, work)
+        differs = _differs(_shas(text), reference) if code == 0 else ["(the last run failed)"]
         for kill in pending:
-            kill.identical = code == 0 and _shas(text) == reference
+            kill.identical, kill.differs = not differs, differs
         done += pending
         completed += 1
     by_victim: dict[str, int] = {}
