@@ -83,6 +83,7 @@ bench: setup ## Benchmarks; results in bench/results/
 	$(PY) bench/scaling.py $(SCALING_ARGS)
 	$(PY) bench/help_time.py
 	$(PY) bench/eval_share.py
+	$(PY) bench/soak.py
 
 lint: venv ## ruff + mypy
 	$(VENV)/bin/ruff check wrapper tests

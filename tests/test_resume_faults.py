@@ -336,3 +336,57 @@ def test_sigkill_of_one_child_while_others_run(medium_model: Path, tmp_path: Pat
     assert [name for name, st in states.items() if st.state is StepState.FAILED] != []
     no_partial_finals(out)
     assert shas(finish(out, medium_model)) == reference
+
+
+HF_SMALL = ("--calib-samples", "4", "--calib-seq-len", "64", "--threads", "1")
+
+
+def _stop_and_check(proc: subprocess.Popen[str], worker: psutil.Process, signum: int, code: int) -> str:
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    worker.wait(timeout=10)  # the worker was stopped with qwrap, not left running
+    return err
+
+
+@pytest.mark.backend
+def test_ctrl_c_in_the_gptq_worker_and_sigterm_in_its_evaluation(tiny_model: Path, tmp_path: Path,
+                                                                  corpus: Path) -> None:
+    """Ctrl-C while GPTQ quantizes (after a layer checkpoint) exits 130 and keeps the layers; the
+    rerun resumes from them; SIGTERM while the validate step measures the artifact on the
+    evaluation chunks exits 143; the third run finishes, reusing the quantization."""
+    out = tmp_path / "o"
+    argv = qwrap_argv("run", str(tiny_model), "-o", str(out), "--format", "gptq", "--calib", str(corpus),
+                      "--eval-text", str(corpus), "--eval-tokens", "2048", *HF_SMALL, "--json")
+
+    def launch() -> subprocess.Popen[str]:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+
+    proc = launch()
+    worker = wait_for_child(out, "gptq.quantize", timeout=600)
+    layers = out / ".checkpoint" / "layers"
+    while proc.poll() is None and not any(layers.rglob("*.safetensors")):
+        time.sleep(0.1)
+    _stop_and_check(proc, worker, signal.SIGINT, 130)
+    assert Journal(out).states()["gptq.quantize"].state == "interrupted"
+    kept = sorted(p.relative_to(layers) for p in layers.rglob("*.safetensors"))
+    assert kept, "the layer checkpoints were removed"
+
+    proc = launch()
+    worker = wait_for_child(out, "gptq.validate", timeout=600)
+    reference = out / ".checkpoint" / "work" / "hf-reference" / "reference.safetensors"
+    while proc.poll() is None and not reference.is_file():
+        time.sleep(0.05)  # the source model is scored: the artifact's evaluation comes next
+    _stop_and_check(proc, worker, signal.SIGTERM, 143)
+    states = Journal(out).states()
+    assert states["gptq.quantize"].state == "done" and states["gptq.validate"].state == "interrupted"
+    assert states["gptq.quantize"].info["resumed_layers"] >= 1  # restored, not recomputed
+
+    done = run_qwrap(*argv[3:], timeout=1200)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    steps = {s["id"]: s["state"] for s in result["steps"]}
+    assert steps["gptq.quantize"] == "skipped" and steps["gptq.validate"] == "done"
+    assert result["artifacts"][0]["validated"] and result["artifacts"][0]["quality"]

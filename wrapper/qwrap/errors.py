@@ -161,6 +161,20 @@ class InputsNotReadyError(QwrapError):
     title = "inputs not ready"
 
 
+class ModelFilesError(QwrapError):
+    """A model file is broken: a safetensors header, an index, config.json (named, with the fix)."""
+
+    exit_code = 20
+    title = "broken model files"
+
+
+class OutputPathError(QwrapError):
+    """A path qwrap would write in the output folder is a symbolic link or leaves the folder."""
+
+    exit_code = 21
+    title = "unsafe output path"
+
+
 class Interrupted(QwrapError):
     """Ctrl-C (130) or SIGTERM (143): children were stopped, the journal says interrupted."""
 
@@ -196,6 +210,8 @@ ALL_ERRORS: tuple[type[QwrapError], ...] = (
     WriteAccessError,
     NotPublishableError,
     InputsNotReadyError,
+    ModelFilesError,
+    OutputPathError,
     Interrupted,
 )
 

@@ -15,6 +15,7 @@ from typing import Any
 GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+MAX_NESTING = 16
 
 
 class GGUFFormatError(ValueError):
@@ -86,7 +87,9 @@ class _Cursor:
         self.pos += length
         return bytes(data).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int, keep_arrays: bool) -> Any:
+    def value(self, vtype: int, keep_arrays: bool, depth: int = 0) -> Any:
+        if depth > MAX_NESTING:  # llama.cpp writes flat arrays; a corrupt file may nest them endlessly
+            raise GGUFFormatError(f"metadata arrays nested deeper than {MAX_NESTING}: not a GGUF file qwrap can read")
         if vtype in _SCALARS:
             return self.read(_SCALARS[vtype])
         if vtype == _STRING:
@@ -94,7 +97,7 @@ class _Cursor:
         if vtype == _ARRAY:
             item_type, count = self.read("I"), self.read("Q")
             if keep_arrays:
-                return [self.value(item_type, keep_arrays) for _ in range(count)]
+                return [self.value(item_type, keep_arrays, depth + 1) for _ in range(count)]
             if item_type in _SCALARS:
                 self.skip(count * struct.calcsize("<" + _SCALARS[item_type]))
             elif item_type == _STRING:
@@ -102,7 +105,7 @@ class _Cursor:
                     self.skip(self.read("Q"))
             else:
                 for _ in range(count):
-                    self.value(item_type, keep_arrays)
+                    self.value(item_type, keep_arrays, depth + 1)
             return count
         raise GGUFFormatError(f"unknown metadata value type {vtype}")
 

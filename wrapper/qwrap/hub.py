@@ -15,19 +15,18 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
-import json
 import logging
 import re
-import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qwrap.errors import (
     AuthError,
     InsufficientDiskError,
+    ModelFilesError,
     ModelNotFoundError,
     NotPublishableError,
     OfflineError,
@@ -59,6 +58,7 @@ META_PATTERNS = (
     "vocab.txt",
     "merges.txt",
     "chat_template*",
+    "*.py",  # a model's own code (auto_map): refused unless --trust-remote-code, never run by qwrap itself
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
 )
@@ -180,7 +180,7 @@ def _weight_files(files: list[str], folder: Path, repo_id: str) -> list[str]:
         if suffix == ".bin":
             log.warning("%s has no safetensors weights; downloading PyTorch .bin files", repo_id)
         if index in root:
-            return sorted({*json.loads((folder / index).read_text())["weight_map"].values()})
+            return _index_shards(folder / index, repo_id)
         single = "model.safetensors" if suffix == ".safetensors" else "pytorch_model.bin"
         return [single] if single in found else found
     raise UnsupportedModelError(
@@ -188,6 +188,17 @@ def _weight_files(files: list[str], folder: Path, repo_id: str) -> list[str]:
         hint="qwrap converts transformers checkpoints; a repo that only ships GGUF, ONNX or "
         "adapter weights needs its base model instead.",
     )
+
+
+def _index_shards(index: Path, repo_id: str) -> list[str]:
+    from .modelfiles import BadFile, read_index
+
+    try:
+        return read_index(index)
+    except (BadFile, OSError) as exc:
+        raise ModelFilesError(f"{index}: {exc}", hint=f"Remove {index.resolve()} (the cached copy) and fetch it again "
+                              f"with `hf download {repo_id} {index.name} --force-download`, then run the same "
+                              "command.") from None
 
 
 @contextmanager
@@ -325,21 +336,12 @@ def parameter_counts(source: ModelSource, *, token: str | None = None) -> dict[s
     return {str(k): int(v) for k, v in meta.parameter_count.items()}
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """A safetensors file's tensor entries (dtype, shape, offsets), read from its JSON header."""
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return {name: info for name, info in header.items() if name != "__metadata__"}
-
-
 def _header_counts(path: Path) -> dict[str, int]:
+    from .modelfiles import read_header
+
     counts: dict[str, int] = {}
-    for info in safetensors_header(path).values():
-        n = 1
-        for dim in info["shape"]:
-            n *= dim
-        counts[info["dtype"]] = counts.get(info["dtype"], 0) + n
+    for t in read_header(path).tensors.values():
+        counts[t.dtype] = counts.get(t.dtype, 0) + t.elements
     return counts
 
 

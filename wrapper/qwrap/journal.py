@@ -97,6 +97,10 @@ def describe_file(path: Path, base: Path) -> OutputEntry:
 
 
 def verify_file(entry: OutputEntry, base: Path) -> bool:
+    from .outpaths import is_plain_relative
+
+    if not is_plain_relative(entry.get("path")):  # type: ignore[arg-type]  # "../x" in a crafted journal
+        return False
     path = base / entry["path"]
     try:
         if _size(path) != entry["bytes"]:
@@ -219,7 +223,7 @@ class Journal:
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError("not an object")
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
                 is_last = all(not rest.strip() for rest in lines[number:])
                 if is_last and not raw.endswith(b"\n"):
                     msg = f"ignored a truncated last line in {self.path} (a crash mid-write)"
@@ -230,7 +234,11 @@ class Journal:
                     f"{self.path} line {number} is not valid journal JSON ({exc})",
                     hint=f"Move {self.dir} aside to start this output folder afresh.",
                 ) from exc
-            if record.get("v", SCHEMA) > SCHEMA:
+            version = record.get("v", SCHEMA)
+            if not isinstance(version, int):
+                raise JournalError(f"{self.path} line {number} has a schema version qwrap cannot read ({version!r})",
+                                   hint=f"Move {self.dir} aside to start this output folder afresh.")
+            if version > SCHEMA:
                 raise JournalError(
                     f"{self.path} was written by a newer qwrap (schema {record.get('v')})",
                     hint="Upgrade qwrap, or use another --output folder.",
@@ -245,14 +253,18 @@ class Journal:
             if "step" in r:
                 try:
                     states[r["step"]] = StepRecord.from_json(r)
-                except (KeyError, ValueError, TypeError) as exc:
+                except (KeyError, ValueError, TypeError, OverflowError) as exc:
                     raise JournalError(f"{self.path} has a step record qwrap cannot read ({exc!r}): {r}",
                                        hint=f"Move {self.dir} aside to start this output folder afresh.") from exc
         return states
 
     def children(self) -> list[ChildRecord]:
-        return [ChildRecord(str(r["step_ref"]), int(r["pid"]), float(r["create_time"]), r.get("host"))
-                for r in self.records() if r.get("kind") == "child"]
+        try:
+            return [ChildRecord(str(r["step_ref"]), int(r["pid"]), float(r["create_time"]), r.get("host"))
+                    for r in self.records() if r.get("kind") == "child"]
+        except (KeyError, ValueError, TypeError, OverflowError) as exc:
+            raise JournalError(f"{self.path} has a child-process record qwrap cannot read ({exc!r})",
+                               hint=f"Move {self.dir} aside to start this output folder afresh.") from exc
 
     def run_header(self) -> dict[str, Any] | None:
         header = None

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UnsupportedModelError
-
 if TYPE_CHECKING:
     from .evaltext import Evaluation
     from .hub import ModelSource
@@ -92,18 +90,12 @@ class ModelInfo:
         return (self.config.get("architectures") or [None])[0]
 
 
-def read_config(source: ModelSource) -> dict[str, Any]:
-    try:
-        data = json.loads((source.path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UnsupportedModelError(f"cannot read {source.path / 'config.json'}: {exc}") from exc
-    return data if isinstance(data, dict) else {}
-
-
 def model_shape(source: ModelSource, config: dict[str, Any], token: str | None = None) -> Shape:
     from .hub import parameter_counts
+    from .modelfiles import check_dtypes
 
     counts = parameter_counts(source, token=token)
+    check_dtypes(source, counts)
     text = config.get("text_config", config)
     hidden = int(text.get("hidden_size", 0) or 0)
     vocab = int(text.get("vocab_size", 0) or 0)
@@ -116,6 +108,11 @@ def model_shape(source: ModelSource, config: dict[str, Any], token: str | None =
                  (2 * layers + 1) * hidden, weight_bytes, vocab, main, max(vocab * hidden, ffn * hidden))
 
 
-def model_info(source: ModelSource, calibration: Calibration | None, *, token: str | None = None) -> ModelInfo:
-    config = read_config(source)
+def model_info(source: ModelSource, calibration: Calibration | None, *, token: str | None = None,
+               weights: bool = True) -> ModelInfo:
+    """config.json and the safetensors headers checked first (modelfiles.verify: a broken file
+    exits 20 naming it); ``weights=False``: a Hub model planned before its weights are here."""
+    from .modelfiles import verify
+
+    config = verify(source, weights=weights)
     return ModelInfo(source, config, model_shape(source, config, token), calibration)

@@ -92,6 +92,14 @@ def _quality_line(result: RunResult) -> str:
             + (f" {ref['note']}." if ref.get("note") else ""))
 
 
+def _remote_code_line(result: RunResult) -> str:
+    trusted = [Path(a["path"]).name for a in result["artifacts"] if a.get("trust_remote_code")]
+    if not trusted:
+        return ""
+    return (f"\n\n{', '.join(trusted)}: made by running the model's own Python code (`--trust-remote-code`); "
+            "loading them needs `trust_remote_code=True` too.")
+
+
 def render(result: RunResult, output: Path, calib: str | None) -> str:
     model = result["model"]
     req = result["request"]
@@ -107,7 +115,7 @@ def render(result: RunResult, output: Path, calib: str | None) -> str:
         f"{result['qwrap_version']} with llama.cpp `{result['toolchain']['llama_cpp_commit'][:12]}`.",
         "## Files\n\n" + _artifact_table(result, output),
         f"Every file was loaded and run before it was published (`validated`).\n\nCalibration data: {calib_line}."
-        + _quality_line(result),
+        + _quality_line(result) + _remote_code_line(result),
         "## How it was made\n\n```sh\n" + command + "\n```",
         "## Usage\n\n" + _usage(result, output),
     ]) + "\n"

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import calib_source, evaltext, modelcard, publish, qualitypage
+from . import calib_source, evaltext, modelcard, outpaths, publish, qualitypage
 from .checks import Check, raise_first_failure
 from .context import Reporter
 from .errors import OfflineError, UsageError
@@ -184,7 +184,7 @@ def plan_only(request: Request, *, token: str | None) -> PlanReport:
     validate(request)
     source = resolve_model(request.model, revision=request.revision, token=token, weights=False)
     calib, calib_note = calibration(request, token, fetch=False)
-    model = model_info(source, calib, token=token)
+    model = model_info(source, calib, token=token, weights=False)
     ev, note = evaluation(request, model, token, work=None)
     model, cost = sized_evaluation(request, dataclasses.replace(model, evaluation=ev))
     ev = model.evaluation
@@ -216,6 +216,7 @@ def execute(request: Request, *, token: str | None, reporter: Reporter, steps: t
     check_toolchain(request)
     output = request.output
     output.mkdir(parents=True, exist_ok=True)
+    outpaths.check(output, outpaths.FIXED)  # before the lock file and the journal are written
     with folder_lock(output, shared=bool(steps)):
         model = _with_texts(request, model, token, reporter)
         plan = build_plan(request, model)
@@ -280,7 +281,8 @@ def request_from_journal(output: Path) -> Request:
             hint="Pass the folder given as --output to a previous `qwrap run`.",
         )
     try:
-        return Request.from_json(header["request"])
-    except (KeyError, TypeError) as exc:
+        # the folder given, whatever the journal says: a copied or crafted journal must not send the run elsewhere
+        return dataclasses.replace(Request.from_json(header["request"]), output=output.resolve())
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UsageError(f"the journal in {output} records a request this qwrap cannot read ({exc!r})",
                          hint="Run `qwrap run` with the options again.") from exc

@@ -45,6 +45,7 @@ class ArtifactRow(TypedDict):
     reused: bool
     calibration: dict[str, Any] | None
     shards: NotRequired[list[dict[str, Any]]]  # a split set (--split-max-size): each shard's path, bytes, sha256
+    trust_remote_code: bool  # the model's own code ran to make it (AWQ/GPTQ with --trust-remote-code)
 
 
 class StepRow(TypedDict):
@@ -93,6 +94,7 @@ def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: R
         "peak_gpu_bytes": max((p.record.peak_gpu_bytes if p.record else 0) for p in parts),
         "reused": summary.state is StepState.SKIPPED,
         "calibration": None,
+        "trust_remote_code": False,
     }
     row.update(FORMATS[step.format].result_fields(summary.facts, inputs, readers))  # type: ignore[typeddict-item]
     row["gate"] = gate(row, parse_gates(outcome.request.max_kld))

@@ -31,7 +31,6 @@ class Request:
     threads: int = 0  # 0: chosen by the runner from --jobs and the steps running at once
     jobs: int = 0  # CPU cores the run may keep busy; 0: all usable cores
     stall_timeout: float | None = 600.0
-    trust_remote_code: bool = False
     preflight: bool = True
     evaluate: bool = True  # measure every artifact against its source (--no-eval: off)
     eval_text: str | None = None  # a text file; None: WikiText-2 (test), offline the calibration's held-out part

@@ -38,7 +38,7 @@ from typing import Any
 
 import psutil
 
-from . import supervisor
+from . import outpaths, supervisor
 from .context import InputOutputs, Reporter, StepContext, StepOutcome, place
 from .errors import InputsNotReadyError, InsufficientDiskError, Interrupted, OutputExistsError, QwrapError, UsageError
 from .formats import FORMATS
@@ -213,6 +213,7 @@ class Runner:
 
     # -- running --------------------------------------------------------------
     def run(self) -> list[StepSummary]:
+        outpaths.check(self.output, [rel for s in self.plan.steps for rel in outpaths.written_by(s.outputs, s.scratch)])
         self.reap_orphans()
         states = self.journal.states()
         need = self.needed(states)

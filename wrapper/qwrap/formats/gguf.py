@@ -25,6 +25,7 @@ from .. import evaltext
 from ..checks import Check
 from ..context import Inputs, StepContext, StepOutcome
 from ..errors import (
+    ModelFilesError,
     QwrapError,
     StepFailedError,
     ToolKilledError,
@@ -519,8 +520,8 @@ def _partial(path: Path) -> Path:
 
 def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     from .. import envs
-    from ..hub import safetensors_header
     from ..model import chat_template
+    from ..modelfiles import read_header
     from ..progress import ConvertProgress
 
     tools = _tools()
@@ -530,7 +531,7 @@ def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.unlink(missing_ok=True)
     python = envs.find_env("convert").python
-    n_tensors = sum(len(safetensors_header(p)) for p in sorted(model.glob("*.safetensors")))
+    n_tensors = sum(len(read_header(p).tensors) for p in sorted(model.glob("*.safetensors")))
     argv: list[str | os.PathLike[str]] = [python, tools.converter, model, "--outfile", tmp,
                                           "--outtype", step.param("outtype")]
     result = ctx.run_tool(argv, what="convert_hf_to_gguf.py", parser=ConvertProgress(n_tensors or None),
@@ -576,12 +577,14 @@ def _quantize(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     quant = step.param("quant")
     argv: list[str | os.PathLike[str]] = [tools.tool("llama-quantize")]
     if "imatrix" in inputs:
-        argv += ["--imatrix", inputs["imatrix"].path]
+        # relative to OUT (the tool runs there): llama-quantize records the path in the artifact,
+        # which must not depend on where the output folder is
+        argv += ["--imatrix", os.path.relpath(inputs["imatrix"].path, ctx.output)]
     elif "imatrix" in dict(step.files):
         argv += ["--imatrix", step.file("imatrix")]
     argv += [inputs["model"].path, out, quant, str(ctx.threads)]
     try:
-        result = ctx.run_tool(argv, what=f"llama-quantize {quant}", parser=QuantizeProgress())
+        result = ctx.run_tool(argv, what=f"llama-quantize {quant}", parser=QuantizeProgress(), cwd=ctx.output)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
@@ -616,7 +619,7 @@ def _load_and_generate(model: Path, what: str, ctx: StepContext) -> ProcessResul
         result = ctx.run_tool(argv, what=f"loading {what} in llama.cpp")
     except ToolKilledError:
         raise
-    except StepFailedError as exc:  # the artifact is what failed, not a tool
+    except (StepFailedError, ModelFilesError) as exc:  # the artifact is what failed, not a tool
         raise ValidationFailedError(f"llama.cpp cannot load {what}: {exc.message}",
                                     hint=exc.hint, log_path=exc.log_path) from None
     if VALIDATE_PROMPT not in "\n".join(result.tail):

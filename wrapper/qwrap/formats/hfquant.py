@@ -63,6 +63,8 @@ COMMON_OPTIONS = (
     Option("calib_samples", int, 128, "AWQ/GPTQ calibration samples."),
     Option("calib_seq_len", int, 512, "AWQ/GPTQ calibration sequence length (tokens)."),
     Option("device", str, "auto", "AWQ/GPTQ device: auto (CUDA when present), cpu or cuda."),
+    Option("trust_remote_code", bool, False, "AWQ/GPTQ: run the model's own Python code (config.json auto_map, "
+           "its modeling_*.py) in the backend workers. Off by default: only for models whose code you trust."),
 )
 
 
@@ -77,6 +79,7 @@ class Common:
     calib_seq_len: int = 512
     seed: int = 0
     device: str = "auto"
+    trust_remote_code: bool = False
 
 
 OptionsT = TypeVar("OptionsT", bound=Common)
@@ -130,13 +133,36 @@ def read_widths(config: Mapping[str, Any]) -> list[int]:
 
 
 def checks(o: Common, model: ModelInfo, *, thorough: bool) -> list[Check]:
+    return [_custom_code_check(o, model), _group_size_check(o, model)]
+
+
+def _group_size_check(o: Common, model: ModelInfo) -> Check:
     widths = read_widths(model.config)
     bad = [w for w in widths if o.group_size > 0 and w % o.group_size]
     if not bad:
-        return [Check("group size", True, f"{o.group_size} divides the layer widths {widths}")]
+        return Check("group size", True, f"{o.group_size} divides the layer widths {widths}")
     error = UsageError(f"--group-size {o.group_size} does not divide the model's layer width {bad[0]}",
                        hint="Choose a group size that divides " + " and ".join(map(str, widths)) + ".")
-    return [Check("group size", False, error.message, error)]
+    return Check("group size", False, error.message, error)
+
+
+def _custom_code_check(o: Common, model: ModelInfo) -> Check:
+    """The backends load the model with transformers: a model that ships its own code needs
+    it run, which qwrap does only with --trust-remote-code."""
+    from ..modelfiles import custom_code
+
+    found = custom_code(model.source.path, model.config)
+    if not found:
+        return Check("custom code", True, "none: transformers' own model classes load it")
+    listed = "; ".join(found)
+    if o.trust_remote_code:
+        return Check("custom code", True, f"runs the model's own code (--trust-remote-code): {listed}")
+    error = UnsupportedModelError(
+        f"{model.source.name} ships its own model code ({listed}), which AWQ/GPTQ would have to run "
+        "and qwrap does not run unless asked",
+        hint="If you trust that code, pass --trust-remote-code (it runs in the backend workers with your "
+        "permissions); GGUF needs no model code (--format gguf).")
+    return Check("custom code", False, error.message, error)
 
 
 # -- steps and estimates ---------------------------------------------------------------
@@ -189,7 +215,7 @@ def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Map
     params = {"backend": o.backend, "bits": o.bits, "group_size": o.group_size,
               "calib": calib.identity if calib else None, "calib_label": calib.label if calib else None,
               "calib_samples": o.calib_samples, "calib_seq_len": o.calib_seq_len, "seed": o.seed,
-              "device": o.device, "job": dict(own)}
+              "device": o.device, "trust_remote_code": o.trust_remote_code, "job": dict(own)}
     # per-layer checkpoints, named by the step's fingerprint so other options never reuse them
     q = b.add(f"{fmt}.quantize", "hf.quantize", fmt, f"{fmt.upper()} quantize ({o.backend})",
               outputs=(final + ".partial",), params=params, files=files,
@@ -197,7 +223,8 @@ def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Map
               scratch=(f".checkpoint/layers/{fmt}-{{fingerprint}}",), gpu=o.device != "cpu")
     params = {"samples": VALIDATE_SAMPLES, "seq_len": VALIDATE_SEQ_LEN, "quant": f"{o.bits}bit-g{o.group_size}",
               "bits": o.bits, "group_size": o.group_size,
-              "calib_label": params["calib_label"], "seed": o.seed, "device": o.device}
+              "calib_label": params["calib_label"], "seed": o.seed, "device": o.device,
+              "trust_remote_code": o.trust_remote_code}
     inputs = {"artifact": q.id}
     ev = model.evaluation
     if ev is not None:  # the run's evaluation chunks: llama.cpp's token ids when GGUF is made too
@@ -231,7 +258,8 @@ def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]
     elif quality is not None:  # measured as loaded: its deployment runtime is the common one
         quality = {**quality, "weights": {k: v for k, v in quality.items() if k != "weights"}}
     return {"bits_per_weight": produced.get("bits_per_weight"), "quality": quality,
-            "calibration": produced.get("metadata", {}).get("calibration")}
+            "calibration": produced.get("metadata", {}).get("calibration"),
+            "trust_remote_code": bool(produced.get("trust_remote_code"))}
 
 
 LIBRARY = "transformers"
@@ -378,7 +406,8 @@ def _quantize(step: Step, ctx: StepContext) -> StepOutcome:
         backend=prm["backend"], format=step.format, model=step.file("model"), output_dir=str(out),
         calibration=_text(step, "calibration", prm["calib_samples"], prm["calib_seq_len"]),
         bits=prm["bits"], group_size=prm["group_size"], device=prm["device"],
-        checkpoint_dir=str(ctx.path(step.scratch[0])), **prm["job"],
+        checkpoint_dir=str(ctx.path(step.scratch[0])), trust_remote_code=prm.get("trust_remote_code", False),
+        **prm["job"],
     )
     events, peak = run_worker(ctx, job, prm["backend"], f"{step.format.upper()} quantization")
     _normal_permissions(out)
@@ -387,6 +416,8 @@ def _quantize(step: Step, ctx: StepContext) -> StepOutcome:
     gpu = max((e.get("peak_gpu_bytes") or 0 for e in events.layers), default=0)
     assert events.result is not None
     facts = {"metadata": events.result.get("metadata", {}), "layers": len(events.layers),
+             "trust_remote_code": bool(prm.get("trust_remote_code")),
+             "resumed_layers": sum(1 for e in events.layers if e.get("resumed")),  # restored from checkpoints
              "bits_per_weight": round(size * 8 / parameters, 3) if parameters else None,
              "layer_peaks": [{"index": e["index"], "peak_rss_bytes": e["peak_rss_bytes"],
                               "peak_gpu_bytes": e.get("peak_gpu_bytes")} for e in events.layers]}
@@ -419,12 +450,13 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
                         device=step.param("device"), eval_source=source if evaluate else None,
                         eval_source_kind=step.param("eval_source_kind", "text"), eval_ctx=step.param("eval_ctx", 512),
                         eval_chunks=evaluate if source else 0,
-                        reference_cache=str(ctx.path(REFERENCE_DIR) / "reference.safetensors") if evaluate else None)
+                        reference_cache=str(ctx.path(REFERENCE_DIR) / "reference.safetensors") if evaluate else None,
+                        trust_remote_code=step.param("trust_remote_code", False))
     events, peak = run_worker(ctx, job, p.VALIDATE_BACKEND, f"validating {final.name}")
     assert events.result is not None
     meta = events.result.get("metadata", {})
     kl = meta.get("kl_divergence")
-    if not meta.get("finite", False) or kl is None or not math.isfinite(kl):
+    if not meta.get("finite", False) or not isinstance(kl, (int, float)) or not math.isfinite(kl):
         raise ValidationFailedError(f"{final.name} produced non-finite logits or no KL divergence")
     changed = _changed_tokenizer_files(Path(step.file("model")), partial)
     if changed:

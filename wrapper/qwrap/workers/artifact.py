@@ -42,6 +42,8 @@ def use_source_files(source: Path, out: Path) -> None:
             shutil.copyfile(source / name, out / name)
     if (source / "generation_config.json").is_file():
         shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
+    for code in sorted(source.glob("*.py")):  # a model's own code (--trust-remote-code): its config names it
+        shutil.copyfile(code, out / code.name)
 
 
 def edit_json(path: Path, edit: Callable[[Any], None]) -> None:

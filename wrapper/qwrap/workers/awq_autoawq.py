@@ -51,7 +51,7 @@ def main(job: p.QuantizeJob) -> None:
     model_type = _supported_model_type(model_dir)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=job.trust_remote_code)
     samples = load_samples(job.calibration, tokenizer, model_dir)
     p.emit(p.Progress(stage="calibration", done=job.calibration.n_samples,
                       total=job.calibration.n_samples, unit="samples"))
@@ -62,7 +62,7 @@ def main(job: p.QuantizeJob) -> None:
                                settings=_quant_config(job), calibration=samples.metadata["ids_sha256"],
                                source=layerstore.source_fingerprint(model_dir)),
     )
-    model = _load(model_dir, dtype)
+    model = _load(model_dir, dtype, trust=job.trust_remote_code)
     check_group_size(model.model, job.group_size)
     p.emit(p.Progress(stage="load", done=1, total=1, unit="model"))
     model.quantize(
@@ -102,11 +102,11 @@ def _supported_model_type(model_dir: Path) -> str:
     return str(model_type)
 
 
-def _load(model_dir: Path, dtype: Any) -> Any:
+def _load(model_dir: Path, dtype: Any, *, trust: bool) -> Any:
     from awq import AutoAWQForCausalLM
 
     return AutoAWQForCausalLM.from_pretrained(
-        str(model_dir), torch_dtype=dtype, device_map="cpu", trust_remote_code=False,
+        str(model_dir), torch_dtype=dtype, device_map="cpu", trust_remote_code=trust,
     )
 
 

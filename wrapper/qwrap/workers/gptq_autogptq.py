@@ -44,7 +44,8 @@ def _quantize(job: p.QuantizeJob, device: str) -> None:
 
     started = time.monotonic()
     model_dir = Path(job.model)
-    samples = load_samples(job.calibration, AutoTokenizer.from_pretrained(model_dir), model_dir)
+    samples = load_samples(job.calibration, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=job.trust_remote_code),
+                           model_dir)
     if job.checkpoint_dir:
         warn("auto-gptq has no per-layer checkpoints: an interrupted run restarts from the first "
              "layer (--backend gptqmodel resumes)")
@@ -53,7 +54,7 @@ def _quantize(job: p.QuantizeJob, device: str) -> None:
     import torch
 
     model = AutoGPTQForCausalLM.from_pretrained(str(model_dir), config, torch_dtype=torch.float16,
-                                                trust_remote_code=False)
+                                                trust_remote_code=job.trust_remote_code)
     check_group_size(model.model, job.group_size)
     listener = _LayerLog(LayerMeter(cuda=True))
     log = logging.getLogger("auto_gptq.modeling._base")

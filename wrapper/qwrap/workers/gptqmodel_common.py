@@ -53,10 +53,11 @@ def quantize(job: p.QuantizeJob, *, settings: dict[str, Any], metadata: dict[str
     if settings.get("method") == "awq" and device == "cpu" and job.version != "gemm":
         raise WorkerError("unsupported", f"gptqmodel writes AWQ {job.version} only on CUDA",
                           hint="Use --awq-version gemm on CPU.")
-    samples = load_samples(job.calibration, AutoTokenizer.from_pretrained(model_dir), model_dir)
+    samples = load_samples(job.calibration, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=job.trust_remote_code),
+                           model_dir)
     p.emit(p.Progress(stage="calibration", done=job.calibration.n_samples,
                       total=job.calibration.n_samples, unit="samples"))
-    model = _load(model_dir, settings, device)
+    model = _load(model_dir, settings, device, trust=job.trust_remote_code)
     check_group_size(model.model, job.group_size)
     p.emit(p.Progress(stage="load", done=1, total=1, unit="model"))
     total = int(model.model.config.num_hidden_layers)
@@ -78,7 +79,7 @@ def quantize(job: p.QuantizeJob, *, settings: dict[str, Any], metadata: dict[str
         "seconds": round(time.monotonic() - started, 3)}))
 
 
-def _load(model_dir: Path, settings: dict[str, Any], device: str) -> Any:
+def _load(model_dir: Path, settings: dict[str, Any], device: str, *, trust: bool) -> Any:
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -87,7 +88,7 @@ def _load(model_dir: Path, settings: dict[str, Any], device: str) -> Any:
     # dtype but restores checkpointed AWQ layers with float16 scales, so a bfloat16 model
     # could not resume.
     extra = {"dtype": torch.float16} if settings.get("method") == "awq" else {}
-    return GPTQModel.load(str(model_dir), config, device=device, trust_remote_code=False, **extra)
+    return GPTQModel.load(str(model_dir), config, device=device, trust_remote_code=trust, **extra)
 
 
 def _backend(settings: dict[str, Any], device: str) -> Any:

@@ -35,7 +35,7 @@ def main(job: p.ValidateJob) -> None:
 
     started = time.monotonic()
     device = resolve_device(job.device)
-    tokenizer = AutoTokenizer.from_pretrained(job.model)
+    tokenizer = AutoTokenizer.from_pretrained(job.model, trust_remote_code=job.trust_remote_code)
     weights_only = job.quantized.endswith(".gguf")  # a GGUF file: its weights, dequantized, on the eval chunks
     samples = None if weights_only else load_samples(job.text, tokenizer, Path(job.model))
     batches = [row.unsqueeze(0) for row in samples.ids] if samples is not None else []
@@ -46,14 +46,14 @@ def main(job: p.ValidateJob) -> None:
     with torch.inference_mode():
         eval_ref = hf_eval.load_reference(job.reference_cache, key) if chunks else None
         if batches or (chunks and eval_ref is None):
-            reference = _load(job.model, device, quantized=False)
+            reference = _load(job.model, device, quantized=False, trust=job.trust_remote_code)
             ref_logprobs = [_logprobs(reference, ids, device, "reference") for ids in batches]
             if chunks and eval_ref is None:  # once per run: the next artifact reuses it
                 eval_ref = hf_eval.scored_logprobs(reference, chunks, device, "reference")
                 hf_eval.save_reference(job.reference_cache, key, eval_ref)
             del reference
             gc.collect()
-        quantized = _load(job.quantized, device, quantized=True)
+        quantized = _load(job.quantized, device, quantized=True, trust=job.trust_remote_code)
         if batches:
             stats = _compare(quantized, batches, ref_logprobs, device)
         if chunks:
@@ -67,7 +67,7 @@ def main(job: p.ValidateJob) -> None:
     p.emit(p.Result(output_dir=job.quantized, files=files, metadata=metadata))
 
 
-def _load(path: str, device: str, *, quantized: bool) -> Any:
+def _load(path: str, device: str, *, quantized: bool, trust: bool = False) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -77,7 +77,7 @@ def _load(path: str, device: str, *, quantized: bool) -> Any:
     source, extra = (str(where.parent), {"gguf_file": where.name}) if where.suffix == ".gguf" else (path, {})
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device,
-                                                     trust_remote_code=False, **extra)
+                                                     trust_remote_code=trust, **extra)
     except Exception as exc:
         if not quantized:
             raise

@@ -112,6 +112,7 @@ class QuantizeJob:
     damp: float = 0.01  # GPTQ damp_percent
     device: str = "auto"
     checkpoint_dir: str | None = None
+    trust_remote_code: bool = False  # the model's own code (auto_map) runs only when the user asked
     task: str = "quantize"
     protocol: int = PROTOCOL_VERSION
 
@@ -131,6 +132,7 @@ class ValidateJob:
     eval_ctx: int = 512
     eval_chunks: int = 0
     reference_cache: str | None = None  # the source model's log-probs on those chunks, shared by artifacts
+    trust_remote_code: bool = False
     task: str = "validate"
     protocol: int = PROTOCOL_VERSION
 
@@ -339,21 +341,39 @@ def parse_event(line: str | bytes) -> dict[str, Any]:
     """One line from the event channel -> its dict; ProtocolError when malformed."""
     try:
         data = json.loads(line)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"not JSON: {line[:200]!r}") from exc
     if not isinstance(data, dict):
         raise ProtocolError("an event must be a JSON object")
     if data.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"event protocol {data.get('v')!r} != {PROTOCOL_VERSION}")
-    cls = EVENT_TYPES.get(data.get("event", ""))
+        raise ProtocolError(f"event protocol {str(data.get('v'))[:40]!r} != {PROTOCOL_VERSION}")
+    name = data.get("event")
+    cls = EVENT_TYPES.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown event {data.get('event')!r}")
+        raise ProtocolError(f"unknown event {str(name)[:80]!r}")
     missing = [f.name for f in fields(cls) if _required(f) and f.name not in data]
     if missing:
-        raise ProtocolError(f"{data['event']} event lacks {', '.join(missing)}")
+        raise ProtocolError(f"{name} event lacks {', '.join(missing)}")
+    malformed = [f.name for f in fields(cls) if f.name in data and not _has_type(data[f.name], str(f.type))]
+    if malformed:
+        raise ProtocolError(f"{name} event has a malformed {', '.join(malformed)}")
     if cls is Error and data["kind"] not in ERROR_KINDS:
         raise ProtocolError(f"unknown error kind {data['kind']!r}")
     return data
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                          "None": (type(None),), "dict": (dict,), "list": (list,)}
+
+
+def _has_type(value: object, annotation: str) -> bool:
+    """``value`` fits a field annotated ``annotation`` ("int", "int | None", "dict[str, Any]"...),
+    so the parent can use an event's fields without checking each one."""
+    for part in annotation.split("|"):
+        kinds = _JSON_TYPES.get(part.strip().split("[", 1)[0], (object,))
+        if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+            return True
+    return False
 
 
 _lock = threading.Lock()
