@@ -98,7 +98,7 @@ def report_env() -> envs.Env:
     try:
         return envs.find_env("report")
     except ToolchainMissingError:
-        _missing("the report environment", "run `qwrap env create report` or `make envs`")
+        _missing("the report environment", "run `qwrap setup` or `make envs`")
         raise
 
 
@@ -156,9 +156,9 @@ def test_without_the_report_environment_the_page_says_why(tmp_path: Path, monkey
     written = qualitypage.write(out, run_result(out), reference_bytes=F16_BYTES)
     assert written == [out / "quality.html"] and not (out / "quality.png").exists()
     note = getattr(written, "note", None)
-    assert note is not None and "\n" not in note and "qwrap env create report" in note
+    assert note is not None and "\n" not in note and "qwrap setup" in note
     page = (out / "quality.html").read_text()
-    assert "qwrap env create report" in page and "<img" not in page and page.count("<tr>") == 1 + 8
+    assert "qwrap setup" in page and "<img" not in page and page.count("<tr>") == 1 + 8
 
 
 def test_every_text_is_escaped(tmp_path: Path) -> None:
