@@ -22,7 +22,8 @@ ARTIFACTS = ("tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf")
 
 def options(corpus: Path) -> list[str]:
     """Two types with a small evaluation: every kind of GGUF step, in a few seconds each."""
-    return ["-q", "Q4_K_M", "-q", "Q8_0", "--eval-text", str(corpus), "--eval-tokens", "1024", "--eval-ctx", "256"]
+    return ["-q", "Q4_K_M", "-q", "Q8_0", "--eval-text", str(corpus), "--eval-tokens", "1024", "--eval-ctx", "256",
+            "--eval-weights", "on"]
 
 
 def plan_steps(model: Path, out: Path, opts: list[str]) -> list[dict]:

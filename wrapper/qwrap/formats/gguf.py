@@ -681,7 +681,7 @@ def _split(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 # The pinned llama-perplexity sometimes exits 0 without printing its last lines (the summary),
 # to a pipe, a pty or its --log-file alike: 1 in 12 runs on an idle 2-core VM, more than half
 # under load. The measurement is deterministic, so a run without its result is repeated.
-PERPLEXITY_ATTEMPTS = 4
+PERPLEXITY_ATTEMPTS = 6
 
 
 def _perplexity_argv(model: Path, step: Step, ctx: StepContext) -> list[str | os.PathLike[str]]:

@@ -168,11 +168,11 @@ def _custom_code_check(o: Common, model: ModelInfo) -> Check:
 # -- steps and estimates ---------------------------------------------------------------
 
 
-def _on_gpu(o: Common) -> bool:
+def _on_gpu(device: str) -> bool:
     """Whether the worker will compute on the GPU (then it keeps ~one core busy, not its threads)."""
     from ..toolchain import gpu_present
 
-    return o.device == "cuda" or (o.device == "auto" and gpu_present())
+    return device == "cuda" or (device == "auto" and gpu_present())
 
 
 def artifact_name(model_name: str, fmt: str, bits: int, group: int) -> str:
@@ -219,7 +219,7 @@ def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Map
     # per-layer checkpoints, named by the step's fingerprint so other options never reuse them
     q = b.add(f"{fmt}.quantize", "hf.quantize", fmt, f"{fmt.upper()} quantize ({o.backend})",
               outputs=(final + ".partial",), params=params, files=files,
-              estimate=estimate("hf.quantize", params, shape), threaded=not _on_gpu(o), exclusive=WORKERS,
+              estimate=estimate("hf.quantize", params, shape), threaded=not _on_gpu(o.device), exclusive=WORKERS,
               scratch=(f".checkpoint/layers/{fmt}-{{fingerprint}}",), gpu=o.device != "cpu")
     params = {"samples": VALIDATE_SAMPLES, "seq_len": VALIDATE_SEQ_LEN, "quant": f"{o.bits}bit-g{o.group_size}",
               "bits": o.bits, "group_size": o.group_size,
@@ -332,7 +332,7 @@ def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     return _quantize(step, ctx) if step.kind == "hf.quantize" else _validate(step, inputs, ctx)
 
 
-def _worker_env(ctx: StepContext) -> dict[str, str | None]:
+def _worker_env(ctx: StepContext, threads: int) -> dict[str, str | None]:
     from ..envs import worker_code
 
     return {
@@ -340,14 +340,16 @@ def _worker_env(ctx: StepContext) -> dict[str, str | None]:
         "PYTHONUNBUFFERED": "1",
         # gptqmodel sizes its CPU worker pools from this and needs at least 2
         "GPTQMODEL_CPU_WORKERS": str(max(2, os.cpu_count() or 1)),
-        "OMP_NUM_THREADS": str(ctx.threads),
+        "OMP_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
     }
 
 
-def run_worker(ctx: StepContext, job: p.QuantizeJob | p.ValidateJob, env_name: str, what: str) -> tuple[Events, int]:
+def run_worker(ctx: StepContext, job: p.QuantizeJob | p.ValidateJob, env_name: str, what: str,
+               threads: int | None = None) -> tuple[Events, int]:
     """Run a worker job in its environment (also GGUF's weights measurement): events to progress
-    and warnings, its error event to the matching qwrap error."""
+    and warnings, its error event to the matching qwrap error. ``threads``: torch's thread count
+    (default: the cores the runner gave the step)."""
     from .. import envs
 
     p = _protocol()
@@ -361,7 +363,7 @@ def run_worker(ctx: StepContext, job: p.QuantizeJob | p.ValidateJob, env_name: s
     cwd = ctx.checkpoint / "logs" / "libraries"
     cwd.mkdir(parents=True, exist_ok=True)
     try:
-        result = ctx.run_tool(argv, what=what, env=_worker_env(ctx), on_event=events, cwd=cwd)
+        result = ctx.run_tool(argv, what=what, env=_worker_env(ctx, threads or ctx.threads), on_event=events, cwd=cwd)
     except Interrupted:
         raise
     except QwrapError as exc:
@@ -409,7 +411,10 @@ def _quantize(step: Step, ctx: StepContext) -> StepOutcome:
         checkpoint_dir=str(ctx.path(step.scratch[0])), trust_remote_code=prm.get("trust_remote_code", False),
         **prm["job"],
     )
-    events, peak = run_worker(ctx, job, prm["backend"], f"{step.format.upper()} quantization")
+    # On a CPU, float sums in another thread count give other bytes: the quantization always uses
+    # every usable core, whatever runs beside it, so a resumed or repeated run makes the same folder.
+    threads = None if _on_gpu(prm["device"]) else len(os.sched_getaffinity(0))
+    events, peak = run_worker(ctx, job, prm["backend"], f"{step.format.upper()} quantization", threads)
     _normal_permissions(out)
     size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     parameters = _parameters(Path(step.file("model")))
