@@ -200,10 +200,9 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
     if not tokens:
         return Estimate(size, ram, 0)
     from .. import evaltext
-    from ..toolchain import gpu_present
 
-    gpu = params.get("device") == "cuda" or (params.get("device") == "auto" and gpu_present())
-    return Estimate(size, ram, 0, 2 * evaltext.torch_seconds(shape.parameters, tokens, gpu=gpu))
+    return Estimate(size, ram, 0, 2 * evaltext.torch_seconds(shape.parameters, tokens,
+                                                             gpu=_on_gpu(str(params.get("device")))))
 
 
 def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Mapping[str, Any]) -> None:
