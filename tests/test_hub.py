@@ -26,7 +26,8 @@ import pytest
 from hubserver import HubServer, Repo, write_files, write_safetensors
 from qwrap import calib_source
 from qwrap.errors import ModelNotFoundError, UnsupportedModelError
-from qwrap.hub import ModelSource, _weight_files, parameter_counts, resolve_model
+from qwrap.hub import _weight_files, parameter_counts, resolve_model
+from qwrap.modelfiles import ModelSource
 
 GRANTED = "hf_granted_0123456789abcdef"  # may read the private and the gated repo
 OTHER = "hf_other_user_fedcba9876543210"  # a valid account without access to either

@@ -263,7 +263,7 @@ def _words(opt: Option, value: Any) -> list[str]:
 
 def _request(values: dict[str, Any]) -> Any:
     from .formats import FORMATS
-    from .request import Request
+    from .request import Request, backends_from
 
     model = values["model"]
     if Path(model).exists():
@@ -286,25 +286,6 @@ def _request(values: dict[str, Any]) -> Any:
         eval_tokens=values["eval_tokens"], eval_ctx=values["eval_ctx"], max_kld=tuple(values["max_kld"]),
         base_model=values["base_model"],
     )
-
-
-def backends_from(values: list[str], formats: tuple[str, ...]) -> dict[str, str]:
-    """``--backend`` values -> {format: backend}. A bare name goes to every requested format
-    that knows it; ``FORMAT=NAME`` is explicit."""
-    from .errors import UsageError
-    from .formats import FORMATS
-
-    chosen: dict[str, str] = {}
-    for value in values:
-        fmt, _, name = value.rpartition("=")
-        targets = [fmt] if fmt else [f for f in formats if FORMATS[f].BACKENDS]
-        hits = [t for t in targets if t in FORMATS and name in FORMATS[t].BACKENDS]
-        if not hits:
-            known = "; ".join(f"{n.upper()}: {', '.join(f.BACKENDS)}" for n, f in FORMATS.items() if f.BACKENDS)
-            raise UsageError(f"--backend {value!r} does not apply to the requested formats",
-                             hint=f"{known}; use FORMAT=NAME to be explicit.")
-        chosen.update(dict.fromkeys(hits, name))
-    return chosen
 
 
 def _execute(request: Any, *, token: str | None, json_out: bool, events: str | None, push_to: str | None = None,

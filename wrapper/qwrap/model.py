@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .evaltext import Evaluation
-    from .hub import ModelSource
+    from .modelfiles import ModelSource
 
 def _json_key(path: Path, key: str) -> Any:
     try:

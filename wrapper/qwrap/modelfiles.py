@@ -17,12 +17,9 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import ModelFilesError
-
-if TYPE_CHECKING:
-    from .hub import ModelSource
 
 # Bytes per element of each dtype the pinned converter maps to torch (conversion/base.py
 # `_dtype_str_map`); the backends' safetensors/torch read all of them too.
@@ -32,6 +29,16 @@ READABLE_DTYPES: Mapping[str, int] = {
 }
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as a local folder: a local model as given, or a Hub model's snapshot (hub.py)."""
+
+    path: Path  # local folder holding config.json (+ tokenizer, weights)
+    name: str  # for artifact names: last path component / repo name
+    repo_id: str | None  # None for local folders
+    revision: str | None  # resolved commit sha for Hub models
 
 
 class BadFile(ValueError):

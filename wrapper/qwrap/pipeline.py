@@ -7,16 +7,16 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import calib_source, evaltext, modelcard, outpaths, publish, qualitypage
+from . import evaltext, modelcard, outpaths, publish, qualitypage
 from .checks import Check, raise_first_failure
 from .context import Reporter
-from .errors import OfflineError, UsageError
-from .evaltext import Evaluation
+from .errors import UsageError
 from .formats import FORMATS
-from .hub import ModelSource, resolve_model
-from .journal import Journal, sha256_file
+from .hub import resolve_model
+from .journal import Journal
 from .locks import folder_lock
-from .model import Calibration, ModelInfo, model_info
+from .model import ModelInfo, model_info
+from .modelfiles import ModelSource
 from .plan import Plan, PlanBuilder
 from .preflight import (
     PlanReport,
@@ -24,13 +24,12 @@ from .preflight import (
     disk_check,
     hub_cache_check,
     model_checks,
-    needs_calibration,
     toolchain_check,
-    wants_calibration,
 )
 from .report import build_result
 from .request import Request, check_basic, safe_argv
 from .runner import Runner, RunSettings, StepSummary, remove_intermediates
+from .texts import calibration, evaluation, warn_overlap
 from .toolchain import read_pin
 from .units import format_seconds
 
@@ -55,63 +54,6 @@ def validate(request: Request) -> None:
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r}", hint=f"Choose from: {', '.join(FORMATS)}.")
         FORMATS[fmt].validate(request.options(fmt))
-
-
-def calibration(request: Request, token: str | None, *, fetch: bool) -> tuple[Calibration | None, str]:
-    """The calibration text: --calib FILE, or WikiText-2 (fetched and turned into text once, in
-    the cache, when ``fetch``; `plan` only looks in the cache). A format that only *wants* it
-    (GGUF's default importance matrix) goes on without it: then the note says so."""
-    required = needs_calibration(request)
-    if not required and not wants_calibration(request):
-        return None, ""
-    if request.calib not in (None, "wikitext2"):
-        path = Path(str(request.calib)).resolve()
-        return Calibration(f"sha256:{sha256_file(path)}", path.name, str(path)), ""
-    identity = f"hf-dataset:{calib_source.WIKITEXT_REPO}/{calib_source.TRAIN_FILE}"
-    try:
-        if fetch:
-            text: Path | None = calib_source.wikitext2_text(token=token)
-        else:
-            text = calib_source.planned_text()
-    except OfflineError as exc:
-        if required and fetch:
-            raise
-        if required:  # plan: report what run would need; run raises with the fix
-            return Calibration(identity, "wikitext2", None), ""
-        return None, (f"no calibration text ({exc.message}): the low-bit types are quantized without an importance "
-                      "matrix. Pass --calib FILE.txt for a better result, or --no-imatrix to silence this.")
-    return Calibration(identity, "wikitext2", str(text) if text else None), ""
-
-
-def evaluation(request: Request, model: ModelInfo, token: str | None, *,
-               work: Path | None) -> tuple[Evaluation | None, str]:
-    """The evaluation text and chunking (see evaltext.py), and a note when it is not what the
-    user asked for or there is none; ``work`` is None for `plan` (which fetches nothing)."""
-    if not request.evaluate:
-        return None, ""
-    chunks = evaltext.chunks_for(request.eval_ctx, request.eval_tokens)  # the default: see sized_evaluation
-    if request.eval_text is not None:
-        return evaltext.from_file(Path(request.eval_text), request.eval_ctx, chunks), ""
-    try:
-        return evaltext.wikitext_test(request.eval_ctx, chunks, token=token, fetch=work is not None), ""
-    except OfflineError as exc:
-        reason = exc.message
-    if request.calib not in (None, "wikitext2"):
-        ev = evaltext.held_out(Path(str(request.calib)), request.eval_ctx, chunks, work)
-        if ev is not None:
-            return ev, ev.note
-    return None, (f"the artifacts are not measured: no --eval-text, and WikiText-2 (test) is not available "
-                  f"({reason}). Pass --eval-text FILE to measure them, or --no-eval to silence this.")
-
-
-def warn_overlap(request: Request, ev: Evaluation | None, reporter: Reporter) -> None:
-    """Never evaluate on text calibration used: say so loudly when the two share documents."""
-    if ev is None or ev.path is None or request.calib in (None, "wikitext2") or "held-out" in ev.label:
-        return
-    shared = evaltext.overlap(Path(ev.path), Path(str(request.calib)))
-    if shared:
-        reporter.warning(f"{shared} document(s) of the evaluation text {ev.label} are also calibration text: "
-                         "the quality figures will look better than they are. Pass another --eval-text.")
 
 
 @dataclass(frozen=True)

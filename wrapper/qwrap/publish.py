@@ -3,7 +3,7 @@
 A finished run leaves its result in ``OUT/.checkpoint/result.json``; a push reads it, refuses
 what must not be published (an unvalidated artifact, a failed quality gate, what a format
 says is unusable, e.g. an AWQ/GPTQ folder without quantization_config), rewrites the model
-card (``--base-model``) and hands the files to ``hub.upload``: one commit, files already on
+card (``--base-model``) and hands the files to ``hub_upload.upload``: one commit, files already on
 the branch with the same sha256 not sent again. Each push is journaled (``kind: push``).
 """
 
@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import modelcard
 from .errors import NotPublishableError, QwrapError, UsageError
+from .hub_upload import PushResult, Upload, upload
 from .journal import Journal, checkpoint_dir, sha256_file
 from .locks import folder_lock
 
@@ -27,28 +27,6 @@ if TYPE_CHECKING:
 RESULT_FILE = "result.json"
 EXTRAS = ("quality.html", "quality.png")  # published with the artifacts when the run wrote them
 IMATRIX = (".checkpoint/work/imatrix.gguf", "imatrix.gguf")  # kept with --keep-intermediate
-
-
-@dataclass(frozen=True)
-class Upload:
-    path_in_repo: str
-    local: Path
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
-class PushResult:
-    repo_id: str
-    revision: str
-    commit_url: str | None  # None: nothing changed, so no commit was made
-    pr_url: str | None
-    uploaded: tuple[str, ...]
-    unchanged: tuple[str, ...]
-    bytes_uploaded: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def save_result(output: Path, result: RunResult, calib_label: str | None) -> None:
@@ -96,8 +74,6 @@ def uploads(output: Path, result: RunResult) -> list[Upload]:
 
 def push(output: Path, repo_id: str, *, token: str | None, private: bool = False, revision: str | None = None,
          create_pr: bool = False, base_model: str | None = None, say: Callable[[str], None]) -> PushResult:
-    from . import hub
-
     result, calib = load_result(output)
     if base_model:
         result["request"]["base_model"] = base_model
@@ -111,7 +87,7 @@ def push(output: Path, repo_id: str, *, token: str | None, private: bool = False
         journal.append({**record, "state": "started", "files": [f.path_in_repo for f in files]})
         say(f"pushing {len(files)} files ({sum(f.size for f in files):,} bytes) to {repo_id}")
         try:
-            pushed = hub.upload(files, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
+            pushed = upload(files, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
                                 message=f"qwrap: {result['model']['name']} quantized ({len(result['artifacts'])} artifacts)")
         except QwrapError as exc:
             journal.append({**record, "state": "failed", "error": exc.message})

@@ -104,3 +104,21 @@ def safe_argv() -> list[str]:
             skip = True
         out.append("--token=***" if arg.startswith("--token=") else arg)
     return [os.path.basename(out[0]), *out[1:]] if out else out
+
+
+def backends_from(values: list[str], formats: tuple[str, ...]) -> dict[str, str]:
+    """``--backend`` values -> {format: backend}. A bare name goes to every requested format
+    that knows it; ``FORMAT=NAME`` is explicit."""
+    from .formats import FORMATS
+
+    chosen: dict[str, str] = {}
+    for value in values:
+        fmt, _, name = value.rpartition("=")
+        targets = [fmt] if fmt else [f for f in formats if FORMATS[f].BACKENDS]
+        hits = [t for t in targets if t in FORMATS and name in FORMATS[t].BACKENDS]
+        if not hits:
+            known = "; ".join(f"{n.upper()}: {', '.join(f.BACKENDS)}" for n, f in FORMATS.items() if f.BACKENDS)
+            raise UsageError(f"--backend {value!r} does not apply to the requested formats",
+                             hint=f"{known}; use FORMAT=NAME to be explicit.")
+        chosen.update(dict.fromkeys(hits, name))
+    return chosen

@@ -429,7 +429,8 @@ def _quantize(step: Step, ctx: StepContext) -> StepOutcome:
 
 
 def _parameters(model: Path) -> int:
-    from ..hub import ModelSource, parameter_counts
+    from ..hub import parameter_counts
+    from ..modelfiles import ModelSource
 
     return sum(parameter_counts(ModelSource(model, model.name, None, None)).values())
 
