@@ -19,6 +19,7 @@ import pytest
 from conftest import _missing
 from qwrap import envs, qualitypage
 from qwrap.errors import ToolchainMissingError
+from qwrap.results import RunResult
 from qwrap.workers import quality_plot
 
 MODEL = "Llama-3.2-1B"
@@ -40,11 +41,18 @@ def _row(fmt: str, quant: str, path: Path, size: int, bpw: float, quality: dict[
          gate: str | None) -> dict[str, Any]:
     return {"format": fmt, "quant": quant, "path": str(path), "bytes": size, "sha256": "ab" * 32,
             "bits_per_weight": bpw, "validated": True, "quality": quality, "gate": gate, "seconds": 41.2,
-            "peak_rss_bytes": 1_900_000_000, "peak_gpu_bytes": 0, "reused": False, "calibration": None}
+            "peak_rss_bytes": 1_900_000_000, "peak_gpu_bytes": 0, "reused": False, "calibration": None,
+            "trust_remote_code": False, "library": "gguf" if fmt == "gguf" else "transformers",
+            "usage": f"use {path.name}", "shards": []}
 
 
-def run_result(out: Path, *, name: str = MODEL) -> dict[str, Any]:
-    """A qwrap.result/2 document as `qwrap run --format gguf --format awq --format gptq` writes it."""
+def run_result(out: Path, *, name: str = MODEL) -> RunResult:
+    """A qwrap.result/2 document as `qwrap run --format gguf --format awq --format gptq` writes it,
+    read back as the typed result (its schema checked)."""
+    return RunResult.from_json(run_document(out, name=name))
+
+
+def run_document(out: Path, *, name: str = MODEL) -> dict[str, Any]:
     rows = [
         _row("gguf", quant, out / f"{name}-{quant}.gguf", size, bpw,
              {"kld_mean": kld, "kld_p99": p99, "ppl": ppl, "ppl_base": PPL_BASE, "delta_ppl": round(ppl - PPL_BASE, 4),
@@ -58,13 +66,15 @@ def run_result(out: Path, *, name: str = MODEL) -> dict[str, Any]:
     return {
         "schema": "qwrap.result/2", "qwrap_version": "0.1.0",
         "model": {"input": f"meta-llama/{name}", "name": name, "path": "/data/hf/llama", "repo_id": f"meta-llama/{name}",
-                  "revision": None},
+                  "revision": None, "chat_template": False},
         "toolchain": {"llama_cpp_commit": "0c1e5703c5b1a2f4e6d8c0b2a4f6e8d0c2b4a6f8"},
-        "request": {}, "command": ["qwrap", "run", f"meta-llama/{name}"], "artifacts": rows,
+        "request": {"output": str(out)}, "command": ["qwrap", "run", f"meta-llama/{name}"], "artifacts": rows,
         "quality_reference": {"text": "wikitext2 (test)",
                               "text_identity": "hf-dataset:Salesforce/wikitext/wikitext-2-raw-v1/test.parquet",
-                              "ctx": 512, "chunks": 144, "tokens_scored": 36_864, "ppl_base": PPL_BASE, "note": None},
-        "steps": [], "warnings": [],
+                              "ctx": 512, "chunks": 144, "tokens_scored": 36_864, "ppl_base": PPL_BASE, "note": None,
+                              "bridge": None},
+        "calibration": {"state": "used", "label": "wikitext2", "note": None},
+        "steps": [], "warnings": [], "complete": True, "push": None,
     }
 
 
@@ -142,9 +152,10 @@ def test_plot_input_takes_the_measured_artifacts(tmp_path: Path) -> None:
 
 
 def test_nothing_is_written_without_a_measured_artifact(tmp_path: Path) -> None:
-    result = run_result(tmp_path)
-    for a in result["artifacts"]:
+    doc = run_document(tmp_path)
+    for a in doc["artifacts"]:
         a["quality"] = None
+    result = RunResult.from_json(doc)
     assert qualitypage.write(tmp_path, result, reference_bytes=F16_BYTES) == []
     assert list(tmp_path.iterdir()) == []
 
@@ -162,8 +173,9 @@ def test_without_the_report_environment_the_page_says_why(tmp_path: Path, monkey
 
 
 def test_every_text_is_escaped(tmp_path: Path) -> None:
-    result = run_result(tmp_path, name='evil<script>alert("x")</script>&')
-    result["quality_reference"]["note"] = "<b>bold</b>"
+    doc = run_document(tmp_path, name='evil<script>alert("x")</script>&')
+    doc["quality_reference"]["note"] = "<b>bold</b>"
+    result = RunResult.from_json(doc)
     page = qualitypage.render(result, tmp_path, None, reference_bytes=None)
     assert "<script" not in page and "<b>bold" not in page
     assert "evil&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;" in page and "&lt;b&gt;bold" in page
@@ -202,9 +214,9 @@ def test_quality_page_renders_in_a_real_browser(tmp_path: Path, report_env: envs
     body = re.search(r"<tbody>(.*)</tbody>", dom.stdout, re.S)
     assert body is not None, dom.stdout[:2000]
     rows = re.findall(r"<tr>(.*?)</tr>", body.group(1), re.S)
-    assert len(rows) == len(result["artifacts"])
-    for row, artifact in zip(rows, result["artifacts"], strict=True):
-        assert Path(artifact["path"]).name in row
+    assert len(rows) == len(result.artifacts)
+    for row, artifact in zip(rows, result.artifacts, strict=True):
+        assert Path(artifact.path).name in row
     assert "failed" in rows[0] and "not measured" in rows[-1] and "0.0452" in rows[2] and "+0.4829" in rows[2]
     assert re.search(r'<img[^>]+src="data:image/png;base64,', dom.stdout)
 

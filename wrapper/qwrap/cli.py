@@ -1,4 +1,5 @@
-"""The typer app: options -> Request, results -> terminal. No logic lives here.
+"""The typer app: options -> Request, results -> terminal. It parses and renders; the decisions
+(gates, push) are the pipeline's and the result's.
 
 ``main()`` prints expected errors (message + hint, exit code from errors.py) and writes
 unexpected ones to a crash log; tracebacks on screen only with QWRAP_DEBUG=1.
@@ -290,11 +291,12 @@ def _request(values: dict[str, Any]) -> Any:
 
 def _execute(request: Any, *, token: str | None, json_out: bool, events: str | None, push_to: str | None = None,
              steps: tuple[str, ...] = ()) -> None:
-    """Run with live progress (and an NDJSON event stream), then print the result."""
+    """Run with live progress (and an NDJSON event stream), push when asked, print the result;
+    a failed quality gate exits 17 after the table is shown."""
     from . import pipeline
-    from .errors import QualityGateError, UsageError, exit_code_for
+    from .errors import UsageError, exit_code_for
     from .events import EventStream
-    from .report import build_result, render_table
+    from .report import render_table
 
     if events == "-" and json_out:
         raise UsageError("--events - and --json both want stdout", hint="Write events to a file.")
@@ -304,42 +306,35 @@ def _execute(request: Any, *, token: str | None, json_out: bool, events: str | N
             stream.emit("run_started", model=request.model, output=str(request.output),
                         formats=list(request.formats))
         try:
-            outcome = pipeline.execute(request, token=token, reporter=stream or inner, steps=steps)
+            result = pipeline.execute(request, token=token, reporter=stream or inner, steps=steps)
         except BaseException as exc:
             if stream is not None:
                 stream.emit("run_finished", exit_code=exit_code_for(exc), error=str(exc))
                 stream.close()
             raise
-        result = build_result(outcome)
-        # a --step run may make an artifact before its measurement: the run that ends the plan applies the gates
-        failed = [] if steps else [a for a in result["artifacts"] if a["gate"] == "failed"]
         if stream is not None:
-            stream.emit("run_finished", exit_code=QualityGateError.exit_code if failed else 0,
-                        artifacts=[a["path"] for a in result["artifacts"]])
+            stream.emit("run_finished", exit_code=result.exit_code(), artifacts=[a.path for a in result.artifacts])
             stream.close()
-    if push_to and not failed:  # the journaled final step: only what passed validation and the gates
-        result["push"] = _push(request.output, push_to, token=token)  # type: ignore[typeddict-unknown-key]
+    result = pipeline.push_after_run(result, push_to, token=token, say=_say)
+    if result.push is not None:
+        _say_pushed(result.push)
     if json_out:
-        typer.echo(json.dumps(result, indent=2))
-    elif events != "-" and (result["artifacts"] or not steps):
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    elif events != "-" and (result.artifacts or not steps):
         render_table(result, out_console)
-    if failed:
-        names = ", ".join(f"{a['format']} {a['quant']}" for a in failed)
-        raise QualityGateError(f"{names} measured over the --max-kld limit",
-                               hint="The artifacts are kept and marked \"gate\": \"failed\" in the result and the "
-                               "model card; a higher-bit type, an --imatrix, or a looser limit would pass.")
+    result.raise_for_gates()
 
 
-def _push(output: Path, repo_id: str, **options: Any) -> dict[str, Any]:
-    from .publish import push as run_push
+def _say(line: str) -> None:
+    err_console.print(line, highlight=False)
 
-    pushed = run_push(output, repo_id, say=lambda line: err_console.print(line, highlight=False), **options)
-    if pushed.commit_url is None:
-        err_console.print(f"{repo_id} is up to date: all {len(pushed.unchanged)} files are already there", highlight=False)
+
+def _say_pushed(pushed: Any) -> None:
+    if pushed["commit_url"] is None:
+        _say(f"{pushed['repo_id']} is up to date: all {len(pushed['unchanged'])} files are already there")
     else:
-        err_console.print(f"pushed {len(pushed.uploaded)} files ({pushed.bytes_uploaded:,} bytes; "
-                          f"{len(pushed.unchanged)} already there): {pushed.pr_url or pushed.commit_url}", highlight=False)
-    return pushed.to_json()
+        _say(f"pushed {len(pushed['uploaded'])} files ({pushed['bytes_uploaded']:,} bytes; "
+             f"{len(pushed['unchanged'])} already there): {pushed['pr_url'] or pushed['commit_url']}")
 
 
 @app.command()
@@ -363,8 +358,11 @@ def push(
 
       qwrap push out/ org/model-GPTQ --private --revision v1 --base-model meta-llama/Llama-3.2-1B
     """
-    pushed = _push(output.resolve(), repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
-                   base_model=base_model)
+    from .publish import push as run_push
+
+    pushed = run_push(output.resolve(), repo_id, token=token, private=private, revision=revision,
+                      create_pr=create_pr, base_model=base_model, say=_say).to_json()
+    _say_pushed(pushed)
     if json_out:
         typer.echo(json.dumps(pushed, indent=2))
 

@@ -4,10 +4,11 @@ plan`` minus rendering. Both build the plan here, the same way, so they agree on
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import evaltext, modelcard, outpaths, publish, qualitypage
+from . import evaltext, modelcard, outpaths, qualitypage, results
 from .checks import Check, raise_first_failure
 from .context import Reporter
 from .errors import UsageError
@@ -16,7 +17,6 @@ from .hub import resolve_model
 from .journal import Journal
 from .locks import folder_lock
 from .model import ModelInfo, model_info
-from .modelfiles import ModelSource
 from .plan import Plan, PlanBuilder
 from .preflight import (
     PlanReport,
@@ -26,26 +26,12 @@ from .preflight import (
     model_checks,
     toolchain_check,
 )
-from .report import build_result
 from .request import Request, check_basic, safe_argv
-from .runner import Runner, RunSettings, StepSummary, remove_intermediates
+from .results import RunOutcome, RunResult, build_result
+from .runner import Runner, RunSettings, remove_intermediates
 from .texts import calibration, evaluation, warn_overlap
 from .toolchain import read_pin
 from .units import format_seconds
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    request: Request
-    model: ModelInfo
-    plan: Plan
-    summaries: list[StepSummary]
-    warnings: list[str]
-    command: list[str] = dataclasses.field(default_factory=list)  # the `qwrap run` command that made it
-
-    @property
-    def source(self) -> ModelSource:
-        return self.model.source
 
 
 def validate(request: Request) -> None:
@@ -147,9 +133,11 @@ def plan_only(request: Request, *, token: str | None) -> PlanReport:
     return PlanReport(request, model, plan, tuple(checks), {**disk_info, **({"hub_cache": hub_info} if hub else {})})
 
 
-def execute(request: Request, *, token: str | None, reporter: Reporter, steps: tuple[str, ...] = ()) -> RunOutcome:
+def execute(request: Request, *, token: str | None, reporter: Reporter, steps: tuple[str, ...] = ()) -> RunResult:
     """`qwrap run`: the whole plan, or with ``steps`` (``--step``) exactly those steps, beside
-    other processes running other steps of the same plan in the same folder."""
+    other processes running other steps of the same plan in the same folder. The result is
+    built once, here; the whole plan's also becomes the model card, result.json and the
+    quality page."""
     validate(request)
     source = resolve_model(request.model, revision=request.revision, token=token)
     model = model_info(source, None, token=token)
@@ -160,7 +148,7 @@ def execute(request: Request, *, token: str | None, reporter: Reporter, steps: t
     output.mkdir(parents=True, exist_ok=True)
     outpaths.check(output, outpaths.FIXED)  # before the lock file and the journal are written
     with folder_lock(output, shared=bool(steps)):
-        model = _with_texts(request, model, token, reporter)
+        model, calib_note = _with_texts(request, model, token, reporter)
         plan = build_plan(request, model)
         journal = Journal(output)
         journal.append({"kind": "run", "request": request.to_json(), "argv": safe_argv(), "steps": list(steps),
@@ -170,10 +158,26 @@ def execute(request: Request, *, token: str | None, reporter: Reporter, steps: t
         settings = RunSettings(output, reporter, request.jobs, request.threads, request.stall_timeout,
                                request.force, request.preflight, steps)
         summaries = Runner(plan, journal, settings).run()
-        outcome = RunOutcome(request, model, plan, summaries, journal.warnings, made_by(journal))
+        outcome = RunOutcome(request, model, plan, summaries, journal.warnings, made_by(journal), calib_note,
+                             complete=not steps)
+        if not request.keep_intermediate and not steps:
+            remove_intermediates(plan, output)
+        result = build_result(outcome)
         if not steps:  # the documents of the whole plan; a --step run leaves them to the run that ends it
-            _finish(outcome, output, reporter)
-    return outcome
+            _finish(result, plan, output, reporter)
+    return result
+
+
+def push_after_run(result: RunResult, repo_id: str | None, *, token: str | None,
+                   say: Callable[[str], None]) -> RunResult:
+    """``run --push-to``: the journaled final step, only for a whole run whose artifacts all
+    passed validation and their quality gates; the result then records what was pushed."""
+    if not repo_id or result.failed_gates or not result.complete:
+        return result
+    from .publish import push
+
+    pushed = push(result.output, repo_id, token=token, say=say)
+    return dataclasses.replace(result, push=pushed.to_json())
 
 
 def made_by(journal: Journal) -> list[str]:
@@ -182,9 +186,9 @@ def made_by(journal: Journal) -> list[str]:
     return runs[-1] if runs else safe_argv()
 
 
-def _with_texts(request: Request, model: ModelInfo, token: str | None, reporter: Reporter) -> ModelInfo:
+def _with_texts(request: Request, model: ModelInfo, token: str | None, reporter: Reporter) -> tuple[ModelInfo, str]:
     """The model with its calibration and evaluation texts (fetched when needed), the evaluation
-    sized to the run (sized_evaluation)."""
+    sized to the run (sized_evaluation); and why calibration text is missing, if it is."""
     calib, calib_note = calibration(request, token, fetch=True)
     if calib_note:
         reporter.warning(calib_note)
@@ -196,18 +200,13 @@ def _with_texts(request: Request, model: ModelInfo, token: str | None, reporter:
     warn_overlap(request, model.evaluation, reporter)
     if note:
         reporter.warning(note)
-    return model
+    return model, calib_note
 
 
-def _finish(outcome: RunOutcome, output: Path, reporter: Reporter) -> None:
-    """After the whole plan: intermediates removed, the model card, the saved result and the quality page."""
-    request, model, plan = outcome.request, outcome.model, outcome.plan
-    if not request.keep_intermediate:
-        remove_intermediates(plan, output)
-    result = build_result(outcome)
-    calib_label = model.calibration.label if model.calibration else None
-    modelcard.write(result, output, calib_label)
-    publish.save_result(output, result, calib_label)
+def _finish(result: RunResult, plan: Plan, output: Path, reporter: Reporter) -> None:
+    """After the whole plan: the model card, the saved result and the quality page."""
+    modelcard.write(result, output)
+    results.save(output, result)
     sixteen = next((s.estimate.output_bytes for s in plan.steps if s.kind.endswith(".convert")), None)
     page = qualitypage.write(output, result, reference_bytes=sixteen)
     if page.note:

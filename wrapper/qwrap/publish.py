@@ -9,60 +9,36 @@ the branch with the same sha256 not sent again. Each push is journaled (``kind: 
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from . import modelcard
-from .errors import NotPublishableError, QwrapError, UsageError
+from . import modelcard, results
+from .errors import NotPublishableError, QwrapError
+from .formats import FORMATS
 from .hub_upload import PushResult, Upload, upload
-from .journal import Journal, checkpoint_dir, sha256_file
+from .journal import Journal, sha256_file
 from .locks import folder_lock
+from .results import RunResult
 
-if TYPE_CHECKING:
-    from .report import RunResult
-
-RESULT_FILE = "result.json"
 EXTRAS = ("quality.html", "quality.png")  # published with the artifacts when the run wrote them
 IMATRIX = (".checkpoint/work/imatrix.gguf", "imatrix.gguf")  # kept with --keep-intermediate
 
 
-def save_result(output: Path, result: RunResult, calib_label: str | None) -> None:
-    path = checkpoint_dir(output) / RESULT_FILE
-    staging = path.with_name(RESULT_FILE + ".tmp")
-    staging.write_text(json.dumps({"result": result, "calibration": calib_label}, indent=1))
-    os.replace(staging, path)
-
-
-def load_result(output: Path) -> tuple[RunResult, str | None]:
-    try:
-        doc = json.loads((checkpoint_dir(output) / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        raise UsageError(f"{output} holds no finished qwrap run to push",
-                         hint="Pass the --output folder of a `qwrap run` that succeeded.") from None
-    return doc["result"], doc.get("calibration")
-
-
 def uploads(output: Path, result: RunResult) -> list[Upload]:
     """Every file to publish, artifacts first; raises NotPublishableError for what must not be."""
-    from .formats import FORMATS
-
     files: list[Path] = []
-    for a in result["artifacts"]:
-        path = output / Path(a["path"]).relative_to(result["request"]["output"])  # OUT may have moved
-        name = f"{a['format']} {a['quant']}"
-        if not a["validated"]:
-            raise NotPublishableError(f"{name} ({path.name}) was not validated", hint="Run `qwrap run` again.")
-        if a["gate"] == "failed":
-            raise NotPublishableError(f"{name} ({path.name}) failed its --max-kld quality gate",
+    for a in result.artifacts:
+        path = output / Path(a.path).relative_to(result.output)  # OUT may have moved
+        if not a.validated:
+            raise NotPublishableError(f"{a.name} ({path.name}) was not validated", hint="Run `qwrap run` again.")
+        if a.gate == "failed":
+            raise NotPublishableError(f"{a.name} ({path.name}) failed its --max-kld quality gate",
                                       hint="Publish only what passed: a run without that type, or a looser limit.")
-        parts = [path.with_name(s["path"]) for s in a.get("shards") or ()] or [path]  # a split set goes whole
+        parts = [path.with_name(s.path) for s in a.shards] or [path]  # a split set goes whole
         for part in parts:
-            reason = FORMATS[a["format"]].publishable(part) if a["format"] in FORMATS else "an unknown format"
+            reason = FORMATS[a.format].publishable(part) if a.format in FORMATS else "an unknown format"
             if reason:
-                raise NotPublishableError(f"{name}: {reason}", hint="Run `qwrap run` again to remake it.")
+                raise NotPublishableError(f"{a.name}: {reason}", hint="Run `qwrap run` again to remake it.")
             files += sorted(p for p in part.rglob("*") if p.is_file()) if part.is_dir() else [part]
     files += [output / "README.md", *(output / e for e in EXTRAS if (output / e).is_file())]
     listed = [Upload(p.relative_to(output).as_posix(), p, sha256_file(p), p.stat().st_size) for p in files]
@@ -74,11 +50,11 @@ def uploads(output: Path, result: RunResult) -> list[Upload]:
 
 def push(output: Path, repo_id: str, *, token: str | None, private: bool = False, revision: str | None = None,
          create_pr: bool = False, base_model: str | None = None, say: Callable[[str], None]) -> PushResult:
-    result, calib = load_result(output)
+    result = results.load(output)
     if base_model:
-        result["request"]["base_model"] = base_model
+        result = result.with_base_model(base_model)
     with folder_lock(output, shared=False):
-        if modelcard.write(result, output, calib) is None:
+        if modelcard.write(result, output) is None:
             raise NotPublishableError(f"{output / 'README.md'} was not written by qwrap",
                                       hint="Move it aside: the pushed card must describe the files it is pushed with.")
         files = uploads(output, result)
@@ -88,7 +64,7 @@ def push(output: Path, repo_id: str, *, token: str | None, private: bool = False
         say(f"pushing {len(files)} files ({sum(f.size for f in files):,} bytes) to {repo_id}")
         try:
             pushed = upload(files, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
-                                message=f"qwrap: {result['model']['name']} quantized ({len(result['artifacts'])} artifacts)")
+                            message=f"qwrap: {result.model.name} quantized ({len(result.artifacts)} artifacts)")
         except QwrapError as exc:
             journal.append({**record, "state": "failed", "error": exc.message})
             raise

@@ -17,13 +17,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from . import envs
+from .children import run_checked
 from .errors import Interrupted, QwrapError, ToolchainMissingError
+from .quality import columns
+from .results import Artifact, RunResult, labels
 from .units import human_bytes
-
-if TYPE_CHECKING:
-    from .report import ArtifactRow, RunResult
 
 PNG_NAME = "quality.png"
 HTML_NAME = "quality.html"
@@ -36,31 +37,18 @@ class Written(list[Path]):
     note: str | None = None
 
 
-def _kld(a: ArtifactRow) -> float | None:
-    value = (a.get("quality") or {}).get("kld_mean")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _labels(result: RunResult) -> list[str]:
-    """Each artifact's label: its type, with the format in front where two formats share a type."""
-    rows = result["artifacts"]
-    plain = [str(a["quant"]) if a["quant"] else Path(a["path"]).name for a in rows]
-    formats: dict[str, set[str]] = {}
-    for label, a in zip(plain, rows, strict=True):
-        formats.setdefault(label, set()).add(a["format"])
-    return [f"{a['format'].upper()} {label}" if len(formats[label]) > 1 else label
-            for label, a in zip(plain, rows, strict=True)]
+def _kld(a: Artifact) -> float | None:
+    value = a.kld_mean
+    return value if value is not None and math.isfinite(value) else None
 
 
 def plot_input(result: RunResult, reference_bytes: int | None) -> dict[str, Any]:
     """The plot worker's INPUT.json: the measured artifacts with a size."""
-    points = [{"label": label, "format": a["format"], "bytes": a["bytes"], "kld_mean": kld}
-              for a, label in zip(result["artifacts"], _labels(result), strict=True)
-              if (kld := _kld(a)) is not None and isinstance(a["bytes"], int) and a["bytes"] > 0]
+    points = [{"label": label, "format": a.format, "bytes": a.bytes, "kld_mean": kld}
+              for a, label in zip(result.artifacts, labels(result.artifacts), strict=True)
+              if (kld := _kld(a)) is not None and isinstance(a.bytes, int) and a.bytes > 0]
     return {"points": points, "reference_bytes": reference_bytes,
-            "title": f"{result['model']['name']}: KL divergence against file size"}
+            "title": f"{result.model.name}: KL divergence against file size"}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -74,9 +62,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _draw(output: Path, doc: dict[str, Any]) -> tuple[Path | None, str | None]:
     """Run the plot worker; (the PNG, None) or (None, why not)."""
-    from . import envs
-    from .children import run_checked
-
     try:
         env = envs.find_env("report")
     except ToolchainMissingError as exc:
@@ -128,69 +113,59 @@ td.none { color: #8c959f; }
 code { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: .85rem; }
 """
 
-COLUMNS = ("file", "format", "type", "size", "bits/weight", "KLD mean", "KLD p99", "PPL", "ΔPPL",
-           "same top-1", "runtime", "gate")
-
-
 def _num(value: Any, fmt: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return "–"
     return fmt.format(value)
 
 
-def _row(a: ArtifactRow, output: Path) -> str:
-    q: dict[str, Any] = dict(a.get("quality") or {})
+def _row(a: Artifact, output: Path) -> str:
     try:
-        rel = os.path.relpath(a["path"], output)
+        rel = os.path.relpath(a.path, output)
     except ValueError:
-        rel = a["path"]
-    gate = a.get("gate")
+        rel = a.path
+    q = a.quality
     cells = [
         ("file", f"<code>{html.escape(rel)}</code>"),
-        ("", html.escape(a["format"].upper())),
-        ("", html.escape(str(a["quant"] or "–"))),
-        ("num", html.escape(human_bytes(a["bytes"]))),
-        ("num", _num(a["bits_per_weight"], "{:.2f}")),
-        ("num", _num(q.get("kld_mean"), "{:.4g}")),
-        ("num", _num(q.get("kld_p99"), "{:.4g}")),
-        ("num", _num(q.get("ppl"), "{:.2f}")),
-        ("num", _num(q.get("delta_ppl"), "{:+.4g}")),
-        ("num", _num(q.get("top1_agreement"), "{:.1%}")),
-        ("" if q else "none", html.escape(str(q.get("runtime") or "–")) if q else "not measured"),
-        (html.escape(gate) if gate in ("passed", "failed") else "none",
-         html.escape(gate) if gate else "no limit"),
+        ("", html.escape(a.format.upper())),
+        ("", html.escape(str(a.quant or "–"))),
+        ("num", html.escape(human_bytes(a.bytes))),
+        ("num", _num(a.bits_per_weight, "{:.2f}")),
+        *(("num", html.escape(f.text(q, "–"))) for f in columns("page")),
+        ("" if q else "none", html.escape(str(q.runtime or "–")) if q else "not measured"),
+        (html.escape(a.gate) if a.gate in ("passed", "failed") else "none",
+         html.escape(a.gate) if a.gate else "no limit"),
     ]
     return "<tr>" + "".join(f'<td class="{c}">{v}</td>' if c else f"<td>{v}</td>" for c, v in cells) + "</tr>"
 
 
 def _reference(result: RunResult) -> str:
-    ref = result.get("quality_reference")
-    if not ref:
+    ref = result.quality_reference
+    if ref is None:
         return ""
-    parts = [f"Evaluation text: <b>{html.escape(str(ref.get('text')))}</b>"]
-    if ref.get("text_identity"):
-        parts.append(f"(<code>{html.escape(str(ref['text_identity']))}</code>)")
-    details = []
-    if isinstance(ref.get("tokens_scored"), int):
-        details.append(f"{ref['tokens_scored']:,} tokens scored")
-    if isinstance(ref.get("chunks"), int):
-        details.append(f"{ref['chunks']} chunks")
-    if isinstance(ref.get("ctx"), int):
-        details.append(f"ctx {ref['ctx']}")
-    if ref.get("ppl_base") is not None:
-        details.append("PPL of the 16-bit model " + _num(ref["ppl_base"], "{:.2f}"))
-    text = " ".join(parts) + (": " + html.escape(", ".join(details)) if details else "") + "."
-    if ref.get("note"):
-        text += " " + html.escape(str(ref["note"]))
+    parts = [f"Evaluation text: <b>{html.escape(ref.text)}</b>"]
+    if ref.text_identity:
+        parts.append(f"(<code>{html.escape(ref.text_identity)}</code>)")
+    details = [f"{ref.tokens_scored:,} tokens scored", f"{ref.chunks} chunks", f"ctx {ref.ctx}"]
+    if ref.ppl_base is not None:
+        details.append("PPL of the 16-bit model " + _num(ref.ppl_base, "{:.2f}"))
+    text = " ".join(parts) + ": " + html.escape(", ".join(details)) + "."
+    if ref.note:
+        text += " " + html.escape(ref.note)
     return f'<p class="ref">{text}</p>'
+
+
+def header() -> tuple[str, ...]:
+    """The table's columns: the file's, then the figures of the column spec (quality.FIGURES)."""
+    return ("file", "format", "type", "size", "bits/weight", *(f.title for f in columns("page")), "runtime", "gate")
 
 
 def render(result: RunResult, output: Path, png: bytes | None, *, reference_bytes: int | None,
            note: str | None = None) -> str:
-    model = html.escape(str(result["model"].get("name")))
-    version = html.escape(str(result.get("qwrap_version", "")))
-    commit = html.escape(str((result.get("toolchain") or {}).get("llama_cpp_commit", ""))[:12])
-    runtimes = sorted({str(q["runtime"]) for a in result["artifacts"] if (q := a.get("quality")) and q.get("runtime")})
+    model = html.escape(result.model.name)
+    version = html.escape(result.qwrap_version)
+    commit = html.escape(result.llama_cpp_commit[:12])
+    runtimes = sorted({q.runtime for a in result.artifacts if (q := a.quality) is not None and q.runtime})
     if png is not None:
         data = base64.b64encode(png).decode("ascii")
         ref16 = f" The dashed line is the 16-bit size ({html.escape(human_bytes(reference_bytes))})." \
@@ -204,8 +179,8 @@ def render(result: RunResult, output: Path, png: bytes | None, *, reference_byte
     mixed = ("<p class=\"note\">These figures come from different runtimes ("
              + html.escape(", ".join(runtimes)) + "): each runtime scores its own evaluation tokens, so compare "
              "KLD within a runtime.</p>") if len(runtimes) > 1 else ""
-    rows = "\n".join(_row(a, output) for a in result["artifacts"])
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    rows = "\n".join(_row(a, output) for a in result.artifacts)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header())
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -236,7 +211,7 @@ def write(output: Path, result: RunResult, *, reference_bytes: int | None) -> Wr
     if any artifact has a measured mean KLD; return the paths written (a ``Written``, whose
     ``note`` says why the plot is missing, if it is)."""
     written = Written()
-    if not any(_kld(a) is not None for a in result["artifacts"]):
+    if not any(_kld(a) is not None for a in result.artifacts):
         return written
     doc = plot_input(result, reference_bytes)
     if doc["points"]:

@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UsageError
-from .journal import Journal
+from .journal import Journal, checkpoint_dir
 from .locks import step_running
+from .results import RESULT_FILE, load
 from .units import human_bytes
 
 
@@ -46,8 +47,23 @@ def collect(output: Path) -> dict[str, Any]:
             "log": st.log,
             "time": st.t,
         })
+    warnings = list(journal.warnings)
     return {"schema": "qwrap.status/2", "output": str(output), "model": header.get("request", {}).get("model"),
-            "steps": steps, "warnings": journal.warnings}
+            "steps": steps, "result": _finished(output, warnings), "warnings": warnings}
+
+
+def _finished(output: Path, warnings: list[str]) -> dict[str, Any] | None:
+    """The last finished run's artifacts (result.json, read through results.load), or None."""
+    if not (checkpoint_dir(output) / RESULT_FILE).exists():
+        return None
+    try:
+        result = load(output)
+    except UsageError as exc:
+        warnings.append(exc.message)
+        return None
+    return {"complete": result.complete,
+            "artifacts": [{"format": a.format, "quant": a.quant, "path": a.path, "validated": a.validated,
+                           "kld_mean": a.kld_mean, "gate": a.gate} for a in result.artifacts]}
 
 
 def render(info: dict[str, Any], console: Console) -> None:
@@ -62,3 +78,12 @@ def render(info: dict[str, Any], console: Console) -> None:
                       f"{s['seconds']:.1f}s" if s["seconds"] is not None else "-",
                       human_bytes(s["peak_rss_bytes"]) if s["peak_rss_bytes"] else "-", detail)
     console.print(table)
+    finished = info.get("result")
+    if finished:
+        for a in finished["artifacts"]:
+            kld = "-" if a["kld_mean"] is None else f"{a['kld_mean']:.4g}"
+            gate = f", gate {a['gate']}" if a["gate"] else ""
+            console.print(f"finished: {a['format']} {a['quant']}: {a['path']} (validated: "
+                          f"{'yes' if a['validated'] else 'NO'}, KLD {kld}{gate})", highlight=False)
+    for warning in info["warnings"]:
+        console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)

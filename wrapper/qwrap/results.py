@@ -1,0 +1,453 @@
+"""The run's outcome and its result: built once, after the runner, and read by everything that
+comes after it.
+
+``RunOutcome`` is what `run` made (the request, the model, the plan, each step's summary);
+``build_result`` turns it into a ``RunResult`` once, with every artifact row carrying what the
+renderers need from its format (its Hub library, its usage text), so the terminal table, the
+model card and the quality page read only the result, never the format registry, never the
+journal. ``RunResult.to_json`` is the ``--json`` document and ``OUT/.checkpoint/result.json``;
+``from_json`` checks its shape on load (``load`` for `push`), so a damaged or foreign file is a
+clear error instead of a KeyError deep in a renderer.
+
+The decisions that follow from a result live here too: which artifacts failed their quality
+gate (a ``--step`` run leaves the gates to the run that ends the plan), and whether it may be
+pushed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import __version__
+from .errors import QualityGateError, UsageError
+from .formats import FORMATS, producer_chain
+from .journal import checkpoint_dir
+from .model import ModelInfo, chat_template
+from .plan import Plan, StepState
+from .quality import Quality, SchemaError, parse_gates
+from .request import Request, safe_argv
+from .runner import StepSummary
+from .toolchain import read_pin
+
+RESULT_SCHEMA = "qwrap.result/2"  # additions keep the number: every /2 key is still there
+RESULT_FILE = "result.json"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a `qwrap run` made: the request, the model, the plan and every step's summary."""
+
+    request: Request
+    model: ModelInfo
+    plan: Plan
+    summaries: list[StepSummary]
+    warnings: list[str]
+    command: list[str] = field(default_factory=list)  # the `qwrap run` command that made it
+    calibration_note: str = ""  # why calibration text that was wanted is missing ("" when not)
+    complete: bool = True  # False for a --step run: other processes run the rest of the plan
+
+
+# -- the typed result -----------------------------------------------------------------------
+
+
+def _get(data: Mapping[str, Any], key: str, kind: type[T] | tuple[type, ...], where: str, *,
+         optional: bool = False) -> Any:
+    """data[key], checked: present (or None when ``optional``) and of ``kind``."""
+    if not isinstance(data, Mapping):
+        raise SchemaError(f"{where} is {type(data).__name__}, not an object")
+    if key not in data:
+        raise SchemaError(f"{where} has no {key!r}")
+    value = data[key]
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise SchemaError(f"{where}.{key} is {value!r}, not a number")
+    if not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise SchemaError(f"{where}.{key} is {value!r}, not {name}")
+    return value
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str  # the file's name, beside the first shard
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Shard:
+        return cls(_get(data, "path", str, where), _get(data, "bytes", int, where), _get(data, "sha256", str, where))
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One deliverable of the run, with what every renderer needs from its format."""
+
+    format: str
+    quant: str | None
+    path: str  # absolute, in the output folder as it was at the end of the run
+    bytes: int | None
+    sha256: str | None
+    bits_per_weight: float | None
+    validated: bool
+    quality: Quality | None  # None when not measured (--no-eval)
+    gate: str | None  # "passed" / "failed" against --max-kld, None when no limit applies
+    seconds: float
+    peak_rss_bytes: int
+    peak_gpu_bytes: int
+    reused: bool
+    calibration: Mapping[str, Any] | None  # what the backend recorded of its calibration (AWQ/GPTQ)
+    trust_remote_code: bool  # the model's own code ran to make it (AWQ/GPTQ with --trust-remote-code)
+    library: str  # the model card's library_name for it (its format's)
+    usage: str  # how to use it, for the model card (its format's text, with its path in OUT)
+    shards: tuple[Shard, ...] = ()  # a split set (--split-max-size): each shard, the first at `path`
+
+    @property
+    def name(self) -> str:
+        """'gguf Q4_K_M', as messages name it."""
+        return f"{self.format} {self.quant}"
+
+    @property
+    def kld_mean(self) -> float | None:
+        return self.quality.kld_mean if self.quality is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        doc["quality"] = self.quality.to_json() if self.quality is not None else None
+        doc["calibration"] = dict(self.calibration) if self.calibration is not None else None
+        doc["shards"] = [dataclasses.asdict(s) for s in self.shards]
+        return doc
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Artifact:
+        num = (int, float)
+        quality = _get(data, "quality", Mapping, where, optional=True)
+        bpw = _get(data, "bits_per_weight", num, where, optional=True)
+        return cls(
+            format=_get(data, "format", str, where), quant=_get(data, "quant", str, where, optional=True),
+            path=_get(data, "path", str, where), bytes=_get(data, "bytes", int, where, optional=True),
+            sha256=_get(data, "sha256", str, where, optional=True),
+            bits_per_weight=float(bpw) if bpw is not None else None,
+            validated=_get(data, "validated", bool, where),
+            quality=Quality.from_json(quality, f"{where}.quality") if quality is not None else None,
+            gate=_get(data, "gate", str, where, optional=True), seconds=float(_get(data, "seconds", num, where)),
+            peak_rss_bytes=_get(data, "peak_rss_bytes", int, where),
+            peak_gpu_bytes=_get(data, "peak_gpu_bytes", int, where), reused=_get(data, "reused", bool, where),
+            calibration=_get(data, "calibration", Mapping, where, optional=True),
+            trust_remote_code=_get(data, "trust_remote_code", bool, where),
+            library=_get(data, "library", str, where), usage=_get(data, "usage", str, where),
+            shards=tuple(Shard.from_json(s, f"{where}.shards[{i}]")
+                         for i, s in enumerate(_get(data, "shards", list, where))),
+        )
+
+
+@dataclass(frozen=True)
+class StepRow:
+    id: str
+    state: str  # a StepState value
+    fingerprint: str
+    seconds: float | None
+    peak_rss_bytes: int | None
+    peak_gpu_bytes: int | None  # the worker's peak CUDA memory (0 on a CPU)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> StepRow:
+        seconds = _get(data, "seconds", (int, float), where, optional=True)
+        return cls(_get(data, "id", str, where), _get(data, "state", str, where),
+                   _get(data, "fingerprint", str, where), float(seconds) if seconds is not None else None,
+                   _get(data, "peak_rss_bytes", int, where, optional=True),
+                   _get(data, "peak_gpu_bytes", int, where, optional=True))
+
+
+@dataclass(frozen=True)
+class Source:
+    """The model the run quantized."""
+
+    input: str  # as given: a folder or a Hub id
+    name: str
+    path: str
+    repo_id: str | None
+    revision: str | None
+    chat_template: bool  # the source has a chat template (carried in the artifacts)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Source:
+        return cls(_get(data, "input", str, where), _get(data, "name", str, where), _get(data, "path", str, where),
+                   _get(data, "repo_id", str, where, optional=True), _get(data, "revision", str, where, optional=True),
+                   _get(data, "chat_template", bool, where))
+
+
+@dataclass(frozen=True)
+class CalibrationUse:
+    """What calibration text the run used, or why there was none: ``state`` is "used" (then
+    ``label`` names the text), "missing" (wanted, e.g. for GGUF's importance matrix, but not
+    available: ``note`` says why and what happened instead) or "not needed"."""
+
+    state: str
+    label: str | None = None
+    note: str | None = None
+
+    STATES = ("used", "missing", "not needed")
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> CalibrationUse:
+        state = _get(data, "state", str, where)
+        if state not in cls.STATES:
+            raise SchemaError(f"{where}.state is {state!r}, not one of {', '.join(cls.STATES)}")
+        return cls(state, _get(data, "label", str, where, optional=True), _get(data, "note", str, where, optional=True))
+
+
+@dataclass(frozen=True)
+class QualityReference:
+    """The evaluation every artifact was measured on: its text, chunking and the 16-bit model's
+    perplexity on it; ``bridge``: how far the two runtimes' 16-bit references differ."""
+
+    text: str
+    text_identity: str | None
+    ctx: int
+    chunks: int
+    tokens_scored: int
+    ppl_base: float | None
+    bridge: Mapping[str, float] | None
+    note: str | None
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> QualityReference:
+        num = (int, float)
+        ppl = _get(data, "ppl_base", num, where, optional=True)
+        return cls(_get(data, "text", str, where), _get(data, "text_identity", str, where, optional=True),
+                   _get(data, "ctx", int, where), _get(data, "chunks", int, where),
+                   _get(data, "tokens_scored", int, where), float(ppl) if ppl is not None else None,
+                   _get(data, "bridge", Mapping, where, optional=True), _get(data, "note", str, where, optional=True))
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The result of a run: the ``--json`` document (schema qwrap.result/2) and result.json."""
+
+    qwrap_version: str
+    model: Source
+    llama_cpp_commit: str
+    request: Mapping[str, Any]  # Request.to_json(), as the run was asked for
+    command: tuple[str, ...]  # the `qwrap run` command that made it (token never included)
+    artifacts: tuple[Artifact, ...]
+    quality_reference: QualityReference | None
+    calibration: CalibrationUse
+    steps: tuple[StepRow, ...]
+    warnings: tuple[str, ...]
+    complete: bool = True  # False for a --step run, which applies no gates
+    push: Mapping[str, Any] | None = None  # what `--push-to` did (hub_upload.PushResult.to_json())
+
+    @property
+    def base_model(self) -> str | None:
+        """What the Hub's ``base_model`` may hold: a Hub repo id (--base-model, or the source's),
+        never a local folder name."""
+        return self.request.get("base_model") or self.model.repo_id
+
+    @property
+    def output(self) -> Path:
+        """The output folder as the run knew it (artifact paths are under it)."""
+        return Path(str(self.request.get("output", "")))
+
+    @property
+    def failed_gates(self) -> tuple[Artifact, ...]:
+        """The artifacts measured over their --max-kld limit; none for a --step run, whose
+        artifacts may be made before their measurement (the run that ends the plan decides)."""
+        return tuple(a for a in self.artifacts if a.gate == "failed") if self.complete else ()
+
+    def raise_for_gates(self) -> None:
+        failed = self.failed_gates
+        if failed:
+            raise QualityGateError(f"{', '.join(a.name for a in failed)} measured over the --max-kld limit",
+                                   hint="The artifacts are kept and marked \"gate\": \"failed\" in the result and "
+                                   "the model card; a higher-bit type, an --imatrix, or a looser limit would pass.")
+
+    def exit_code(self) -> int:
+        return QualityGateError.exit_code if self.failed_gates else 0
+
+    def with_base_model(self, base_model: str) -> RunResult:
+        return dataclasses.replace(self, request={**self.request, "base_model": base_model})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": RESULT_SCHEMA,
+            "qwrap_version": self.qwrap_version,
+            "model": dataclasses.asdict(self.model),
+            "toolchain": {"llama_cpp_commit": self.llama_cpp_commit},
+            "request": dict(self.request),
+            "command": list(self.command),
+            "artifacts": [a.to_json() for a in self.artifacts],
+            "quality_reference": _plain(self.quality_reference),
+            "calibration": dataclasses.asdict(self.calibration),
+            "steps": [dataclasses.asdict(s) for s in self.steps],
+            "warnings": list(self.warnings),
+            "complete": self.complete,
+            "push": dict(self.push) if self.push is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunResult:
+        """The result from its JSON document; SchemaError names the first field that is wrong."""
+        schema = _get(data, "schema", str, "result")
+        if schema != RESULT_SCHEMA:
+            raise SchemaError(f"its schema is {schema!r}, and this qwrap reads {RESULT_SCHEMA!r}")
+        ref = _get(data, "quality_reference", Mapping, "result", optional=True)
+        return cls(
+            qwrap_version=_get(data, "qwrap_version", str, "result"),
+            model=Source.from_json(_get(data, "model", Mapping, "result"), "model"),
+            llama_cpp_commit=_get(_get(data, "toolchain", Mapping, "result"), "llama_cpp_commit", str, "toolchain"),
+            request=_get(data, "request", Mapping, "result"),
+            command=tuple(str(w) for w in _get(data, "command", list, "result")),
+            artifacts=tuple(Artifact.from_json(a, f"artifacts[{i}]")
+                            for i, a in enumerate(_get(data, "artifacts", list, "result"))),
+            quality_reference=QualityReference.from_json(ref, "quality_reference") if ref is not None else None,
+            calibration=CalibrationUse.from_json(_get(data, "calibration", Mapping, "result"), "calibration"),
+            steps=tuple(StepRow.from_json(s, f"steps[{i}]") for i, s in enumerate(_get(data, "steps", list, "result"))),
+            warnings=tuple(str(w) for w in _get(data, "warnings", list, "result")),
+            complete=_get(data, "complete", bool, "result"),
+            push=_get(data, "push", Mapping, "result", optional=True),
+        )
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    doc = dataclasses.asdict(value)
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in doc.items()}
+
+
+# -- result.json ----------------------------------------------------------------------------
+
+
+def save(output: Path, result: RunResult) -> Path:
+    """``OUT/.checkpoint/result.json``, replaced whole (never half-written)."""
+    path = checkpoint_dir(output) / RESULT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(RESULT_FILE + ".tmp")
+    staging.write_text(json.dumps(result.to_json(), indent=1))
+    os.replace(staging, path)
+    return path
+
+
+def load(output: Path) -> RunResult:
+    """The result of the last finished run in ``output``, checked; a clear error otherwise."""
+    path = checkpoint_dir(output) / RESULT_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"{output} holds no finished qwrap run",
+                         hint="Pass the --output folder of a `qwrap run` that succeeded.") from None
+    try:
+        return RunResult.from_json(doc)
+    except SchemaError as exc:
+        raise UsageError(f"{path} is not a result this qwrap can read: {exc}",
+                         hint="Run the same `qwrap run` again: every step is reused and the result rewritten.") from None
+
+
+# -- building it, once ----------------------------------------------------------------------
+
+
+def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: RunOutcome, chat: bool) -> Artifact:
+    step = summary.step
+    fmt = FORMATS[step.format]
+    parts = [by_id[s.id] for s in producer_chain(step, outcome.plan) if s.id in by_id]
+    record = summary.record
+    out: Mapping[str, Any] = record.outputs[0] if record and record.outputs else {}
+    inputs = {role: by_id[i].facts for role, i in step.inputs if i in by_id}
+    readers = {s.kind: by_id[s.id].facts for s in outcome.plan.consumers(step.id) if s.id in by_id}
+    own = fmt.result_fields(summary.facts, inputs, readers)
+    relative = str(out.get("path", step.outputs[0]))
+    quality = own.get("quality")
+    quant = step.param("quant")
+    bpw = own.get("bits_per_weight")
+    q = Quality.from_json(quality, f"{step.id} quality") if quality is not None else None
+    return Artifact(
+        format=step.format, quant=quant, path=str(outcome.request.output / relative),
+        bytes=own.get("bytes", out.get("bytes")), sha256=own.get("sha256", out.get("sha256")),
+        bits_per_weight=float(bpw) if bpw is not None else None,
+        validated=bool(summary.facts.get("validated")), quality=q,
+        gate=parse_gates(outcome.request.max_kld).verdict(step.format, quant, q.kld_mean if q else None),
+        seconds=round(sum((p.record.seconds or 0.0) if p.record else 0.0 for p in parts), 3),
+        peak_rss_bytes=max((p.record.peak_rss_bytes if p.record else 0) for p in parts),
+        peak_gpu_bytes=max((p.record.peak_gpu_bytes if p.record else 0) for p in parts),
+        reused=summary.state is StepState.SKIPPED, calibration=own.get("calibration"),
+        trust_remote_code=bool(own.get("trust_remote_code")), library=fmt.LIBRARY,
+        usage=fmt.card_usage([relative], chat=chat),
+        shards=tuple(Shard(str(s["path"]), int(s["bytes"]), str(s["sha256"])) for s in own.get("shards") or ()),
+    )
+
+
+def _quality_reference(outcome: RunOutcome) -> QualityReference | None:
+    ev = outcome.model.evaluation
+    if ev is None:
+        return None
+    # the step that provides the evaluation's token ids measured the 16-bit reference
+    base = next((s.facts for s in outcome.summaries if any(p.startswith("eval-tokens") for p in s.step.provides)), {})
+    chunks = int(base.get("chunks", ev.chunks))
+    return QualityReference(ev.label, ev.identity, ev.ctx, chunks, chunks * (ev.ctx - 1 - ev.ctx // 2),
+                            base.get("ppl_base"), _bridge(outcome, base), ev.note or None)
+
+
+def _bridge(outcome: RunOutcome, base: Mapping[str, Any]) -> dict[str, float] | None:
+    """How far the two runtimes' references differ on the same tokens: the 16-bit GGUF in
+    llama.cpp against the source model in transformers (each row's ppl_base)."""
+    llama = base.get("ppl_base")
+    views = [v for s in outcome.summaries for v in (s.facts.get("quality"), s.facts.get("weights"))
+             if isinstance(v, dict)]
+    torch_side = next((v.get("ppl_base") for v in views if v.get("runtime") == "transformers"), None)
+    if llama is None or torch_side is None:
+        return None
+    return {"llama_cpp_16bit_ppl": llama, "transformers_source_ppl": torch_side,
+            "relative_difference": (llama - torch_side) / torch_side}
+
+
+def _calibration(outcome: RunOutcome) -> CalibrationUse:
+    calib = outcome.model.calibration
+    if calib is not None:
+        return CalibrationUse("used", calib.label)
+    if outcome.calibration_note:
+        return CalibrationUse("missing", note=outcome.calibration_note)
+    return CalibrationUse("not needed")
+
+
+def build_result(outcome: RunOutcome) -> RunResult:
+    by_id = {s.step.id: s for s in outcome.summaries}
+    src = outcome.model.source
+    chat = chat_template(src.path) is not None
+    # a --step run reports the deliverables that are done; the others are other processes' business
+    artifacts = tuple(_artifact(s, by_id, outcome, chat) for s in outcome.summaries
+                      if s.step.deliverable and s.record is not None and s.record.state is StepState.DONE)
+    return RunResult(
+        qwrap_version=__version__,
+        model=Source(outcome.request.model, src.name, str(src.path), src.repo_id, src.revision, chat),
+        llama_cpp_commit=read_pin().commit,
+        request=json.loads(json.dumps(outcome.request.to_json())),  # JSON-plain: it round-trips
+        command=tuple(outcome.command or safe_argv()),
+        artifacts=artifacts,
+        quality_reference=_quality_reference(outcome),
+        calibration=_calibration(outcome),
+        steps=tuple(StepRow(s.step.id, s.state.value, s.step.fingerprint,
+                            s.record.seconds if s.record else None,
+                            s.record.peak_rss_bytes if s.record else None,
+                            s.record.peak_gpu_bytes if s.record else None) for s in outcome.summaries),
+        warnings=tuple(outcome.warnings),
+        complete=outcome.complete,
+    )
+
+
+def labels(artifacts: Sequence[Artifact]) -> list[str]:
+    """Each artifact's label: its type, with the format in front where two formats share a type."""
+    plain = [str(a.quant) if a.quant else Path(a.path).name for a in artifacts]
+    formats: dict[str, set[str]] = {}
+    for label, a in zip(plain, artifacts, strict=True):
+        formats.setdefault(label, set()).add(a.format)
+    return [f"{a.format.upper()} {label}" if len(formats[label]) > 1 else label
+            for label, a in zip(plain, artifacts, strict=True)]
