@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from .errors import JournalError
+from .outpaths import is_plain_relative
 from .plan import StepState
 
 SCHEMA = 1
@@ -97,8 +98,6 @@ def describe_file(path: Path, base: Path) -> OutputEntry:
 
 
 def verify_file(entry: OutputEntry, base: Path) -> bool:
-    from .outpaths import is_plain_relative
-
     if not is_plain_relative(entry.get("path")):  # type: ignore[arg-type]  # "../x" in a crafted journal
         return False
     path = base / entry["path"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .evaltext import Evaluation
-    from .modelfiles import ModelSource
+from .evaltext import Evaluation
+from .hub import parameter_counts
+from .journal import fingerprint_tree
+from .modelfiles import ModelSource, check_dtypes, verify
+
 
 def _json_key(path: Path, key: str) -> Any:
     try:
@@ -78,8 +80,6 @@ class ModelInfo:
     def fingerprint(self) -> str:
         """A Hub model is its resolved commit (the same whether or not the weights are here yet);
         a local folder is its files' names, sizes and contents/mtimes."""
-        from .journal import fingerprint_tree
-
         src = self.source
         if src.repo_id is not None and src.revision:
             return f"hub:{src.repo_id}@{src.revision}"
@@ -91,9 +91,6 @@ class ModelInfo:
 
 
 def model_shape(source: ModelSource, config: dict[str, Any], token: str | None = None) -> Shape:
-    from .hub import parameter_counts
-    from .modelfiles import check_dtypes
-
     counts = parameter_counts(source, token=token)
     check_dtypes(source, counts)
     text = config.get("text_config", config)
@@ -112,7 +109,5 @@ def model_info(source: ModelSource, calibration: Calibration | None, *, token: s
                weights: bool = True) -> ModelInfo:
     """config.json and the safetensors headers checked first (modelfiles.verify: a broken file
     exits 20 naming it); ``weights=False``: a Hub model planned before its weights are here."""
-    from .modelfiles import verify
-
     config = verify(source, weights=weights)
     return ModelInfo(source, config, model_shape(source, config, token), calibration)

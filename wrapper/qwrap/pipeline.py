@@ -26,6 +26,7 @@ from .preflight import (
     model_checks,
     toolchain_check,
 )
+from .publish import push
 from .request import Request, check_basic, safe_argv
 from .results import RunOutcome, RunResult, build_result
 from .runner import Runner, RunSettings, remove_intermediates
@@ -174,8 +175,6 @@ def push_after_run(result: RunResult, repo_id: str | None, *, token: str | None,
     passed validation and their quality gates; the result then records what was pushed."""
     if not repo_id or result.failed_gates or not result.complete:
         return result
-    from .publish import push
-
     pushed = push(result.output, repo_id, token=token, say=say)
     return dataclasses.replace(result, push=pushed.to_json())
 

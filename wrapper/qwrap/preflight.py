@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import envs
 from .checks import Check
 from .errors import InsufficientDiskError, QwrapError
 from .formats import FORMATS
 from .model import ModelInfo
 from .plan import Plan
 from .request import Request
+from .toolchain import find_toolchain
 from .units import human_bytes
 
 PLAN_SCHEMA = "qwrap.plan/2"
@@ -94,9 +96,6 @@ def wants_calibration(request: Request) -> bool:
 
 def check_toolchain(request: Request) -> None:
     """Every tool and environment the run needs exists, before any heavy work."""
-    from . import envs
-    from .toolchain import find_toolchain
-
     for name in requirements(request):
         if name == "llama.cpp":
             find_toolchain().converter  # noqa: B018 - raises with the fix when missing
