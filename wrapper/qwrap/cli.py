@@ -227,19 +227,13 @@ _NOT_IN_JOBS = {"model", "output", "token", "json_out", "events", "jobs", *(o.na
 
 def _task_command(values: dict[str, Any], request: Any, report: Any) -> Any:
     """The `qwrap run` a job runs: the plan's options as typed (defaults left out), with the
-    paths made absolute; the token never (jobs read HF_TOKEN). What this host decided for the
-    defaults is pinned, so that a CPU node and a GPU node build the same plan: the evaluation's
-    size (sized to the run from estimates that depend on the device) and the weights view."""
+    paths made absolute and what this host decided for the defaults pinned
+    (scaleout.pinned_defaults); the token never (jobs read HF_TOKEN)."""
     from .formats import FORMATS
+    from .scaleout import pinned_defaults
     from .stages import TaskCommand
-    from .toolchain import gpu_present
 
-    resolved: dict[str, Any] = {"calib": request.calib, "eval_text": request.eval_text}
-    ev = report.model.evaluation
-    if ev is not None and not values.get("eval_tokens"):
-        resolved["eval_tokens"] = ev.tokens
-    if values.get("eval_weights") == "auto":
-        resolved["eval_weights"] = "on" if gpu_present() else "off"
+    resolved = pinned_defaults(values, report)
     args: list[str] = []
     options = [*_run_options(), *(o for f in FORMATS.values() for o in f.OPTIONS)]
     for opt in {o.name: o for o in options}.values():

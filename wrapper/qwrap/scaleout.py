@@ -4,12 +4,16 @@ emitter per scheduler writes it)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from . import emit_actions, emit_slurm
 from .errors import UsageError
 from .plan import Plan
+from .preflight import PlanReport
 from .stages import TaskCommand, stages, write_files
+from .toolchain import gpu_present
 
 KINDS = ("slurm", "github-actions")
 
@@ -30,3 +34,18 @@ def emit(kind: str, dest: Path, plan: Plan, cmd: TaskCommand, *, partition: str 
         raise UsageError(f"{dest} is a file", hint="--emit slurm takes a folder for the scripts.")
     opts = emit_slurm.SlurmOptions(partition, gpu_partition, account, Path(os.getcwd()), dest / "logs")
     return write_files(dest, emit_slurm.render(stage_list, cmd, opts), executable=True)
+
+
+def pinned_defaults(values: Mapping[str, Any], report: PlanReport) -> dict[str, Any]:
+    """The option values a job's `qwrap run` must carry beyond what was typed: the texts as the
+    request resolved them, and what this host decided for the defaults, so that a CPU node and
+    a GPU node build the same plan: the evaluation's size (sized to the run from estimates that
+    depend on the device) and the weights view."""
+    request = report.request
+    pinned: dict[str, Any] = {"calib": request.calib, "eval_text": request.eval_text}
+    ev = report.model.evaluation
+    if ev is not None and not values.get("eval_tokens"):
+        pinned["eval_tokens"] = ev.tokens
+    if values.get("eval_weights") == "auto":
+        pinned["eval_weights"] = "on" if gpu_present() else "off"
+    return pinned
