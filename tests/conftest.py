@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +23,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from qwrap import envs  # noqa: E402
 from qwrap.errors import ToolchainMissingError  # noqa: E402
-from qwrap.journal import Journal  # noqa: E402
+from qwrap.journal import Journal, sha256_file  # noqa: E402
 from qwrap.toolchain import Toolchain, cache_root, find_toolchain  # noqa: E402
 
 REQUIRE = os.environ.get("QWRAP_REQUIRE_TOOLCHAIN") == "1" or os.environ.get("CI") == "true"
@@ -88,27 +91,19 @@ def convert_python() -> Path:
 
 
 def make_model(python: Path, out: Path, *args: str) -> Path:
-    subprocess.run(
+    proc = subprocess.run(
         [str(python), str(REPO / "scripts" / "make-tiny-model"), str(out), *args],
-        check=True, capture_output=True, text=True,
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800,
     )
+    if proc.returncode:
+        pytest.fail(f"make-tiny-model {' '.join(args)} failed:\n{proc.stderr[-3000:]}", pytrace=False)
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, convert_python: Path) -> Path:
-    """A 2-layer Llama (hidden 256, vocab 4096, bf16, SentencePiece tokenizer)."""
-    return make_model(convert_python, tmp_path_factory.mktemp("models") / "tiny-llama")
-
-
-# The default tiny preset trained on the corpus: ~80 s on one core, held-out loss 8.36 -> 4.36,
-# a clean KLD ladder Q8_0 < Q6_K < Q5_K_M < Q4_K_M < Q3_K_M < Q2_K (scripts/make-tiny-model --help).
-TRAINED_MODEL_ARGS = ("--train-steps", "300")
-
-
-def trained_model_key(python: Path, args: tuple[str, ...] = TRAINED_MODEL_ARGS) -> str:
-    """What the trained weights depend on: the builder, the corpus, the flags and the
-    converter environment (its torch) that runs the builder."""
+def model_key(python: Path, args: tuple[str, ...]) -> str:
+    """What a built model depends on: the builder, the corpus (its tokenizer is trained on it,
+    and so are trained weights), the flags and the converter environment (its torch) that runs
+    the builder."""
     digest = hashlib.sha256()
     for part in ((REPO / "scripts" / "make-tiny-model").read_bytes(),
                  (REPO / "tests" / "data" / "corpus.txt").read_bytes(),
@@ -117,33 +112,75 @@ def trained_model_key(python: Path, args: tuple[str, ...] = TRAINED_MODEL_ARGS) 
     return digest.hexdigest()[:16]
 
 
+def built_model(python: Path, final: Path, args: tuple[str, ...]) -> Path:
+    """``final``, built by make-tiny-model with ``args`` unless it is already there: built
+    into a temporary folder beside it and renamed (atomic: a killed build never leaves a half
+    model), under a lock (a concurrent session may be building the same one)."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():
+            return final
+        for stale in final.parent.glob(f".{final.name}-*"):  # left by a killed build
+            shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=f".{final.name}-", dir=final.parent) as tmp:
+            built = make_model(python, Path(tmp) / "model", *args)
+            built.rename(final)
+    return final
+
+
+# Every test model, by name: make-tiny-model's arguments. Each is built once per machine into
+# cache_root()/test-models/random-KEY/NAME (the folder's name names the artifacts) and shared by
+# every test that reads it; a test that changes a model changes a copy.
+MODELS: dict[str, tuple[str, ...]] = {
+    "tiny-llama": (),  # 2 layers, hidden 256, vocab 4096, bf16, SentencePiece tokenizer
+    "llama-bpe": ("--tokenizer", "llama-bpe"),
+    "gpt2-bpe": ("--tokenizer", "gpt2-bpe"),  # the converter rejects its pre-tokenizer
+    "qwen2-sharded": ("--arch", "qwen2", "--shards", "2"),
+    "foo": ("--architecture-name", "FooForCausalLM"),  # an architecture the converter does not support
+    # ~60M parameters: each tool runs for seconds, long enough to catch it running
+    "medium": ("--hidden", "1024", "--ffn", "2816", "--layers", "4", "--heads", "8", "--kv-heads", "4"),
+    # test_backends' TINY: 3 layers, hidden 128, vocab 512 (the workers' own tests)
+    "micro-llama": ("--layers", "3", "--hidden", "128", "--ffn", "256", "--heads", "2", "--kv-heads", "2",
+                    "--vocab", "512"),
+}
+
+
+@pytest.fixture(scope="session")
+def named_model(convert_python: Path) -> Callable[[str], Path]:
+    """``named_model(NAME)``: the model MODELS[NAME], built once per machine."""
+
+    def get(name: str) -> Path:
+        args = MODELS[name]
+        return built_model(convert_python,
+                           cache_root() / "test-models" / f"random-{model_key(convert_python, args)}" / name, args)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(named_model: Callable[[str], Path]) -> Path:
+    """A 2-layer Llama (hidden 256, vocab 4096, bf16, SentencePiece tokenizer)."""
+    return named_model("tiny-llama")
+
+
+# The default tiny preset trained on the corpus: ~80 s on one core, held-out loss 8.36 -> 4.36,
+# a clean KLD ladder Q8_0 < Q6_K < Q5_K_M < Q4_K_M < Q3_K_M < Q2_K (scripts/make-tiny-model --help).
+TRAINED_MODEL_ARGS = ("--train-steps", "300")
+
+
+def trained_model_key(python: Path, args: tuple[str, ...] = TRAINED_MODEL_ARGS) -> str:
+    return model_key(python, args)
+
+
 @pytest.fixture(scope="session")
 def trained_model(convert_python: Path) -> Path:
     """The 2-layer tiny Llama of `tiny_model`, trained with TRAINED_MODEL_ARGS; built once per
     machine into cache_root()/test-models/trained-KEY (KEY: trained_model_key)."""
     key = trained_model_key(convert_python)
-    root = cache_root() / "test-models"
-    final = root / f"trained-{key}"
-    if final.is_dir():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".trained-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent session may be building the same key
-        if final.is_dir():
-            return final
-        for stale in root.glob(f".trained-{key}-*"):  # left by a killed build
-            shutil.rmtree(stale, ignore_errors=True)
-        with tempfile.TemporaryDirectory(prefix=f".trained-{key}-", dir=root) as tmp:
-            built = Path(tmp) / "model"
-            proc = subprocess.run(
-                [str(convert_python), str(REPO / "scripts" / "make-tiny-model"), str(built),
-                 *TRAINED_MODEL_ARGS],
-                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
-            if proc.returncode:
-                pytest.fail(f"make-tiny-model {' '.join(TRAINED_MODEL_ARGS)} failed:\n"
-                            f"{proc.stderr[-3000:]}", pytrace=False)
-            built.rename(final)  # atomic: a killed build never leaves a half model here
-    return final
+    return built_model(convert_python, cache_root() / "test-models" / f"trained-{key}", TRAINED_MODEL_ARGS)
 
 
 @pytest.fixture(scope="session")
@@ -202,3 +239,79 @@ def overlapping(spans: dict[str, tuple[float, float]]) -> list[tuple[str, str]]:
     names = sorted(spans)
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
             if spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]]
+
+
+# -- end-to-end runs shared by the tests that read them ---------------------------------------
+# A test that changes such a run's folder works on a copy; rerunning in it is fine.
+
+
+@dataclass(frozen=True)
+class Run:
+    out: Path
+    result: dict[str, Any]  # its --json
+    stderr: str = ""
+    events: Path | None = None
+
+    def shas(self) -> dict[str, str]:
+        return {a["quant"]: a["sha256"] for a in self.result["artifacts"]}
+
+
+@pytest.fixture(scope="session")
+def gguf_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, toolchain: Toolchain) -> Run:
+    """The tiny model to Q4_K_M and Q8_0, every other option at its default (offline, no
+    evaluation text: no evaluation), with its NDJSON events."""
+    root = tmp_path_factory.mktemp("gguf-run")
+    out, events = root / "out", root / "events.ndjson"
+    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q4_K_M", "-q", "q8_0", "--json",
+                     "--events", str(events))
+    assert proc.returncode == 0, proc.stderr
+    return Run(out, json.loads(proc.stdout), proc.stderr, events)
+
+
+def scaleout_options(corpus: Path) -> list[str]:
+    """Two types with a small evaluation: every kind of GGUF step, in a few seconds each."""
+    return ["-q", "Q4_K_M", "-q", "Q8_0", "--eval-text", str(corpus), "--eval-tokens", "1024", "--eval-ctx", "256",
+            "--eval-weights", "on"]
+
+
+SCALEOUT_ARTIFACTS = ("tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf")
+
+
+def artifact_shas(out: Path) -> dict[str, str]:
+    return {name: sha256_file(out / name) for name in SCALEOUT_ARTIFACTS}
+
+
+@pytest.fixture(scope="session")
+def scaleout_reference(tiny_model: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory,
+                       toolchain: Toolchain) -> dict[str, str]:
+    """The artifacts one uninterrupted run of scaleout_options makes (test_scaleout, test_slurm)."""
+    out = tmp_path_factory.mktemp("scaleout-reference") / "o"
+    proc = run_qwrap("run", str(tiny_model), "-o", str(out), *scaleout_options(corpus))
+    assert proc.returncode == 0, proc.stderr
+    return artifact_shas(out)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    out: Path
+    options: tuple[str, ...]
+    plan: dict[str, Any]  # `qwrap plan --json` before the run (OUT did not exist)
+    result: dict[str, Any]  # the run's --json
+    plan_after: dict[str, Any]  # `qwrap plan --json` once the run has happened
+
+
+@pytest.fixture(scope="session")
+def imatrix_run(tiny_model: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory,
+                toolchain: Toolchain) -> PlannedRun:
+    """The tiny model to Q4_K_M, Q8_0 and IQ2_XS with an importance matrix computed from the
+    corpus, planned before and after."""
+    out = tmp_path_factory.mktemp("imatrix-run") / "o"
+    options = ("-q", "Q4_K_M", "-q", "Q8_0", "-q", "IQ2_XS", "--imatrix", "auto", "--calib", str(corpus))
+    planned = run_qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json")
+    assert planned.returncode == 0, planned.stderr
+    assert not out.exists(), "plan must not write"
+    ran = run_qwrap("run", str(tiny_model), "-o", str(out), *options, "--json")
+    assert ran.returncode == 0, ran.stderr
+    again = run_qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json")
+    assert again.returncode == 0, again.stderr
+    return PlannedRun(out, options, json.loads(planned.stdout), json.loads(ran.stdout), json.loads(again.stdout))

@@ -1,12 +1,14 @@
 """The randomized kill soak (issue 12), shared by tests/test_soak.py (a few kills) and
-bench/soak.py (many): run a plan, SIGKILL a random process of qwrap's tree (qwrap itself, a
-tool, a worker) at a random moment, check, rerun, again and again; every completed run must
-have artifacts byte-identical to an uninterrupted run.
+bench/soak.py (many): run a plan, SIGKILL qwrap itself or the tool or worker a step just
+started, at a named moment picked at random (tests/moments.py: a step journaled as started or
+done, a child started), check, rerun, again and again; every completed run must have artifacts
+byte-identical to an uninterrupted run.
 
 After every kill: no process of the tree (nor any naming the output folder) is left running,
 and no file sits under a final artifact name without a journal "done" record vouching for its
-size and hash. Seeded: the same seed kills the same kinds of process at the same fractions of
-the run (the processes alive at that moment vary with the machine's speed)."""
+size and hash. Seeded and reproducible: the moments are those the uninterrupted run's journal
+records (sorted by name), and the same seed picks the same moments and victims on any machine;
+a moment that does not come in a run (a resumed run skips what is done) lets that run finish."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Any
 
 import psutil
 
+from moments import journal_size, moments_of, until
 from qwrap.journal import Journal, verify_file
 from qwrap.plan import StepState
 
@@ -31,6 +34,7 @@ from qwrap.plan import StepState
 @dataclass
 class Kill:
     number: int
+    moment: str  # the named moment it came at (tests/moments.py)
     victim: str  # "qwrap", or the tool / worker module that was killed
     at_s: float  # seconds into the run
     exit_code: int | None = None
@@ -117,18 +121,27 @@ def _completed(model: Path, out: Path, args: Sequence[str], work: Path) -> tuple
     return proc.returncode, result.read_text()
 
 
-def _kill_some(proc: subprocess.Popen[bytes], number: int, pick: float, began: float, out: Path,
-               finals: Sequence[str]) -> Kill | None:
-    """SIGKILL the process at ``pick`` (0..1) along qwrap's tree, wait for qwrap, check."""
-    tree = _tree(psutil.Process(proc.pid))
-    if not tree:
+def _kill_at(proc: subprocess.Popen[bytes], number: int, moment: str, child: bool, began: float, out: Path,
+             since: int, finals: Sequence[str]) -> Kill | None:
+    """At ``moment`` of this run (journal records from byte ``since``), SIGKILL qwrap or, at a
+    child moment with ``child``, the child just started; wait for qwrap, check. None when the
+    run ends before the moment."""
+    found = until(out, moment, proc, timeout=3600, since=since)
+    if found is None or proc.poll() is not None:
         return None
-    victim = tree[min(len(tree) - 1, int(pick * len(tree)))]
-    kill = Kill(number, _name(victim), round(time.monotonic() - began, 2))
-    try:
-        victim.send_signal(signal.SIGKILL)
-    except psutil.NoSuchProcess:
-        kill.victim += " (had exited)"
+    tree = _tree(psutil.Process(proc.pid))
+    victim: psutil.Process | None = psutil.Process(proc.pid)
+    if child and isinstance(found, dict) and "pid" in found:
+        try:
+            victim = psutil.Process(int(found["pid"]))
+        except psutil.NoSuchProcess:
+            victim = None
+    kill = Kill(number, moment, _name(victim) if victim else "child (had exited)", round(time.monotonic() - began, 2))
+    if victim is not None:
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            kill.victim += " (had exited)"
     proc.wait(timeout=3600)
     kill.exit_code = proc.returncode
     kill.orphans = _orphans(tree, out)
@@ -146,20 +159,20 @@ def soak(model: Path, work: Path, args: Sequence[str], *, kills: int, seed: int,
         raise RuntimeError(f"the uninterrupted run failed (exit {code}): see {work / 'qwrap.log'}")
     full_s = time.monotonic() - started
     reference = _shas(text)
+    moments = moments_of(work / "reference")
     out = work / "soaked"
     done: list[Kill] = []
     pending: list[Kill] = []  # kills since the last completed run in ``out``
     completed = 0
     while len(done) + len(pending) < kills and time.monotonic() - started < budget_s:
+        moment, child = rng.choice(moments), rng.random() < 0.5
+        since = journal_size(out)
         proc, result = _start(model, out, args, work)
         began = time.monotonic()
-        fraction, pick = rng.random(), rng.random()
-        try:
-            proc.wait(timeout=max(0.05, fraction * full_s))
-        except subprocess.TimeoutExpired:
-            kill = _kill_some(proc, len(done) + len(pending) + 1, pick, began, out, list(reference))
-            if kill is not None:
-                pending.append(kill)
+        kill = _kill_at(proc, len(done) + len(pending) + 1, moment, child and moment.startswith("child:"), began,
+                        out, since, list(reference))
+        if kill is not None:
+            pending.append(kill)
         proc.wait(timeout=3600)
         if proc.returncode == 0:  # a completed run: it must match, whatever was killed before it
             differs = _differs(_shas(result.read_text()), reference)
@@ -179,7 +192,7 @@ def soak(model: Path, work: Path, args: Sequence[str], *, kills: int, seed: int,
     by_victim: dict[str, int] = {}
     for kill in done:
         by_victim[kill.victim] = by_victim.get(kill.victim, 0) + 1
-    return {"seed": seed, "args": list(args), "uninterrupted_seconds": round(full_s, 1),
+    return {"seed": seed, "args": list(args), "uninterrupted_seconds": round(full_s, 1), "moments": moments,
             "kills": len(done), "survived": sum(k.survived for k in done), "completed_runs": completed,
             "by_victim": by_victim, "seconds": round(time.monotonic() - started, 1),
             "failures": [asdict(k) for k in done if not k.survived], "log": [asdict(k) for k in done]}

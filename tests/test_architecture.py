@@ -43,10 +43,12 @@ def test_no_pickle_loading() -> None:
 
 
 def test_lint_and_types() -> None:
+    """ruff and mypy pass; a failure shows their messages."""
     root = PACKAGE.parents[1]
     bin_dir = Path(sys.executable).parent
-    subprocess.run([str(bin_dir / "ruff"), "check", "wrapper", "tests"], cwd=root, check=True)
-    subprocess.run([str(bin_dir / "mypy")], cwd=root, check=True, capture_output=True)
+    for argv in ([str(bin_dir / "ruff"), "check", "wrapper", "tests"], [str(bin_dir / "mypy")]):
+        proc = subprocess.run(argv, cwd=root, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{Path(argv[0]).name} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
 
 
 def test_every_child_goes_through_the_one_run_and_check_path() -> None:

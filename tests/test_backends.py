@@ -2,8 +2,9 @@
 hidden 128) with a few calibration samples: quantize, reload and compare (hf_validate),
 kill mid-run and resume to a byte-identical artifact, and auto-gptq's refusal on CPU.
 
-Environment pythons come from QWRAP_ENV_AUTOAWQ, QWRAP_ENV_GPTQMODEL, QWRAP_ENV_AUTO_GPTQ;
-a test whose environment is not given is skipped with the variable to set.
+Environment pythons come from QWRAP_ENV_<NAME> (QWRAP_ENV_AUTOAWQ, QWRAP_ENV_GPTQMODEL,
+QWRAP_ENV_AUTO_GPTQ: one per declared backend), else from qwrap's cache; a test whose environment
+is missing is skipped with the command that creates it.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from conftest import REPO, _missing, make_model
 from qwrap import envs
 from qwrap.errors import ToolchainMissingError
 from qwrap.workers import protocol as p
+from qwrap.workers.backends import DECLARED_BACKENDS
 
 pytestmark = pytest.mark.backend
 
-ENV_VARS = {"autoawq": "QWRAP_ENV_AUTOAWQ", "gptqmodel": "QWRAP_ENV_GPTQMODEL", "auto-gptq": "QWRAP_ENV_AUTO_GPTQ"}
+ENV_VARS = {b.name: "QWRAP_ENV_" + b.name.upper().replace("-", "_") for b in DECLARED_BACKENDS}
 CORPUS = REPO / "tests" / "data" / "corpus.txt"
 LAYERS = 3
 TINY = ("--layers", str(LAYERS), "--hidden", "128", "--ffn", "256", "--heads", "2", "--kv-heads", "2",
         "--vocab", "512")
-CASES = [("autoawq", "awq"), ("gptqmodel", "awq"), ("gptqmodel", "gptq")]
+CASES = [("autoawq", "awq"), ("gptqmodel", "awq"), ("gptqmodel", "gptq")]  # auto-gptq needs CUDA: its own tests
 WORKER_TIMEOUT_S = 900
 
 

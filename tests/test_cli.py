@@ -4,35 +4,102 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
+import click
 import pytest
+import typer.main
 
-from conftest import run_qwrap
+from conftest import cuda_devices, run_qwrap
 from hubserver import HubServer
+from qwrap import cli
 from qwrap.formats.gguf import QUANT_TYPES
 from qwrap.toolchain import Toolchain, read_pin
 
-COMMANDS = ("run", "resume", "status", "eval", "formats", "doctor", "env", "setup")
+COMMANDS = ("run", "plan", "push", "resume", "status", "eval", "formats", "doctor", "env", "setup")
+# What users and scripts rely on, per command: each must be a row of the command's help.
+OPTIONS = {
+    "run": ("--format", "--quant", "--output", "--revision", "--token", "--outtype", "--imatrix", "--calib",
+            "--threads", "--stall-timeout", "--keep-intermediate", "--force", "--json", "--preflight", "--jobs",
+            "--eval-text", "--eval-tokens", "--eval-ctx", "--eval", "--max-kld", "--no-imatrix", "--split-max-size",
+            "--push-to", "--base-model", "--events", "--step", "--backend", "--bits", "--group-size",
+            "--trust-remote-code"),
+    "plan": ("--format", "--quant", "--output", "--json", "--emit", "--partition", "--gpu-partition", "--account",
+             "--eval-tokens", "--jobs"),
+    "push": ("--private", "--revision", "--create-pr", "--token", "--base-model", "--json"),
+}
+ARGUMENTS = {"run": ["model"], "plan": ["model"], "push": ["output", "repo_id"]}
 
 
 def plain(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", text))
 
 
-def test_help_lists_every_command_and_teaches() -> None:
-    """A snapshot of the command surface: catches typer/click breakage."""
-    proc = run_qwrap("--help", env={"COLUMNS": "120", "TERM": "dumb"})
-    assert proc.returncode == 0
-    for command in COMMANDS:
-        assert re.search(rf"\b{command}\b", proc.stdout), command
-    run_help = plain(run_qwrap("run", "--help", env={"COLUMNS": "200"}).stdout)
-    for option in ("--format", "--quant", "--output", "--revision", "--token", "--outtype", "--imatrix",
-                   "--calib", "--threads", "--stall-timeout", "--keep-intermediate", "--force", "--json",
-                   "--no-preflight", "--jobs", "--eval-text", "--eval-tokens", "--eval-ctx", "--no-eval", "--max-kld",
-                   "--no-imatrix", "--split-max-size", "--push-to", "--base-model"):
-        assert option in run_help, option
-    assert "Examples" in run_help and "qwrap run" in run_help
+def panels(text: str) -> dict[str, list[str]]:
+    """The first word of every row of every boxed panel of a help page, by panel title (a
+    row's wrapped continuation lines start with spaces and are not rows)."""
+    found: dict[str, list[str]] = {}
+    title = None
+    for line in text.splitlines():
+        start = re.match(r"╭─ (.+?) ─", line)
+        if start:
+            title = start[1]
+            found[title] = []
+        elif line.startswith("╰"):
+            title = None
+        elif title is not None:
+            row = re.match(r"│ (?:\* +)?([^\s│]+)", line)
+            if row:
+                found[title].append(row[1])
+    return found
+
+
+def examples(text: str) -> list[list[str]]:
+    """The command lines a help page shows as examples (outside the panels)."""
+    lines = []
+    for line in text.splitlines():
+        found = re.match(r"\s*(?:Example: )?qwrap (\S.*?)\s*$", line)
+        if found and not line.startswith(("│", "╭", "╰")):
+            lines.append(shlex.split(found[1].split("&&")[0]))
+    return lines
+
+
+def help_page(*args: str) -> str:
+    proc = run_qwrap(*args, "--help", env={"COLUMNS": "200", "TERM": "dumb"})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_help_lists_every_command_and_option_and_its_examples_parse() -> None:
+    """The command surface as rendered (catches typer/click/rich breakage): the top-level help
+    lists every command in its Commands panel; run, plan and push list every option they take
+    as a row of an option panel, and their arguments; every example they show parses."""
+    group = typer.main.get_command(cli.app)
+    assert isinstance(group, click.Group)
+    top = help_page()
+    assert sorted(panels(top)["Commands"]) == sorted(group.commands) and set(COMMANDS) <= set(group.commands)
+    shown = examples(top)
+    for command in ("run", "plan", "push"):
+        page = help_page(command)
+        sub = group.commands[command]
+        rows = panels(page)
+        options = [row for title, names in rows.items() if title != "Arguments" for row in names]
+        declared = [p.opts[0] for p in sub.params if isinstance(p, click.Option) and not p.hidden]
+        assert sorted(options) == sorted([*declared, "--help"]), (command, set(options) ^ {*declared, "--help"})
+        missing = [o for o in OPTIONS[command] if o not in options]
+        assert not missing, (command, missing)
+        assert rows["Arguments"] == ARGUMENTS[command]
+        own = [e for e in examples(page) if e[0] == command]
+        assert own, f"qwrap {command} --help shows no example"
+        shown += own
+    for argv in shown:
+        assert argv[0] in group.commands, argv
+        sub = group.commands[argv[0]]
+        try:
+            sub.make_context(argv[0], argv[1:], resilient_parsing=False)
+        except click.ClickException as exc:
+            raise AssertionError(f"the help's example `qwrap {shlex.join(argv)}` does not parse: {exc}") from None
 
 
 def test_version_names_the_pin() -> None:
@@ -46,16 +113,35 @@ def test_formats_lists_all_types() -> None:
         assert f" {name} " in out, name
 
 
-def test_doctor_json(toolchain: Toolchain) -> None:
+@pytest.mark.slow
+def test_doctor_json(toolchain: Toolchain, tmp_path: Path) -> None:
     proc = run_qwrap("doctor", "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["llama_cpp"]["ok"] and info["llama_cpp"]["pinned_commit"] == read_pin().commit
     assert "0c1e570" in info["llama_cpp"]["version"]
     assert info["environments"]["convert"]["ok"]
-    assert info["gpu"]["present"] in (True, False)
+    # what this machine has: a GPU exactly when nvidia-smi lists one
+    devices = cuda_devices()
+    assert info["gpu"]["present"] is bool(devices), (info["gpu"], devices)
+    if devices:
+        assert len(info["gpu"]["devices"]) == len(devices), (info["gpu"], devices)
+    else:
+        assert "nvidia-smi" in info["gpu"]["detail"], info["gpu"]
+    # and what another would: an nvidia-smi that answers, one that fails
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    path = f"{smi.parent}:/usr/bin:/bin"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H200, 143771 MiB'\necho 'NVIDIA H200, 143771 MiB'\n")
+    smi.chmod(0o755)
+    gpu = json.loads(run_qwrap("doctor", "--json", env={"PATH": path}).stdout)["gpu"]
+    assert gpu == {"present": True, "devices": ["NVIDIA H200, 143771 MiB"] * 2}, gpu
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver' >&2\nexit 9\n")
+    gpu = json.loads(run_qwrap("doctor", "--json", env={"PATH": path}).stdout)["gpu"]
+    assert gpu["present"] is False and "nvidia-smi failed" in gpu["detail"], gpu
 
 
+@pytest.mark.slow
 def test_missing_toolchain_says_what_to_run(tmp_path: Path, tiny_model: Path) -> None:
     proc = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "o"),
                      env={"QWRAP_CACHE_DIR": str(tmp_path / "empty-cache"), "PATH": "/usr/bin:/bin"})

@@ -70,6 +70,7 @@ def test_chained_tracebacks_report_the_last_one() -> None:
     assert python_exception(tail) == ("ValueError", "bad", "conversion/llama.py", "g")
 
 
+@pytest.mark.slow
 def test_gpt2_config_without_n_ctx_end_to_end(convert_python: Path, tmp_path: Path) -> None:
     """A transformers GPT-2 (n_positions, no n_ctx): `qwrap run` exits 6 with the sentence and
     the converter log's path, and that log holds the traceback."""

@@ -41,6 +41,7 @@ def test_bad_options_rejected_before_work(tmp_path: Path, args: tuple[str, ...],
     assert not (out / ".checkpoint" / "logs").exists()
 
 
+@pytest.mark.slow
 def test_group_size_must_divide_widths(tiny_model: Path, tmp_path: Path, corpus: Path) -> None:
     proc = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "o"), "--format", "awq",
                      "--group-size", "512", "--calib", str(corpus))

@@ -108,3 +108,44 @@ def test_adding_a_format_is_one_module_and_one_registry_line(tmp_path: Path) -> 
     assert "cat m-echo.txt" in (tmp_path / "o" / "README.md").read_text()  # its model-card usage
     bad = _qwrap(copy, "run", str(model), "-f", "echo", "--echo-text", "", "-o", str(tmp_path / "o2"), cwd=tmp_path)
     assert bad.returncode == 2 and "--echo-text must not be empty" in bad.stderr  # its validation
+
+
+def test_format_modules_never_import_the_registry() -> None:
+    """The registry imports every format; a format imports ``formats/base.py`` (the Protocol,
+    ``producer_chain``), never the registry, so no format sits in an import circle."""
+    from test_imports import cycles, import_graph
+
+    graph = import_graph()
+    members = [m for m in graph if m.startswith("qwrap.formats.")]
+    assert "qwrap.formats.gguf.actions" in members
+    assert [m for m in members if "qwrap.formats" in graph[m]] == []
+    assert [c for c in cycles(graph) if any(m.startswith("qwrap.formats") for m in c)] == []
+
+
+def test_the_registry_loads_only_what_help_needs() -> None:
+    """`qwrap --help` reads every format's declaration; what runs (checks, steps, estimates,
+    actions, the worker client, the environments, the supervisor) loads when first called."""
+    runs = ["qwrap.formats.hfquant", "qwrap.formats.gguf.modelchecks", "qwrap.formats.gguf.estimates",
+            "qwrap.formats.gguf.steps", "qwrap.formats.gguf.actions", "qwrap.worker_client", "qwrap.envs",
+            "qwrap.children", "qwrap.supervisor", "qwrap.toolchain", "qwrap.workers.protocol", "psutil"]
+    code = ("import sys\nfrom qwrap.formats import FORMATS\n"
+            "assert all(callable(f.execute) and f.OPTIONS for f in FORMATS.values())\n"
+            f"print(sorted(set({runs!r}) & set(sys.modules)))\n")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_every_format_keeps_the_protocol_once_all_its_parts_are_loaded() -> None:
+    """A format package's submodule must not share a name with a Protocol member: importing it
+    would rebind that name on the package (gguf's model checks live in ``modelchecks``)."""
+    import importlib
+    import types
+
+    from qwrap.formats import Format
+
+    for part in ("hfquant", "gguf.modelchecks", "gguf.estimates", "gguf.steps", "gguf.actions"):
+        importlib.import_module(f"qwrap.formats.{part}")
+    members = set(Format.__annotations__) | {n for n, v in vars(Format).items() if callable(v) and not n.startswith("_")}
+    assert {"NAME", "OPTIONS", "checks", "add_steps", "execute", "card_usage"} <= members
+    for name, fmt in FORMATS.items():
+        assert [m for m in members if isinstance(getattr(fmt, m), types.ModuleType)] == [], name

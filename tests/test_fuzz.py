@@ -27,6 +27,8 @@ from qwrap.pipeline import request_from_journal
 from qwrap.progress import ChunkProgress, ConvertProgress, QuantizeProgress
 from qwrap.workers import protocol as p
 
+pytestmark = pytest.mark.heavy  # 200 examples a property: make test runs them, test-fast does not
+
 FUZZ = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import make_model, run_qwrap
+from conftest import PlannedRun, Run, run_qwrap
 from qwrap.formats.gguf import QUANT_TYPES
 from qwrap.ggufinfo import read_info, tensor_data
 from qwrap.toolchain import Toolchain
@@ -16,16 +17,8 @@ from qwrap.toolchain import Toolchain
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def k_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, toolchain: Toolchain) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("k-run")
-    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q4_K_M", "-q", "q8_0", "--json")
-    assert proc.returncode == 0, proc.stderr
-    return out, json.loads(proc.stdout)
-
-
-def test_k_quants_end_to_end(k_run: tuple[Path, dict], tiny_model: Path) -> None:
-    out, result = k_run
+def test_k_quants_end_to_end(gguf_run: Run, tiny_model: Path) -> None:
+    out, result = gguf_run.out, gguf_run.result
     assert result["schema"] == "qwrap.result/2"
     assert result["model"]["name"] == "tiny-llama"
     by_quant = {a["quant"]: a for a in result["artifacts"]}
@@ -46,17 +39,19 @@ def test_k_quants_end_to_end(k_run: tuple[Path, dict], tiny_model: Path) -> None
 
 
 def test_identical_to_hand_run_tools(
-    k_run: tuple[Path, dict], tiny_model: Path, toolchain: Toolchain, convert_python: Path, tmp_path: Path
+    gguf_run: Run, tiny_model: Path, toolchain: Toolchain, convert_python: Path, tmp_path: Path
 ) -> None:
     """qwrap's artifacts hold exactly the tensor data of hand-run convert + llama-quantize."""
-    out, _ = k_run
+    out = gguf_run.out
     f16 = tmp_path / "hand-BF16.gguf"
-    subprocess.run([str(convert_python), str(toolchain.converter), str(tiny_model), "--outfile", str(f16),
-                    "--outtype", "bf16"], check=True, capture_output=True)
+    proc = subprocess.run([str(convert_python), str(toolchain.converter), str(tiny_model), "--outfile", str(f16),
+                           "--outtype", "bf16"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     for quant in ("Q4_K_M", "Q8_0"):
         hand = tmp_path / f"hand-{quant}.gguf"
-        subprocess.run([str(toolchain.tool("llama-quantize")), str(f16), str(hand), quant, "2"],
-                       check=True, capture_output=True)
+        proc = subprocess.run([str(toolchain.tool("llama-quantize")), str(f16), str(hand), quant, "2"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         ours = out / f"tiny-llama-{quant}.gguf"
         a, b = read_info(ours), read_info(hand)
         assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
@@ -64,15 +59,15 @@ def test_identical_to_hand_run_tools(
         assert tensor_data(ours, a) == tensor_data(hand, b)
 
 
-def test_rerun_is_a_noop_and_existing_output_refused(k_run: tuple[Path, dict], tiny_model: Path) -> None:
-    out, first = k_run
+def test_rerun_is_a_noop_and_existing_output_refused(gguf_run: Run, tiny_model: Path, tmp_path: Path) -> None:
+    out, first = gguf_run.out, gguf_run.result
     again = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q4_K_M", "-q", "Q8_0", "--json")
     assert again.returncode == 0, again.stderr
     result = json.loads(again.stdout)
     assert all(a["reused"] for a in result["artifacts"])
     assert [a["sha256"] for a in result["artifacts"]] == [a["sha256"] for a in first["artifacts"]]
     # The same artifact name in a folder whose journal did not make it: refused without --force.
-    other = out.parent / "foreign"
+    other = tmp_path / "foreign"
     other.mkdir()
     (other / "tiny-llama-Q8_0.gguf").write_bytes(b"precious")
     proc = run_qwrap("run", str(tiny_model), "-o", str(other), "-q", "Q8_0")
@@ -80,16 +75,13 @@ def test_rerun_is_a_noop_and_existing_output_refused(k_run: tuple[Path, dict], t
     assert "--force" in proc.stderr and (other / "tiny-llama-Q8_0.gguf").read_bytes() == b"precious"
 
 
-def test_iq_type_with_auto_imatrix(tiny_model: Path, corpus: Path, tmp_path: Path, toolchain: Toolchain) -> None:
-    out = tmp_path / "iq"
-    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "IQ2_XS", "-q", "Q8_0",
-                     "--imatrix", "auto", "--calib", str(corpus), "--json")
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
-    assert {a["quant"] for a in result["artifacts"] if a["validated"]} == {"IQ2_XS", "Q8_0"}
+def test_iq_type_with_auto_imatrix(imatrix_run: PlannedRun) -> None:
+    out, result = imatrix_run.out, imatrix_run.result
+    assert {a["quant"] for a in result["artifacts"] if a["validated"]} == {"IQ2_XS", "Q4_K_M", "Q8_0"}
     info = read_info(out / "tiny-llama-IQ2_XS.gguf", keep_arrays=False)
     assert info.file_type == QUANT_TYPES["IQ2_XS"].ftype
     assert "quantize.imatrix.file" in info.metadata
+    assert "quantize.imatrix.file" not in read_info(out / "tiny-llama-Q8_0.gguf", keep_arrays=False).metadata
     journal = (out / ".checkpoint" / "journal.jsonl").read_text()
     assert '"gguf.imatrix"' in journal
 
@@ -115,15 +107,17 @@ def test_missing_model(tmp_path: Path) -> None:
     assert proc.returncode == 3 and "does not exist" in proc.stderr
 
 
-def test_unsupported_architecture_explained(convert_python: Path, tmp_path: Path, toolchain: Toolchain) -> None:
-    model = make_model(convert_python, tmp_path / "foo-model", "--architecture-name", "FooForCausalLM")
+def test_unsupported_architecture_explained(named_model: Callable[[str], Path], tmp_path: Path,
+                                           toolchain: Toolchain) -> None:
+    model = named_model("foo")
     proc = run_qwrap("run", str(model), "-o", str(tmp_path / "o"), "-q", "Q8_0")
     assert proc.returncode == 6, proc.stderr
     assert "FooForCausalLM" in proc.stderr and "not supported" in proc.stderr
 
 
-def test_unrecognised_pretokenizer_explained(convert_python: Path, tmp_path: Path, toolchain: Toolchain) -> None:
-    model = make_model(convert_python, tmp_path / "gpt2ish", "--tokenizer", "gpt2-bpe")
+def test_unrecognised_pretokenizer_explained(named_model: Callable[[str], Path], tmp_path: Path,
+                                            toolchain: Toolchain) -> None:
+    model = named_model("gpt2-bpe")
     proc = run_qwrap("run", str(model), "-o", str(tmp_path / "o"), "-q", "Q8_0")
     assert proc.returncode == 6, proc.stderr
     assert "pre-tokenizer" in proc.stderr and "QWRAP_LLAMA_CPP_DIR" in proc.stderr
@@ -138,9 +132,9 @@ def test_archive_hash_mismatch_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "cache" / "llama.cpp").exists()
 
 
-def test_plan_estimates_match_real_sizes(k_run: tuple[Path, dict], tiny_model: Path, tmp_path: Path) -> None:
+def test_plan_estimates_match_real_sizes(gguf_run: Run, tiny_model: Path, tmp_path: Path) -> None:
     """`qwrap plan` reads only headers; its size estimates are within 10% of the real files."""
-    out, result = k_run
+    result = gguf_run.result
     proc = run_qwrap("plan", str(tiny_model), "-o", str(tmp_path / "p"), "-q", "Q4_K_M", "-q", "Q8_0", "--json")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
@@ -152,34 +146,40 @@ def test_plan_estimates_match_real_sizes(k_run: tuple[Path, dict], tiny_model: P
     assert {"architecture", "disk", "toolchain", "tokenizer", "evaluation text"} <= set(checks) and all(checks.values())
 
 
-def test_plan_catches_a_rejected_tokenizer_in_seconds(convert_python: Path, tmp_path: Path, toolchain: Toolchain) -> None:
-    model = make_model(convert_python, tmp_path / "gpt2ish", "--tokenizer", "gpt2-bpe")
+def test_plan_catches_a_rejected_tokenizer_in_seconds(named_model: Callable[[str], Path], tmp_path: Path,
+                                                      toolchain: Toolchain) -> None:
+    model = named_model("gpt2-bpe")
     proc = run_qwrap("plan", str(model), "-o", str(tmp_path / "o"), "--json")
     assert proc.returncode == 0, proc.stderr
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert not checks["tokenizer"]["ok"] and "pre-tokenizer" in checks["tokenizer"]["detail"]
 
 
-def test_events_stream_and_model_card(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
-    out = tmp_path / "o"
-    events_file = tmp_path / "events.ndjson"
-    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q8_0", "--events", str(events_file))
-    assert proc.returncode == 0, proc.stderr
-    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+def test_events_stream_and_model_card(gguf_run: Run, tmp_path: Path) -> None:
+    out = gguf_run.out
+    assert gguf_run.events is not None
+    events = [json.loads(line) for line in gguf_run.events.read_text().splitlines()]
     assert {e["schema"] for e in events} == {"qwrap.events/1"}
     assert len({e["run_id"] for e in events}) == 1 and all(isinstance(e["ts"], float) for e in events)
     kinds = [e["event"] for e in events]
     assert kinds[0] == "run_started" and kinds[-1] == "run_finished" and events[-1]["exit_code"] == 0
-    assert "artifact_validated" in kinds
+    validated = [Path(e["path"]).name for e in events if e["event"] == "artifact_validated"]
+    assert sorted(validated) == ["tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf"], validated
     started = [e["step"] for e in events if e["event"] == "step_started"]
-    assert started == ["gguf.convert", "gguf.quantize:Q8_0", "gguf.validate:Q8_0"]
+    # every step once, each after the steps it reads (the two types' steps may interleave)
+    assert sorted(started) == sorted(["gguf.convert", "gguf.quantize:Q4_K_M", "gguf.validate:Q4_K_M",
+                                      "gguf.quantize:Q8_0", "gguf.validate:Q8_0"]), started
+    assert started[0] == "gguf.convert"
+    for quant in ("Q4_K_M", "Q8_0"):
+        assert started.index(f"gguf.quantize:{quant}") < started.index(f"gguf.validate:{quant}"), started
     card = (out / "README.md").read_text()
     # a local folder's name is no Hub id: no base_model (qwrap run --base-model ORG/NAME sets one)
     assert card.startswith("---\nlibrary_name: gguf\n") and "quantized_by: qwrap" in card
     assert "base_model" not in card.split("---")[1]
-    assert "tiny-llama-Q8_0.gguf" in card and "0c1e57098bba" in card and "llama-cli -m" in card
+    assert "tiny-llama-Q8_0.gguf" in card and "tiny-llama-Q4_K_M.gguf" in card
+    assert "0c1e57098bba" in card and "llama-cli -m" in card
     # A failing run ends its stream with the exit code too.
-    bad = run_qwrap("run", str(tmp_path / "missing"), "-o", str(out), "--events", str(tmp_path / "bad.ndjson"))
+    bad = run_qwrap("run", str(tmp_path / "missing"), "-o", str(tmp_path / "o"), "--events", str(tmp_path / "bad.ndjson"))
     last = json.loads((tmp_path / "bad.ndjson").read_text().splitlines()[-1])
     assert bad.returncode == 3 and last["event"] == "run_finished" and last["exit_code"] == 3
 

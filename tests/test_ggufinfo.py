@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_qwrap
+from conftest import Run
 from qwrap.ggufinfo import GGUFFormatError, read_info, tensor_data
 from qwrap.toolchain import Toolchain
 
@@ -28,11 +28,8 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, toolchain: Toolchain) -> Path:
-    out = tmp_path_factory.mktemp("gguf")
-    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q4_K_M")
-    assert proc.returncode == 0, proc.stderr
-    return out / "tiny-llama-Q4_K_M.gguf"
+def artifact(gguf_run: Run) -> Path:
+    return gguf_run.out / "tiny-llama-Q4_K_M.gguf"
 
 
 def test_matches_gguf_py(artifact: Path, convert_python: Path, toolchain: Toolchain) -> None:

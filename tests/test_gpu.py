@@ -12,7 +12,7 @@ import pytest
 from conftest import run_qwrap
 from qwrap.toolchain import Toolchain
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]  # slow: every one needs the toolchain or the converter environment
 
 
 def test_toolchain_is_the_cuda_build(toolchain: Toolchain) -> None:

@@ -365,6 +365,7 @@ def test_gated_repo(env: dict[str, str], hub: HubServer) -> None:
     assert hub.downloads("acme/gated") == {"config.json", "model.safetensors"}
 
 
+@pytest.mark.heavy
 def test_private_repo_token_sources(env: dict[str, str], hub: HubServer) -> None:
     anonymous, explicit = run_child(
         env,
@@ -403,6 +404,7 @@ def test_unreachable_endpoint(env: dict[str, str], closed_port: int) -> None:
     assert "HF_ENDPOINT" in got["hint"] and "local model folder" in got["hint"]
 
 
+@pytest.mark.heavy
 def test_offline_mode_uses_the_cached_snapshot(
     env: dict[str, str], hub: HubServer, closed_port: int
 ) -> None:
@@ -428,6 +430,7 @@ def test_offline_mode_without_cache(env: dict[str, str], hub: HubServer) -> None
     assert hub.requests == []
 
 
+@pytest.mark.heavy
 def test_offline_mode_with_config_only_cached_needs_weights(env: dict[str, str]) -> None:
     first = resolve(env, "acme/tiny-llama", weights=False)
     assert "error" not in first
@@ -443,6 +446,7 @@ def test_offline_mode_with_config_only_cached_needs_weights(env: dict[str, str])
 # -- calibration data ------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_wikitext2_download_and_offline(env: dict[str, str], hub: HubServer) -> None:
     (offline,) = run_child({**env, "HF_HUB_OFFLINE": "1"}, ("wikitext2", {})).results
     assert offline["error"] == "OfflineError"

@@ -131,6 +131,7 @@ def test_a_step_lock_names_its_holder_and_is_free_once_it_dies(tmp_path: Path) -
     lock.release()
 
 
+@pytest.mark.heavy
 def test_processes_appending_at_once_never_tear_a_line(tmp_path: Path) -> None:
     code = f"""
 from pathlib import Path

@@ -112,6 +112,7 @@ def broken(request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Path) -> 
     return folder, name, why
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", list(BROKEN), indirect=True)
 def test_plan_names_the_broken_file(broken: tuple[Path, str, str], tmp_path: Path) -> None:
     folder, name, why = broken
@@ -123,6 +124,7 @@ def test_plan_names_the_broken_file(broken: tuple[Path, str, str], tmp_path: Pat
     assert f"download {name}" in proc.stderr  # the fix names the file to fetch again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", ["truncated", "missing shard"], indirect=True)
 @pytest.mark.parametrize("fmt", ["gguf", "awq"])
 def test_run_stops_before_any_step(broken: tuple[Path, str, str], fmt: str, tmp_path: Path) -> None:
@@ -134,6 +136,7 @@ def test_run_stops_before_any_step(broken: tuple[Path, str, str], fmt: str, tmp_
     assert not out.exists()  # nothing started: not even the journal
 
 
+@pytest.mark.slow
 def test_a_truncated_hub_download_names_the_cached_file_and_the_command(tiny_model: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(tiny_model, repo)
@@ -152,6 +155,7 @@ def test_a_truncated_hub_download_names_the_cached_file_and_the_command(tiny_mod
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_good_model_passes(tiny_model: Path) -> None:
     header = read_header(tiny_model / "model.safetensors")
     check_header(header, (tiny_model / "model.safetensors").stat().st_size)
@@ -165,6 +169,7 @@ def test_short_or_odd_headers_are_bad_files(head: bytes) -> None:
         parse_header(head)
 
 
+@pytest.mark.slow
 def test_a_broken_index_on_the_hub_is_named(tiny_model: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(tiny_model, repo)

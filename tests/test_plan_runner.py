@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import intervals, overlapping, run_qwrap
+from conftest import PlannedRun, intervals, overlapping, run_qwrap
 from qwrap.journal import Journal
 from qwrap.plan import StepState
+from qwrap.runner import usable_cores
 from qwrap.toolchain import Toolchain
 
 pytestmark = pytest.mark.slow
@@ -26,13 +28,10 @@ def qargs(quants: tuple[str, ...] = QUANTS) -> list[str]:
     return [arg for q in quants for arg in ("-q", q)]
 
 
-def test_plan_is_what_run_executes(tiny_model: Path, tmp_path: Path, corpus: Path, toolchain: Toolchain) -> None:
-    options = [*qargs(("Q4_K_M", "Q8_0", "IQ2_XS")), "--imatrix", "auto", "--calib", str(corpus)]
-    out = tmp_path / "o"
-    proc = run_qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json")
-    assert proc.returncode == 0, proc.stderr
-    plan = json.loads(proc.stdout)
-    assert plan["schema"] == "qwrap.plan/2" and not out.exists()
+def test_plan_is_what_run_executes(imatrix_run: PlannedRun, corpus: Path) -> None:
+    """...and with the default --jobs (0: every usable core) independent steps run at once."""
+    plan, result, out = imatrix_run.plan, imatrix_run.result, imatrix_run.out
+    assert plan["schema"] == "qwrap.plan/2"
     for step in plan["steps"]:
         assert set(step) == STEP_KEYS, step["id"]
         assert set(step["estimates"]) == {"output_bytes", "peak_ram_bytes", "peak_disk_bytes", "seconds"}
@@ -42,47 +41,67 @@ def test_plan_is_what_run_executes(tiny_model: Path, tmp_path: Path, corpus: Pat
     assert "imatrix" not in steps["gguf.quantize:Q8_0"]["inputs"]  # Q8_0 ignores an imatrix
     assert steps["gguf.imatrix"]["files"]["calib"] == str(corpus)
     assert plan["totals"]["peak_disk_bytes"] == sum(s["estimates"]["peak_disk_bytes"] for s in plan["steps"])
-    ran = run_qwrap("run", str(tiny_model), "-o", str(out), *options, "--json")
-    assert ran.returncode == 0, ran.stderr
-    result = json.loads(ran.stdout)
     assert [(s["id"], s["fingerprint"]) for s in result["steps"]] == [(s["id"], s["fingerprint"]) for s in plan["steps"]]
     assert {s["state"] for s in result["steps"]} == {"done"}
-    again = json.loads(run_qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json").stdout)
-    assert again["steps"] == plan["steps"]  # the same plan, also once the run has happened
-
-
-def test_independent_steps_run_at_once_and_jobs_1_runs_one(tiny_model: Path, tmp_path: Path,
-                                                          toolchain: Toolchain) -> None:
-    shas = {}
-    for jobs in ("0", "1"):
-        out = tmp_path / f"jobs{jobs}"
-        proc = run_qwrap("run", str(tiny_model), "-o", str(out), *qargs(), "--jobs", jobs, "--json")
-        assert proc.returncode == 0, proc.stderr
-        shas[jobs] = {a["quant"]: a["sha256"] for a in json.loads(proc.stdout)["artifacts"]}
+    assert imatrix_run.plan_after["steps"] == plan["steps"]  # the same plan, also once the run has happened
+    if usable_cores() > 1:
         spans = intervals(out)
         pairs = overlapping(spans)
-        if jobs == "1":
-            assert pairs == []
-        else:
-            assert pairs, spans  # 2 cores: quantizations share them, validations overlap the next
-            assert all("gguf.convert" not in pair for pair in pairs)  # nothing runs before its input is done
-        # one consistent journal: every step started once and finished once
-        assert {st.state for st in Journal(out).states().values()} == {StepState.DONE}
-    assert shas["0"] == shas["1"]  # the same artifacts either way
+        assert pairs, spans  # quantizations share the cores, validations overlap the next
+        assert_inputs_done_first(pairs, steps)
+    assert {st.state for st in Journal(out).states().values()} == {StepState.DONE}
 
 
-def test_cores_are_shared_among_quantizations(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
-    """On --jobs 2 with three types ready at once, the quantizations get one thread each and run
-    side by side; --threads fixes the count."""
-    for extra, expected in ((["--jobs", "2"], {"1"}), (["--jobs", "2", "--threads", "2"], {"2"})):
-        out = tmp_path / "-".join(extra)
-        proc = run_qwrap("run", str(tiny_model), "-o", str(out), *qargs(), *extra)
-        assert proc.returncode == 0, proc.stderr
-        threads = set()
-        for quant in QUANTS:
-            log = (out / ".checkpoint" / "logs" / f"gguf.quantize-{quant}.log").read_text()
-            threads.add(re.search(rf"llama-quantize \S+ \S+ {quant} (\d+)", log)[1])  # type: ignore[index]
-        assert expected <= threads, threads
+def assert_inputs_done_first(pairs: list[tuple[str, str]], steps: dict[str, dict]) -> None:
+    """Nothing ran at the same time as a step it reads."""
+    for a, b in pairs:
+        assert a not in steps[b]["inputs"].values() and b not in steps[a]["inputs"].values(), (a, b)
+
+
+@dataclass(frozen=True)
+class JobsRun:
+    out: Path
+    shas: dict[str, str]
+    threads: set[str]  # the thread counts llama-quantize was given
+
+
+def jobs_run(model: Path, out: Path, *extra: str) -> JobsRun:
+    proc = run_qwrap("run", str(model), "-o", str(out), *qargs(), *extra, "--json")
+    assert proc.returncode == 0, proc.stderr
+    threads = set()
+    for quant in QUANTS:
+        log = (out / ".checkpoint" / "logs" / f"gguf.quantize-{quant}.log").read_text()
+        threads.add(re.search(rf"llama-quantize \S+ \S+ {quant} (\d+)", log)[1])  # type: ignore[index]
+    # one consistent journal: every step started once and finished once
+    assert {st.state for st in Journal(out).states().values()} == {StepState.DONE}
+    return JobsRun(out, {a["quant"]: a["sha256"] for a in json.loads(proc.stdout)["artifacts"]}, threads)
+
+
+@pytest.fixture(scope="module")
+def jobs_runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, toolchain: Toolchain) -> dict[str, JobsRun]:
+    """The same three types on --jobs 2 (the runner shares the cores) and on --jobs 1 with
+    --threads 2 (one step at a time, each tool on the threads asked for)."""
+    root = tmp_path_factory.mktemp("jobs")
+    return {"2": jobs_run(tiny_model, root / "jobs2", "--jobs", "2"),
+            "1": jobs_run(tiny_model, root / "jobs1", "--jobs", "1", "--threads", "2")}
+
+
+def test_independent_steps_run_at_once_sharing_the_cores(jobs_runs: dict[str, JobsRun]) -> None:
+    """On --jobs 2 with three types ready at once, the quantizations get one thread each and
+    run side by side; nothing runs before its input is done."""
+    run = jobs_runs["2"]
+    spans = intervals(run.out)
+    pairs = overlapping(spans)
+    assert pairs, spans
+    assert all("gguf.convert" not in pair for pair in pairs)  # nothing runs before its input is done
+    assert "1" in run.threads, run.threads
+
+
+def test_jobs_1_runs_one_step_at_a_time_and_threads_fixes_the_count(jobs_runs: dict[str, JobsRun]) -> None:
+    run = jobs_runs["1"]
+    assert overlapping(intervals(run.out)) == []
+    assert run.threads == {"2"}, run.threads
+    assert run.shas == jobs_runs["2"].shas  # the same artifacts either way
 
 
 def test_health_check_timeout_keeps_the_environment(tmp_path: Path) -> None:

@@ -214,12 +214,59 @@ def test_qwrap_eval_measures_a_finished_run(tiny_model: Path, tmp_path: Path, co
 LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
 
 
+def held_out_split(corpus: Path, folder: Path) -> tuple[Path, Path]:
+    """The corpus cut at the blank lines around its last 5% (about where make-tiny-model's
+    training holds out its last 5% of tokens, at ~4 characters a token): calibration text the
+    model trained on, and evaluation text it never saw and calibration never reads."""
+    text = corpus.read_text(encoding="utf-8")
+    cut = len(text) * 95 // 100
+    calib, held_out = folder / "calibration.txt", folder / "held-out.txt"
+    calib.write_text(text[:text.rfind("\n\n", 0, cut)].strip() + "\n", encoding="utf-8")
+    held_out.write_text(text[text.find("\n\n", cut):].strip() + "\n", encoding="utf-8")
+    return calib, held_out
+
+
+def test_the_held_out_split_shares_no_document(corpus: Path, tmp_path: Path) -> None:
+    from qwrap.evaltext import overlap
+    from qwrap.workers.calib import read_documents
+
+    calib, held_out = held_out_split(corpus, tmp_path)
+    docs, before, after = read_documents(corpus), read_documents(calib), read_documents(held_out)
+    # whole documents: those before the cut, those after it; the one it falls in is in neither
+    assert docs[:len(before)] == before and docs[-len(after):] == after and len(before) + len(after) == len(docs) - 1
+    assert 10_000 < len(held_out.read_text()) and overlap(held_out, calib) == 0
+
+
+@pytest.mark.slow
+def test_the_demo_model_is_built_once_with_separate_texts(convert_python: Path, corpus: Path, tmp_path: Path) -> None:
+    """make-tiny-model --cached (the demo's model) builds once per set of arguments; --texts
+    gives a calibration text and an evaluation text that share no document."""
+    from qwrap.workers.calib import read_documents
+
+    def build(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([str(convert_python), str(REPO / "scripts" / "make-tiny-model"), "--cached",
+                               str(tmp_path / "models"), *args], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    first, again, other = build("--texts"), build("--texts"), build("--texts", "--seed", "1")
+    model = Path(first.stdout.strip())
+    assert "building" in first.stderr and "building" not in again.stderr and again.stdout == first.stdout
+    assert model.name == "tiny-llama" and Path(other.stdout.strip()) != model  # keyed by the arguments
+    train, held_out = read_documents(model / "texts" / "train.txt"), read_documents(model / "texts" / "held-out.txt")
+    docs = read_documents(corpus)
+    assert docs[:len(train)] == train and docs[-len(held_out):] == held_out and not set(train) & set(held_out)
+    assert len(train) + len(held_out) == len(docs) - 1  # the document the held-out tail begins in: neither
+
+
 @pytest.mark.slow
 def test_the_ladder_is_sane_and_the_imatrix_helps(trained_model: Path, tmp_path: Path, corpus: Path,
                                                   toolchain: Toolchain) -> None:
     """On a trained model, KLD rises monotonically from Q8_0 to Q2_K; the default importance
-    matrix (from --calib) lowers the KLD of a low-bit type."""
-    common = ["--eval-text", str(corpus), "--eval-tokens", "2048", "--eval-ctx", "256", "--json"]
+    matrix (from --calib) lowers the KLD of a low-bit type. Measured on the corpus' held-out
+    tail, which neither training nor calibration read."""
+    calib, held_out = held_out_split(corpus, tmp_path)
+    common = ["--eval-text", str(held_out), "--eval-tokens", "2048", "--eval-ctx", "256", "--json"]
     plain = run_qwrap("run", str(trained_model), "-o", str(tmp_path / "plain"),
                       *[a for q in LADDER for a in ("-q", q)], "--no-imatrix", *common)
     assert plain.returncode == 0, plain.stderr
@@ -229,8 +276,9 @@ def test_the_ladder_is_sane_and_the_imatrix_helps(trained_model: Path, tmp_path:
     assert [kld[q] for q in LADDER] == sorted(kld[q] for q in LADDER), kld
     assert len(set(kld.values())) == len(LADDER), kld
     tuned = run_qwrap("run", str(trained_model), "-o", str(tmp_path / "tuned"), "-q", "Q4_K_M",
-                      "--calib", str(corpus), *common)
+                      "--calib", str(calib), *common)
     assert tuned.returncode == 0, tuned.stderr
+    assert "also calibration text" not in tuned.stderr
     (art,) = json.loads(tuned.stdout)["artifacts"]
     assert art["quality"]["kld_mean"] < kld["Q4_K_M"], (art["quality"], kld["Q4_K_M"])  # measured: -9%
 

@@ -27,6 +27,7 @@ def custom(tiny_model: Path, tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])
 def test_custom_code_is_refused_naming_the_files_and_the_flag(custom: Path, tmp_path: Path, corpus: Path,
                                                                fmt: str) -> None:
@@ -38,6 +39,7 @@ def test_custom_code_is_refused_naming_the_files_and_the_flag(custom: Path, tmp_
     assert "pip install" not in text and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_plan_passes_the_flag_to_both_workers_steps(custom: Path, tmp_path: Path, corpus: Path) -> None:
     proc = run_qwrap("plan", str(custom), "--format", "awq", "--calib", str(corpus), "-o", str(tmp_path / "o"),
                      "--trust-remote-code", "--json", *SMALL)

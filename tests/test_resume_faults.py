@@ -12,25 +12,27 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import make_model, qwrap_argv, run_qwrap
+from conftest import Run, qwrap_argv, run_qwrap
+from moments import running_child, wait_for
 from qwrap.journal import Journal, sha256_file
 from qwrap.plan import StepState
 from qwrap.toolchain import Toolchain
 
 pytestmark = pytest.mark.slow
+wait_for_child = running_child  # tests/test_formats_hf.py imports it from here (new code: moments.running_child)
 QUANTS = ("Q4_K_M", "Q8_0", "Q5_K_S")
 
 
 @pytest.fixture(scope="module")
-def medium_model(tmp_path_factory: pytest.TempPathFactory, convert_python: Path) -> Path:
+def medium_model(named_model: Callable[[str], Path]) -> Path:
     """Big enough (~60M parameters) that each tool runs for a few seconds."""
-    return make_model(convert_python, tmp_path_factory.mktemp("models") / "medium",
-                      "--hidden", "1024", "--ffn", "2816", "--layers", "4", "--heads", "8", "--kv-heads", "4")
+    return named_model("medium")
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +52,6 @@ def start(model: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(qwrap_argv("run", str(model), "-o", str(out), *qargs(), *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
-
-
-def wait_for_child(out: Path, step_prefix: str, timeout: float = 120) -> psutil.Process:
-    """The running tool of a step, from the journal's child record (as qwrap would reap it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for rec in reversed(Journal(out).records() if (out / ".checkpoint" / "journal.jsonl").exists() else []):
-            if rec.get("kind") == "child" and rec["step_ref"].startswith(step_prefix):
-                try:
-                    return psutil.Process(int(rec["pid"]))
-                except psutil.NoSuchProcess:
-                    break
-        time.sleep(0.05)
-    raise AssertionError(f"no running child for {step_prefix}")
 
 
 def finish(out: Path, model: Path, *extra: str) -> dict:
@@ -92,31 +80,11 @@ def unvouched_partials(out: Path) -> list[Path]:
     return [p for p in out.glob("*.partial") if p.name not in vouched]
 
 
-def test_sigkill_of_the_tool_then_resume_is_identical(medium_model: Path, tmp_path: Path,
-                                                       reference: dict[str, str]) -> None:
-    out = tmp_path / "o"
-    proc = start(medium_model, out)
-    wait_for_child(out, "gguf.quantize:Q8_0").kill()
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 10, err
-    assert "SIGKILL" in err and "again" in err
-    assert Journal(out).states()["gguf.quantize:Q8_0"].state == "failed"
-    no_partial_finals(out)
-    # Steps running beside it finished and were kept; nothing new was started after the failure.
-    done_before = {name for name, st in Journal(out).states().items() if st.state is StepState.DONE}
-    assert "gguf.convert" in done_before
-    result = finish(out, medium_model)
-    steps = {s["id"]: s["state"] for s in result["steps"]}
-    assert all(steps[name] == "skipped" for name in done_before), (done_before, steps)
-    assert steps["gguf.quantize:Q8_0"] == "done"
-    assert shas(result) == reference
-
-
 def test_sigkill_of_qwrap_leaves_no_orphan_and_resumes(medium_model: Path, tmp_path: Path,
                                                         reference: dict[str, str]) -> None:
     out = tmp_path / "o"
     proc = start(medium_model, out)
-    child = wait_for_child(out, "gguf.convert")
+    child = running_child(out, "gguf.convert", proc)
     proc.kill()
     proc.communicate()
     child.wait(timeout=10)  # died with its parent (PR_SET_PDEATHSIG), not left running
@@ -133,7 +101,7 @@ def test_interrupt_and_terminate(medium_model: Path, tmp_path: Path, signum: int
                                  reference: dict[str, str]) -> None:
     out = tmp_path / "o"
     proc = start(medium_model, out)
-    child = wait_for_child(out, "gguf.quantize:Q4_K_M")
+    child = running_child(out, "gguf.quantize:Q4_K_M", proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
@@ -158,9 +126,10 @@ def test_stall_is_detected(tiny_model: Path, tmp_path: Path, toolchain: Toolchai
     assert Journal(out).states()["gguf.convert"].state == "failed"
 
 
-def test_modified_or_deleted_artifact_is_rebuilt(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+def test_modified_or_deleted_artifact_is_rebuilt(tiny_model: Path, tmp_path: Path, gguf_run: Run) -> None:
     out = tmp_path / "o"
-    first = shas(finish_tiny(out, tiny_model))
+    shutil.copytree(gguf_run.out, out)  # a finished run (the journal's paths are relative to its folder)
+    first = gguf_run.shas()
     q8 = out / "tiny-llama-Q8_0.gguf"
     data = bytearray(q8.read_bytes())
     data[-1] ^= 0xFF
@@ -198,7 +167,7 @@ def test_changes_rerun_exactly_what_they_affect(tiny_model: Path, tmp_path: Path
 def test_second_qwrap_on_same_output_is_refused(medium_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
     out = tmp_path / "o"
     proc = start(medium_model, out)
-    wait_for_child(out, "gguf.convert")
+    running_child(out, "gguf.convert", proc)
     second = run_qwrap("run", str(medium_model), "-o", str(out), *qargs())
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
@@ -268,24 +237,33 @@ def test_disk_full_then_resume(tiny_model: Path, tmp_path: Path, toolchain: Tool
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-@pytest.mark.parametrize("fraction", [0.1, 0.35, 0.6, 0.85])
-def test_sigkill_at_any_moment_then_rerun_is_identical(tiny_model: Path, tmp_path: Path, toolchain: Toolchain,
-                                                      fraction: float) -> None:
-    """Kill qwrap itself at several points of its run (SIGKILL: no cleanup at all); the
-    plain rerun must finish with exactly the artifacts of an uninterrupted run."""
+# Named moments of the tiny model's Q4_K_M + Q8_0 run, in the order they happen: qwrap itself
+# is SIGKILLed as soon as the moment is journaled (tests/moments.py).
+KILL_MOMENTS = (  # (child:gguf.convert: test_sigkill_of_qwrap_leaves_no_orphan_and_resumes)
+    "done:gguf.convert",  # the 16-bit GGUF is journaled; the quantizations are starting
+    "child:gguf.quantize:Q8_0",  # llama-quantize is writing the .partial
+    "done:gguf.quantize:Q4_K_M",  # a .partial vouched for by its record; its validation starting
+    "done:gguf.validate:",  # the first validation journaled "done", its rename may not have happened
+)
+
+
+@pytest.mark.parametrize("moment", KILL_MOMENTS)
+def test_sigkill_of_qwrap_at_a_named_moment_then_rerun_is_identical(tiny_model: Path, tmp_path: Path,
+                                                                    gguf_run: Run, moment: str) -> None:
+    """Kill qwrap itself at named moments of its run (SIGKILL: no cleanup at all); the plain
+    rerun must finish with exactly the artifacts of an uninterrupted run."""
     quants = ("Q4_K_M", "Q8_0")
-    ref_out = tmp_path / "ref"
-    started = time.monotonic()
-    reference = shas(finish_tiny(ref_out, tiny_model, quants=quants))
-    duration = time.monotonic() - started
     out = tmp_path / "o"
     proc = subprocess.Popen(qwrap_argv("run", str(tiny_model), "-o", str(out), *qargs(quants)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    time.sleep(duration * fraction)
-    proc.kill()
-    proc.wait()
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        wait_for(out, moment, proc)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (exit {proc.returncode}): {err}"
     result = finish_tiny(out, tiny_model, quants=quants)
-    assert shas(result) == reference
+    assert shas(result) == gguf_run.shas()
     assert not list(out.glob("*.partial"))
 
 
@@ -323,19 +301,35 @@ def test_sigkill_of_qwrap_while_several_children_run(medium_model: Path, tmp_pat
     assert not list(out.glob("*.partial"))
 
 
-@pytest.mark.parametrize("victim", ["gguf.validate:", "gguf.quantize:Q5_K_S"])
-def test_sigkill_of_one_child_while_others_run(medium_model: Path, tmp_path: Path, reference: dict[str, str],
-                                               victim: str) -> None:
+@pytest.mark.parametrize("victim", ["child:gguf.quantize:Q5_K_S", "child:gguf.validate:"])
+def test_sigkill_of_one_tool_while_others_run_then_resume_is_identical(medium_model: Path, tmp_path: Path,
+                                                                      reference: dict[str, str], victim: str) -> None:
+    """SIGKILL the tool of a step (a quantization beside another, the first validation) as soon
+    as the journal records it: exit 10 saying so and to run again; the steps running beside it
+    finish and are kept, nothing new starts; the rerun reuses them and is identical."""
     out = tmp_path / "o"
     proc = start(medium_model, out)
-    wait_for_child(out, victim).kill()
+    rec = wait_for(out, victim, proc)
+    assert isinstance(rec, dict)
+    step = rec["step_ref"]
+    try:
+        psutil.Process(int(rec["pid"])).kill()
+    except psutil.NoSuchProcess:
+        raise AssertionError(f"the tool of {step} ended before it was caught") from None
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 10, err
+    assert "SIGKILL" in err and "again" in err
     states = Journal(out).states()
+    assert states[step].state is StepState.FAILED
     assert not [name for name, st in states.items() if st.state is StepState.STARTED]
-    assert [name for name, st in states.items() if st.state is StepState.FAILED] != []
     no_partial_finals(out)
-    assert shas(finish(out, medium_model)) == reference
+    done_before = {name for name, st in states.items() if st.state is StepState.DONE}
+    assert "gguf.convert" in done_before
+    result = finish(out, medium_model)
+    steps = {s["id"]: s["state"] for s in result["steps"]}
+    assert all(steps[name] == "skipped" for name in done_before), (done_before, steps)
+    assert steps[step] == "done"
+    assert shas(result) == reference
 
 
 HF_SMALL = ("--calib-samples", "4", "--calib-seq-len", "64", "--threads", "1")
@@ -365,20 +359,18 @@ def test_ctrl_c_in_the_gptq_worker_and_sigterm_in_its_evaluation(tiny_model: Pat
                                 stdin=subprocess.DEVNULL)
 
     proc = launch()
-    worker = wait_for_child(out, "gptq.quantize", timeout=600)
+    worker = running_child(out, "gptq.quantize", proc, timeout=600)
     layers = out / ".checkpoint" / "layers"
-    while proc.poll() is None and not any(layers.rglob("*.safetensors")):
-        time.sleep(0.1)
+    wait_for(out, "file:.checkpoint/layers/**/*.safetensors", proc, timeout=600)  # a layer checkpoint
     _stop_and_check(proc, worker, signal.SIGINT, 130)
     assert Journal(out).states()["gptq.quantize"].state == "interrupted"
     kept = sorted(p.relative_to(layers) for p in layers.rglob("*.safetensors"))
     assert kept, "the layer checkpoints were removed"
 
     proc = launch()
-    worker = wait_for_child(out, "gptq.validate", timeout=600)
-    reference = out / ".checkpoint" / "work" / "hf-reference" / "reference.safetensors"
-    while proc.poll() is None and not reference.is_file():
-        time.sleep(0.05)  # the source model is scored: the artifact's evaluation comes next
+    worker = running_child(out, "gptq.validate", proc, timeout=600)
+    # the source model is scored: the artifact's evaluation comes next
+    wait_for(out, "file:.checkpoint/work/hf-reference/reference.safetensors", proc, timeout=600)
     _stop_and_check(proc, worker, signal.SIGTERM, 143)
     states = Journal(out).states()
     assert states["gptq.quantize"].state == "done" and states["gptq.validate"].state == "interrupted"

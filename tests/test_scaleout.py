@@ -12,18 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import qwrap_argv, run_qwrap
-from qwrap.journal import Journal, sha256_file
+from conftest import artifact_shas, qwrap_argv, run_qwrap, scaleout_options
+from moments import wait_for
+from qwrap.journal import Journal
 from qwrap.toolchain import Toolchain
 
 pytestmark = pytest.mark.slow
-ARTIFACTS = ("tiny-llama-Q4_K_M.gguf", "tiny-llama-Q8_0.gguf")
 
 
 def options(corpus: Path) -> list[str]:
-    """Two types with a small evaluation: every kind of GGUF step, in a few seconds each."""
-    return ["-q", "Q4_K_M", "-q", "Q8_0", "--eval-text", str(corpus), "--eval-tokens", "1024", "--eval-ctx", "256",
-            "--eval-weights", "on"]
+    return scaleout_options(corpus)
 
 
 def plan_steps(model: Path, out: Path, opts: list[str]) -> list[dict]:
@@ -46,21 +44,8 @@ def step_process(model: Path, out: Path, opts: list[str], *step_ids: str) -> sub
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
-def artifact_shas(out: Path) -> dict[str, str]:
-    return {name: sha256_file(out / name) for name in ARTIFACTS}
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory,
-              toolchain: Toolchain) -> dict[str, str]:
-    out = tmp_path_factory.mktemp("reference") / "o"
-    proc = run_qwrap("run", str(tiny_model), "-o", str(out), *options(corpus))
-    assert proc.returncode == 0, proc.stderr
-    return artifact_shas(out)
-
-
 def test_concurrent_step_processes_make_what_one_run_makes(tiny_model: Path, corpus: Path, tmp_path: Path,
-                                                           reference: dict[str, str]) -> None:
+                                                           scaleout_reference: dict[str, str]) -> None:
     out, opts = tmp_path / "o", options(corpus)
     steps = plan_steps(tiny_model, out, opts)
     started = time.monotonic()
@@ -77,7 +62,7 @@ def test_concurrent_step_processes_make_what_one_run_makes(tiny_model: Path, cor
     again = run_qwrap("run", str(tiny_model), "-o", str(out), *opts, "--json")
     assert again.returncode == 0, again.stderr
     assert {s["state"] for s in json.loads(again.stdout)["steps"]} == {"skipped"}  # reuses everything
-    assert artifact_shas(out) == reference
+    assert artifact_shas(out) == scaleout_reference
     status = json.loads(run_qwrap("status", str(out), "--json").stdout)
     rows = {s["step"]: s for s in status["steps"]}
     assert set(rows) == {s["id"] for s in steps} and {r["state"] for r in rows.values()} == {"done"}
@@ -114,10 +99,7 @@ def test_the_same_step_twice_at_once_the_second_exits_14(tiny_model: Path, corpu
                                                           toolchain: Toolchain) -> None:
     out, opts = tmp_path / "o", options(corpus)
     first = step_process(tiny_model, out, opts, "gguf.convert")
-    deadline = time.monotonic() + 120
-    while not any(r.get("kind") == "child" for r in (Journal(out).records() if Journal(out).path.exists() else [])):
-        assert time.monotonic() < deadline and first.poll() is None, "the first never started its tool"
-        time.sleep(0.05)
+    wait_for(out, "child:gguf.convert", first, timeout=120)  # the first one's converter is running
     second = run_qwrap("run", str(tiny_model), "-o", str(out), *opts, "--step", "gguf.convert")
     whole = run_qwrap("run", str(tiny_model), "-o", str(out), *opts)
     _, err = first.communicate(timeout=300)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REQUIRE, run_qwrap
+from conftest import REQUIRE, artifact_shas, run_qwrap
+from moments import wait_for
 from qwrap.journal import Journal
 from slurmcluster import SlurmCluster, missing
-from test_scaleout import artifact_shas, options, reference  # noqa: F401 - reference is a fixture
+from test_scaleout import options
 
 pytestmark = pytest.mark.slow
 CANCELLED_STEP = "gguf.weights:Q4_K_M"  # the longest step of the plan (~13 s): cancelled mid-step
@@ -49,7 +50,7 @@ def all_done(out: Path) -> list[dict]:
 
 
 def test_slurm_jobs_make_what_one_machine_makes(cluster: SlurmCluster, tiny_model: Path, corpus: Path,
-                                                tmp_path: Path, reference: dict[str, str]) -> None:  # noqa: F811
+                                                tmp_path: Path, scaleout_reference: dict[str, str]) -> None:
     out = tmp_path / "o"
     submit = emit(tiny_model, out, tmp_path / "jobs", corpus)
     started = time.monotonic()
@@ -57,7 +58,7 @@ def test_slurm_jobs_make_what_one_machine_makes(cluster: SlurmCluster, tiny_mode
     states = cluster.wait(list(jobs.values()))
     print(f"{len(jobs)} Slurm jobs ({len(states)} tasks) in {time.monotonic() - started:.1f} s")
     assert set(states.values()) == {"COMPLETED"}, (states, cluster.logs())
-    assert artifact_shas(out) == reference
+    assert artifact_shas(out) == scaleout_reference
     steps = all_done(out)
     assert all("slurm job" in s["by"] for s in steps)  # every step ran as a job, none in the finishing run
     assert (out / "README.md").exists()  # the finishing run wrote the model card
@@ -66,13 +67,13 @@ def test_slurm_jobs_make_what_one_machine_makes(cluster: SlurmCluster, tiny_mode
 
 def test_a_task_cancelled_mid_step_then_resubmitted_completes_identically(
         cluster: SlurmCluster, tiny_model: Path, corpus: Path, tmp_path: Path,
-        reference: dict[str, str]) -> None:  # noqa: F811
+        scaleout_reference: dict[str, str]) -> None:
     out = tmp_path / "o"
     submit = emit(tiny_model, out, tmp_path / "jobs", corpus)
     started = time.monotonic()
     jobs = cluster.submit(submit)
     stage = next(job for name, job in jobs.items() if "gguf.weights" in name)
-    wait_for_child(out, CANCELLED_STEP)
+    wait_for(out, f"child:{CANCELLED_STEP}", timeout=600)  # the task's tool is running: cancel it
     cluster.run("scancel", f"{stage}_0")
     states = cluster.wait(list(jobs.values()))
     assert states[f"{stage}_0"] == "CANCELLED", states
@@ -82,19 +83,10 @@ def test_a_task_cancelled_mid_step_then_resubmitted_completes_identically(
     states = cluster.wait(list(again.values()))
     print(f"cancelled, resubmitted and finished in {time.monotonic() - started:.1f} s")
     assert set(states.values()) == {"COMPLETED"}, (states, cluster.logs())
-    assert artifact_shas(out) == reference
+    assert artifact_shas(out) == scaleout_reference
     all_done(out)
     done = [r for r in Journal(out).records() if r.get("state") == "done"]
     for step in ("gguf.convert", "gguf.quantize:Q4_K_M", "gguf.weights:Q8_0"):  # the resubmission reused them
         assert sum(r["step"] == step for r in done) == 1, step
     assert not list(out.glob("*.partial"))
 
-
-def wait_for_child(out: Path, step: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if Journal(out).path.exists() and any(r.get("kind") == "child" and r["step_ref"] == step
-                                              for r in Journal(out).records()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{step} never started a tool")

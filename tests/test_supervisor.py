@@ -70,6 +70,7 @@ def test_stdin_closed_own_session_and_env_blocklist(monkeypatch: pytest.MonkeyPa
     assert lines == ["''", "True", "None x True"]
 
 
+@pytest.mark.heavy
 def test_peak_rss_covers_the_whole_tree() -> None:
     result = supervisor.run(
         py("""

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,15 +22,21 @@ from qwrap.toolchain import Toolchain, find_toolchain, read_pin, source_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make-tiny-model"
+# For each folder named (one process: torch and transformers are imported once), one line:
+# tokenizer size, vocabulary size, tokens generated; or the error.
 LOAD_AND_GENERATE = """
-import sys
+import sys, traceback
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-ids = tok("The harbour was quiet before the storm.", return_tensors="pt")
-out = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                     pad_token_id=tok.eos_token_id)
-print(len(tok), model.config.vocab_size, out.shape[1] - ids["input_ids"].shape[1])
+for folder in sys.argv[1:]:
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        ids = tok("The harbour was quiet before the storm.", return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+        print(len(tok), model.config.vocab_size, out.shape[1] - ids["input_ids"].shape[1], flush=True)
+    except Exception:
+        print("error", traceback.format_exc()[-2000:].replace("\\n", " | "), flush=True)
 """
 # Mean next-token loss of each model on the corpus tail make-tiny-model holds out of training,
 # in BOS-led windows as in training and in llama-perplexity's chunks.
@@ -79,8 +86,7 @@ def build(python: Path, out: Path, *args: str) -> Path:
     return out
 
 
-def convert(python: Path, converter: Path, model: Path) -> subprocess.CompletedProcess[str]:
-    gguf = model.with_name(model.name + ".gguf")
+def convert(python: Path, converter: Path, model: Path, gguf: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(python), str(converter), str(model), "--outfile", str(gguf),
                            "--outtype", "f16"],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
@@ -91,17 +97,10 @@ def contents(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def models(python: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One folder per case, built once for the module."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    cases = {
-        "spm": (),
-        "llama-bpe": ("--tokenizer", "llama-bpe"),
-        "gpt2-bpe": ("--tokenizer", "gpt2-bpe"),
-        "qwen2-sharded": ("--arch", "qwen2", "--shards", "2"),
-        "foo": ("--architecture-name", "FooForCausalLM"),
-    }
-    return {name: build(python, root / name, *args) for name, args in cases.items()}
+def models(tiny_model: Path, named_model: Callable[[str], Path]) -> dict[str, Path]:
+    """One folder per case, each built once per machine (conftest.MODELS); "spm" is the
+    default tiny model every other test uses."""
+    return {"spm": tiny_model, **{name: named_model(name) for name in ("llama-bpe", "gpt2-bpe", "qwen2-sharded", "foo")}}
 
 
 # -- no toolchain needed -----------------------------------------------------------------
@@ -159,10 +158,10 @@ def test_folder_is_complete(models: dict[str, Path]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["spm", "llama-bpe", "qwen2-sharded"])
 def test_converter_accepts(python: Path, converter: Path, models: dict[str, Path],
-                           name: str) -> None:
-    proc = convert(python, converter, models[name])
+                           name: str, tmp_path: Path) -> None:
+    proc = convert(python, converter, models[name], tmp_path / f"{name}.gguf")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert models[name].with_name(name + ".gguf").read_bytes()[:4] == b"GGUF"
+    assert (tmp_path / f"{name}.gguf").read_bytes()[:4] == b"GGUF"
 
 
 @pytest.mark.slow
@@ -171,19 +170,32 @@ def test_converter_accepts(python: Path, converter: Path, models: dict[str, Path
     ("foo", "Model FooForCausalLM is not supported"),
 ])
 def test_converter_rejects(python: Path, converter: Path, models: dict[str, Path], name: str,
-                           message: str) -> None:
-    proc = convert(python, converter, models[name])
+                           message: str, tmp_path: Path) -> None:
+    proc = convert(python, converter, models[name], tmp_path / f"{name}.gguf")
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["spm", "llama-bpe", "qwen2-sharded"])
-def test_transformers_loads_and_generates(python: Path, models: dict[str, Path], name: str) -> None:
-    proc = subprocess.run([str(python), "-c", LOAD_AND_GENERATE, str(models[name])],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+GENERATED = ("spm", "llama-bpe", "qwen2-sharded")
+
+
+@pytest.fixture(scope="module")
+def generated(python: Path, models: dict[str, Path]) -> dict[str, str]:
+    """What LOAD_AND_GENERATE printed for each of GENERATED, by name."""
+    proc = subprocess.run([str(python), "-c", LOAD_AND_GENERATE, *(str(models[name]) for name in GENERATED)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tokenizer_size, vocab_size, generated = map(int, proc.stdout.split())
-    assert (tokenizer_size, vocab_size, generated) == (4096, 4096, 4)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(GENERATED), proc.stdout + proc.stderr[-3000:]
+    return dict(zip(GENERATED, lines, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GENERATED)
+def test_transformers_loads_and_generates(generated: dict[str, str], name: str) -> None:
+    line = generated[name]
+    assert not line.startswith("error"), line
+    tokenizer_size, vocab_size, count = map(int, line.split())
+    assert (tokenizer_size, vocab_size, count) == (4096, 4096, 4)
 
 
 # -- --train-steps ---------------------------------------------------------------------------

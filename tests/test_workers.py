@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from qwrap.workers import protocol as p
+from qwrap.workers.backends import VALIDATE_MODULE, WORKER_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,12 +78,12 @@ def test_malformed_jobs_are_rejected(data: dict[str, object], message: str) -> N
         p.job_from_dict(data)
 
 
-def test_every_backend_format_pair_has_a_worker_module() -> None:
-    for (backend, fmt), module in p.WORKER_MODULES.items():
+def test_every_declared_backend_format_pair_has_a_worker_module() -> None:
+    for (backend, fmt), module in WORKER_MODULES.items():
         assert (REPO / "wrapper" / (module.replace(".", "/") + ".py")).is_file()
         assert p.worker_module(quantize_job(backend=backend, format=fmt)) == module
     validate = p.ValidateJob(model="/m", quantized="/q", text=p.TextSource(path="/t"))
-    assert p.worker_module(validate) == p.VALIDATE_MODULE
+    assert p.worker_module(validate) == VALIDATE_MODULE
 
 
 EVENTS: list[p.Event] = [

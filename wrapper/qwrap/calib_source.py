@@ -1,4 +1,11 @@
-"""Default calibration data: WikiText-2 (raw), fetched through huggingface_hub.
+"""Default texts: WikiText-2 (raw), fetched through huggingface_hub; its train split is the
+default calibration text, its test split the default evaluation text.
+
+Whether a split can be had is decided once, before the plan is built, the same way for `plan`,
+`run` and every `--step` job (``unavailable``): it can when its parquet file is already in the
+local Hugging Face cache, or when the Hub answers (``reach.hub()``, asked at most once per
+process and within about 2 s). A split that cannot be had is never downloaded, so an
+unreachable Hub costs no retries.
 
 The Hub only serves this dataset as parquet, and neither huggingface_hub nor the stdlib can
 read parquet, while the parent must not import pyarrow. So ``wikitext2()`` returns the cached
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qwrap import reach
 from qwrap.errors import OfflineError, UsageError
 
 WIKITEXT_REPO = "Salesforce/wikitext"
@@ -21,37 +29,58 @@ TEST_FILE = "wikitext-2-raw-v1/test-00000-of-00001.parquet"
 _CALIB_HINT = "Pass --calib FILE with a plain text file to calibrate on instead."
 
 
-def wikitext2(split: str = "train", *, token: str | None = None, local_only: bool = False) -> Path:
-    """The cached WikiText-2 raw ``split`` parquet file (downloaded on first use, unless
-    ``local_only``)."""
+def _filename(split: str) -> str:
     if split not in WIKITEXT_SPLITS:
         raise UsageError(
             f"unknown WikiText-2 split '{split}'", hint=f"Use one of {', '.join(WIKITEXT_SPLITS)}."
         )
+    return f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet"
+
+
+def local_parquet(split: str = "train") -> Path | None:
+    """The split's parquet file if it is in the local Hugging Face cache (asks no server)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return Path(hf_hub_download(WIKITEXT_REPO, _filename(split), repo_type="dataset", local_files_only=True))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        return None
+
+
+def unavailable(split: str = "train") -> str:
+    """Why the split cannot be had, as a clause ("" when it can: cached here, or the Hub
+    answers). The same for every split, so that one cause reads as one line."""
+    if local_parquet(split) is not None:
+        return ""
+    hub = reach.hub()
+    return "" if hub.ok else f"WikiText-2 is not in the local cache and {hub.describe()}"
+
+
+def wikitext2(split: str = "train", *, token: str | None = None, local_only: bool = False) -> Path:
+    """The cached WikiText-2 raw ``split`` parquet file: the local copy when there is one, else
+    downloaded (unless ``local_only``, HF_HUB_OFFLINE, or a Hub that does not answer: then
+    OfflineError, without a single retry)."""
+    found = local_parquet(split)
+    if found is not None:
+        return found
+    why = "it was asked for from the local cache only" if local_only else unavailable(split)
+    if why:
+        raise _missing(split, why)
     from httpx import TransportError
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    filename = f"wikitext-2-raw-v1/{split}-00000-of-00001.parquet"
     try:
-        path = hf_hub_download(
-            WIKITEXT_REPO,
-            filename,
-            repo_type="dataset",
-            token=token,
-            local_files_only=constants.HF_HUB_OFFLINE or local_only,
-        )
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, TransportError, HfHubHTTPError) as exc:
-        # Whatever the cause (offline, unreachable, missing on a mirror), the next step is the same.
-        reason = (
-            "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} failed"
-        )
-        raise OfflineError(
-            f"cannot get the default calibration data (WikiText-2 from {WIKITEXT_REPO}): "
-            f"{reason} and it is not in the local cache ({type(exc).__name__})",
-            hint=_CALIB_HINT,
-        ) from exc
-    return Path(path)
+        return Path(hf_hub_download(WIKITEXT_REPO, _filename(split), repo_type="dataset", token=token))
+    except (LocalEntryNotFoundError, TransportError, HfHubHTTPError) as exc:
+        # Whatever the cause (a dropped connection, missing on a mirror), the next step is the same.
+        raise _missing(split, f"downloading it from {constants.ENDPOINT} failed ({type(exc).__name__})") from exc
+
+
+def _missing(split: str, why: str) -> OfflineError:
+    what = "the default calibration data" if split == "train" else f"the default {split} text"
+    return OfflineError(f"cannot get {what} (WikiText-2 {split} from {WIKITEXT_REPO}): {why}", hint=_CALIB_HINT)
 
 
 def text_path(parquet: Path) -> Path:
@@ -80,20 +109,8 @@ def wikitext2_text(split: str = "train", *, token: str | None = None) -> Path:
 
 
 def cached_text(split: str = "train") -> Path | None:
-    """The text of a WikiText-2 split if it is already in the cache (for `plan`, which downloads nothing)."""
-    try:
-        text = text_path(wikitext2(split, local_only=True))
-    except OfflineError:
-        return None
-    return text if text.exists() else None
-
-
-def planned_text(split: str = "train") -> Path | None:
-    """For `plan`, which downloads nothing: the cached text of a split, or None when `run` would
-    download it. Raises OfflineError when HF_HUB_OFFLINE is set and it is not cached."""
-    from huggingface_hub import constants
-
-    text = cached_text(split)
-    if text is None and constants.HF_HUB_OFFLINE:
-        raise OfflineError(f"HF_HUB_OFFLINE is set and WikiText-2 ({split}) is not in the cache")
-    return text
+    """For `plan`, which downloads nothing: the split's text if it is already in the cache, else
+    None (`run` converts or downloads it when ``unavailable`` says it can)."""
+    parquet = local_parquet(split)
+    text = text_path(parquet) if parquet is not None else None
+    return text if text is not None and text.exists() else None

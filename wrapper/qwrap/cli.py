@@ -21,6 +21,7 @@ from rich.console import Console
 from . import __version__
 from .errors import Interrupted, QwrapError, exit_code_for
 from .options import Option
+from .workers.backends import BACKENDS as BACKEND_NAMES  # declared once, for the help texts
 
 app = typer.Typer(
     name="qwrap",
@@ -483,7 +484,7 @@ def doctor(json_out: JsonFlag = False) -> None:
 @app.command()
 def setup(
     cuda: Annotated[Optional[bool], typer.Option("--cuda/--cpu", help="Build llama.cpp with CUDA (default: when nvidia-smi sees a GPU).")] = None,
-    backends: Annotated[list[str], typer.Option(help="Backend environments to create too (autoawq, gptqmodel, auto-gptq, or all); repeatable.")] = [],  # noqa: B006
+    backends: Annotated[list[str], typer.Option(help=f"Backend environments to create too ({', '.join(BACKEND_NAMES)}, or all); repeatable.")] = [],  # noqa: B006
     llama: Annotated[bool, typer.Option(help="Fetch and build the pinned llama.cpp.")] = True,
     envs: Annotated[bool, typer.Option(help="Create the converter and report environments.")] = True,
     archive: Annotated[Optional[Path], typer.Option(help="A local copy of the pinned llama.cpp source archive (still hash-checked).")] = None,
@@ -506,7 +507,7 @@ def setup(
 
 @env_app.command("create")
 def env_create(
-    name: Annotated[str, typer.Argument(help="convert (the GGUF converter), a backend (autoawq, gptqmodel, auto-gptq) or report (the quality plot).")],
+    name: Annotated[str, typer.Argument(help=f"convert (the GGUF converter), a backend ({', '.join(BACKEND_NAMES)}) or report (the quality plot).")],
     rebuild: Annotated[bool, typer.Option(help="Recreate even if healthy.")] = False,
 ) -> None:
     """Create (or verify) an isolated environment in the cache. Example: qwrap env create convert"""

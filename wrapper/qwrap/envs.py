@@ -34,7 +34,7 @@ from . import __version__
 from .children import run_checked
 from .errors import StepFailedError, ToolchainMissingError
 from .toolchain import cache_root, gpu_present, package_data
-from .workers.protocol import BACKEND_ENVIRONMENTS
+from .workers.backends import BACKENDS, DECLARED_BACKENDS
 
 LOCK_DIR = package_data("locks")
 TORCH_VERSION = os.environ.get("QWRAP_TORCH_VERSION", "2.13.0")
@@ -48,15 +48,17 @@ class EnvSpec:
     lock: str  # file name under locks/
     imports: tuple[str, ...]  # health check
     torch: bool = True
+    packages: tuple[str, ...] = ()  # the lock's main pins, shown by `qwrap doctor`
 
 
-# The converter's environment (GGUF conversion, calibration text), then every backend's, as the
-# worker protocol declares them: a new backend is a worker, its lock and a line there; then the
-# report environment (matplotlib, no torch) that draws the quality plot.
+# The converter's environment (GGUF conversion, calibration text), then every backend's, as
+# workers/backends.py declares them (a new backend is a worker, its lock and a line there), then
+# the report environment (matplotlib, no torch) that draws the quality plot.
 SPECS: dict[str, EnvSpec] = {
-    "convert": EnvSpec("convert", "convert.txt", ("torch", "transformers", "sentencepiece", "numpy")),
-    **{name: EnvSpec(name, lock, imports) for name, (lock, imports) in BACKEND_ENVIRONMENTS.items()},
-    "report": EnvSpec("report", "report.txt", ("matplotlib",), torch=False),
+    "convert": EnvSpec("convert", "convert.txt", ("torch", "transformers", "sentencepiece", "numpy"),
+                       packages=("transformers", "numpy", "sentencepiece")),
+    **{b.name: EnvSpec(b.name, b.lock, b.imports, packages=b.packages) for b in DECLARED_BACKENDS},
+    "report": EnvSpec("report", "report.txt", ("matplotlib",), torch=False, packages=("matplotlib", "numpy")),
 }
 
 
@@ -228,8 +230,7 @@ def ensure_env(name: str, *, on_line: Callable[[str], None] | None = None, rebui
     return env
 
 
-KEY_PACKAGES = ("transformers", "autoawq", "gptqmodel", "auto-gptq", "optimum", "numpy", "sentencepiece",
-                "matplotlib")
+KEY_PACKAGES = tuple(dict.fromkeys(pkg for s in SPECS.values() for pkg in s.packages))
 
 
 def pinned(name: str) -> dict[str, str]:
@@ -290,5 +291,5 @@ def worker_code() -> Path:
 def setup_command(missing: list[str], *, llama: bool = True) -> str:
     """The one `qwrap setup` command that creates the environments ``missing`` (and whatever
     else is missing: setup reuses what is there)."""
-    backends = [n for n in missing if n in BACKEND_ENVIRONMENTS]
+    backends = [n for n in missing if n in BACKENDS]
     return " ".join(["qwrap setup", *([] if llama else ["--no-llama"]), *(f"--backends {b}" for b in backends)])

@@ -2,10 +2,11 @@
 tokens.
 
 The text is ``--eval-text FILE`` (.txt, documents separated by blank lines, or .jsonl), else
-WikiText-2's *test* split (cached through the Hub client). Offline without either, the run
-evaluates on the held-out part of ``--calib`` (every 10th document, which calibration never
-sees) and says so. It is cut as llama-perplexity does: tokenized once with BOS, consecutive
-chunks of ``ctx`` tokens, the first token of each set to BOS, the second half scored.
+WikiText-2's *test* split (cached through the Hub client, when ``calib_source.unavailable``
+says it can be had). Without either, the run evaluates on the held-out part of ``--calib``
+(every 10th document, which calibration never sees) and says so. It is cut as llama-perplexity
+does: tokenized once with BOS, consecutive chunks of ``ctx`` tokens, the first token of each
+set to BOS, the second half scored.
 
 ``--eval-tokens`` bounds the cost (tokens processed = chunks x ctx). Its default is sized to
 the run on the machine at hand: as many chunks as keep the evaluation steps' estimated time at
@@ -81,14 +82,15 @@ def from_file(path: Path, ctx: int, chunks: int) -> Evaluation:
 
 
 def wikitext_test(ctx: int, chunks: int, *, token: str | None, fetch: bool) -> Evaluation:
-    """WikiText-2's test split, converted to text once in the cache. Raises OfflineError."""
+    """WikiText-2's test split, converted to text once in the cache (the caller has asked
+    ``calib_source.unavailable("test")`` first). Raises OfflineError when the download fails."""
     from . import calib_source
 
     identity = f"hf-dataset:{calib_source.WIKITEXT_REPO}/{calib_source.TEST_FILE}"
     if fetch:
         return Evaluation(identity, "wikitext2 (test)", str(calib_source.wikitext2_text("test", token=token)),
                           ctx, chunks)
-    text = calib_source.planned_text("test")  # None: `run` downloads it, so the plan is the same
+    text = calib_source.cached_text("test")  # None: `run` downloads it, so the plan is the same
     return Evaluation(identity, "wikitext2 (test)", str(text) if text else None, ctx, chunks)
 
 

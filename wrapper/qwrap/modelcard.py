@@ -73,7 +73,7 @@ def _calibration_line(result: RunResult) -> str:
     if use.state == "used":
         return f"`{use.label}`"
     if use.state == "missing":
-        return f"none, although wanted: {use.note}"
+        return f"none, although wanted: {(use.note or '').rstrip('.')}"
     return "none (not needed for these formats)"
 
 

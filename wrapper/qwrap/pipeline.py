@@ -30,7 +30,7 @@ from .publish import push
 from .request import Request, check_basic, safe_argv
 from .results import RunOutcome, RunResult, build_result
 from .runner import Runner, RunSettings, remove_intermediates
-from .texts import calibration, evaluation, warn_overlap
+from .texts import calibration, evaluation, warn_overlap, warning_lines
 from .toolchain import read_pin
 from .units import format_seconds
 
@@ -189,16 +189,14 @@ def _with_texts(request: Request, model: ModelInfo, token: str | None, reporter:
     """The model with its calibration and evaluation texts (fetched when needed), the evaluation
     sized to the run (sized_evaluation); and why calibration text is missing, if it is."""
     calib, calib_note = calibration(request, token, fetch=True)
-    if calib_note:
-        reporter.warning(calib_note)
     model = dataclasses.replace(model, calibration=calib)
     ev, note = evaluation(request, model, token, work=request.output / ".checkpoint" / "work")
     model, cost = sized_evaluation(request, dataclasses.replace(model, evaluation=ev))
     if cost and cost.warning():
         reporter.warning(cost.warning())
     warn_overlap(request, model.evaluation, reporter)
-    if note:
-        reporter.warning(note)
+    for line in warning_lines(calib_note, note):  # one line when both texts miss for one cause (no Hub)
+        reporter.warning(line)
     return model, calib_note
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
@@ -47,6 +47,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("top1_agreement", "same top-1", "{:.1%}", RENDERERS),
 )
 FIGURE_KEYS = frozenset(f.key for f in FIGURES)
+# not figures: what an evaluation records of the tokens it scored (kept in the result as is)
+METADATA = frozenset({"chunks", "ids_sha256"})
 
 
 def columns(renderer: str) -> tuple[Figure, ...]:
@@ -86,6 +88,7 @@ class Quality:
     runtime: str | None = None  # "llama.cpp" or "transformers"
     weights: Quality | None = None
     weights_unavailable: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)  # what the evaluation recorded of its tokens (METADATA)
 
     @property
     def kld_mean(self) -> float | None:
@@ -98,13 +101,13 @@ class Quality:
             weights = self.weights.to_json()
         elif self.weights_unavailable is not None:
             weights = {"unavailable": self.weights_unavailable}
-        return {**doc, "tokens": self.tokens, "ctx": self.ctx, "runtime": self.runtime, "weights": weights}
+        return {**doc, **self.meta, "tokens": self.tokens, "ctx": self.ctx, "runtime": self.runtime, "weights": weights}
 
     @classmethod
     def from_json(cls, data: Any, where: str = "quality") -> Quality:
         if not isinstance(data, Mapping):
             raise SchemaError(f"{where} is {type(data).__name__}, not an object")
-        unknown = set(data) - FIGURE_KEYS - {"tokens", "ctx", "runtime", "weights"}
+        unknown = set(data) - FIGURE_KEYS - METADATA - {"tokens", "ctx", "runtime", "weights"}
         if unknown:
             raise SchemaError(f"{where} has unknown figures {sorted(unknown)} (add them to quality.FIGURES)")
         figures = {k: v for k in FIGURE_KEYS if (v := _number(data.get(k), f"{where}.{k}")) is not None}
@@ -118,7 +121,7 @@ class Quality:
         elif raw is not None:
             weights = cls.from_json(raw, f"{where}.weights")
         return cls(figures, _count(data.get("tokens"), f"{where}.tokens"), _count(data.get("ctx"), f"{where}.ctx"),
-                   runtime, weights, unavailable)
+                   runtime, weights, unavailable, {k: data[k] for k in METADATA if k in data})
 
 
 _NUMBER = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from ..options import Listing, Option
-from ..plan import PlanBuilder
-from . import hfquant
+from ..workers.backends import backends_for
 
-# what AWQ shares with GPTQ, assigned by name (the Format Protocol's functions)
-from .hfquant import (  # noqa: F401
+# what AWQ shares with GPTQ: Format Protocol functions assigned by name, and the helpers used below
+from .hfbase import (  # noqa: F401
     LIBRARY,
+    PANEL,
     card_usage,
     checks,
     execute,
@@ -23,48 +23,53 @@ from .hfquant import (  # noqa: F401
     publishable,
     requirements,
     result_fields,
+    validate_common,
     wants_calibration,
 )
+from .hfbase import add_steps as add_hf_steps
+from .hfbase import listing as hf_listing
+from .hfoptions import COMMON_OPTIONS, Common, from_json, make
 
 if TYPE_CHECKING:
     from ..model import ModelInfo
+    from ..plan import PlanBuilder
 
 NAME = "awq"
-TITLE = hfquant.PANEL
+TITLE = PANEL
 SUMMARY = "a Hugging Face folder, 4-bit activation-aware quantization (autoawq or gptqmodel)"
-BACKENDS: tuple[str, ...] = ("autoawq", "gptqmodel")
+BACKENDS: tuple[str, ...] = backends_for(NAME)  # declared in workers/backends.py, the default first
 VERSIONS = ("gemm", "gemv")
 
 OPTIONS: tuple[Option, ...] = (
-    *hfquant.COMMON_OPTIONS,
+    *COMMON_OPTIONS,
     Option("awq_version", str, "gemm", "AWQ kernel layout: gemm or gemv."),
     Option("zero_point", bool, True, "AWQ asymmetric quantization with zero points."),
 )
 
 
 @dataclass(frozen=True)
-class Options(hfquant.Common):
+class Options(Common):
     awq_version: str = "gemm"
     zero_point: bool = True
 
 
 def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
-    return hfquant.make(Options, values, backend or BACKENDS[0])
+    return make(Options, values, backend or BACKENDS[0])
 
 
 def options_from_json(data: Mapping[str, Any]) -> Options:
-    return hfquant.from_json(Options, data, BACKENDS[0])
+    return from_json(Options, data, BACKENDS[0])
 
 
 def validate(o: Options) -> None:
-    hfquant.validate_common(o, NAME)
+    validate_common(o, NAME)
     if o.awq_version not in VERSIONS:
         raise UsageError(f"--awq-version must be gemm or gemv, not {o.awq_version!r}")
 
 
 def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
-    hfquant.add_steps(b, o, model, fmt=NAME, own={"zero_point": o.zero_point, "version": o.awq_version})
+    add_hf_steps(b, o, model, fmt=NAME, own={"zero_point": o.zero_point, "version": o.awq_version})
 
 
 def listing() -> Listing:
-    return hfquant.listing(NAME, BACKENDS)
+    return hf_listing(NAME, BACKENDS)

@@ -8,6 +8,9 @@ one JSON object per line to the inherited file descriptor named by ``QWRAP_EVENT
 Every event carries ``event`` (its name), ``v`` (PROTOCOL_VERSION) and ``time`` (Unix
 seconds) besides its own fields. ``parse_event`` accepts unknown extra fields (newer
 workers) but rejects unknown event names, missing fields and other protocol versions.
+
+Which worker runs a job, and the bits each format's workers write, come from the backends'
+declaration (backends.py).
 """
 
 from __future__ import annotations
@@ -21,32 +24,13 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from qwrap.workers.backends import BITS, VALIDATE_MODULE, WORKER_MODULES
+
 PROTOCOL_VERSION = 1
 EVENT_FD_ENV = "QWRAP_EVENT_FD"
 
-FORMATS = ("awq", "gptq")
-BACKENDS = ("autoawq", "gptqmodel", "auto-gptq")
 DEVICES = ("auto", "cpu", "cuda")
 AWQ_VERSIONS = ("gemm", "gemv")
-BITS = {"awq": (4,), "gptq": (2, 3, 4, 8)}
-
-# Which module runs a (backend, format) job, and where validation runs.
-WORKER_MODULES: dict[tuple[str, str], str] = {
-    ("autoawq", "awq"): "qwrap.workers.awq_autoawq",
-    ("gptqmodel", "awq"): "qwrap.workers.awq_gptqmodel",
-    ("gptqmodel", "gptq"): "qwrap.workers.gptq_gptqmodel",
-    ("auto-gptq", "gptq"): "qwrap.workers.gptq_autogptq",
-}
-VALIDATE_MODULE = "qwrap.workers.hf_validate"
-VALIDATE_BACKEND = "gptqmodel"
-
-# Each backend's environment: its lock file under qwrap/locks/ and the imports of its health
-# check (envs.py builds and checks them; torch is shared between all of them).
-BACKEND_ENVIRONMENTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "autoawq": ("autoawq.txt", ("torch", "transformers", "awq")),
-    "gptqmodel": ("gptqmodel.txt", ("torch", "transformers", "gptqmodel")),
-    "auto-gptq": ("auto-gptq.txt", ("torch", "transformers", "auto_gptq")),
-}
 
 # error.kind values. oom: out of memory (finished layers stay checkpointed);
 # backend_unavailable: this backend cannot run here (e.g. auto-gptq without CUDA);

@@ -1,0 +1,283 @@
+"""GGUF's actions, one per step kind: the pinned converter and llama.cpp tools as supervised
+children of the step, and the weights view as a worker in the validation environment.
+
+The 16-bit intermediate lives in ``.checkpoint/work/``; each quantized file is written as
+``<final>.partial`` and renamed by its validate step (into ``.checkpoint/work/`` when a split
+step then turns it into ``<final>-00001-of-0000N.gguf`` shards)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ...context import Inputs, StepContext, StepOutcome
+from ...envs import find_env
+from ...errors import (
+    BackendUnavailableError,
+    ModelFilesError,
+    StepFailedError,
+    ToolchainMissingError,
+    ToolKilledError,
+    UnsupportedModelError,
+    UsageError,
+    ValidationFailedError,
+)
+from ...ggufinfo import GGUFFormatError, GGUFInfo, read_info
+from ...journal import sha256_file
+from ...model import chat_template
+from ...modelfiles import read_header
+from ...plan import Step
+from ...progress import ChunkProgress, ConvertProgress, QuantizeProgress
+from ...quality import parse_base_ppl, parse_kld_summary
+from ...supervisor import ProcessResult
+from ...toolchain import Toolchain, find_toolchain
+from ...worker_client import REFERENCE_DIR, run_worker
+from ...workers.backends import VALIDATE_BACKEND
+from ...workers.protocol import TextSource, ValidateJob
+from .declaration import WORK
+from .quants import QUANT_TYPES
+from .steps import split_name
+
+VALIDATE_PROMPT = "Once upon a time"
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+# The pinned llama-perplexity sometimes exits 0 without printing its last lines (the summary),
+# to a pipe, a pty or its --log-file alike: 1 in 12 runs on an idle 2-core VM, more than half
+# under load. The measurement is deterministic, so a run without its result is repeated.
+PERPLEXITY_ATTEMPTS = 6
+
+
+def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    actions = {"gguf.convert": _convert, "gguf.imatrix": _imatrix, "gguf.quantize": _quantize,
+               "gguf.validate": _validate, "gguf.split": _split, "gguf.eval-base": _eval_base, "gguf.eval": _eval,
+               "gguf.weights": _weights}
+    return actions[step.kind](step, inputs, ctx)
+
+
+def _offload(tools: Toolchain) -> list[str]:
+    """A CUDA build runs every layer on the GPU (the imatrix, the validation, the evaluation);
+    a CPU build takes no such flag."""
+    return ["-ngl", "999"] if tools.variant == "cuda" else []
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def _text_sha256(text: object) -> str | None:
+    return hashlib.sha256(text.encode()).hexdigest() if isinstance(text, str) else None
+
+
+def _read_header(path: Path, what: str) -> GGUFInfo:
+    try:
+        return read_info(path)
+    except (OSError, GGUFFormatError) as exc:
+        raise ValidationFailedError(f"{what} {path} is not a readable GGUF file: {exc}") from exc
+
+
+def _convert(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    tools = find_toolchain()
+    model = Path(step.file("model"))
+    out = ctx.path(step.outputs[0])
+    tmp = _partial(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.unlink(missing_ok=True)
+    python = find_env("convert").python
+    n_tensors = sum(len(read_header(p).tensors) for p in sorted(model.glob("*.safetensors")))
+    argv: list[str | os.PathLike[str]] = [python, tools.converter, model, "--outfile", tmp,
+                                          "--outtype", step.param("outtype")]
+    result = ctx.run_tool(argv, what="convert_hf_to_gguf.py", parser=ConvertProgress(n_tensors or None),
+                          env={"PYTHONUNBUFFERED": "1"}, oom_extra="--no-lazy is off by default; close other jobs")
+    info = _read_header(tmp, "the converter's output")
+    template, wanted = info.metadata.get(CHAT_TEMPLATE_KEY), chat_template(model)
+    if wanted is not None and template != wanted:
+        raise ValidationFailedError("the converter's output does not carry the source's chat template "
+                                    f"({CHAT_TEMPLATE_KEY} {'differs' if template else 'is missing'})")
+    os.replace(tmp, out)
+    facts = {"architecture": info.architecture, "tensor_count": len(info.tensors),
+             "parameter_count": info.parameter_count, "file_type": info.file_type,
+             "chat_template_sha256": _text_sha256(template)}
+    return StepOutcome((out,), facts, result.peak_rss_bytes)
+
+
+def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    tools = find_toolchain()
+    out = ctx.path(step.outputs[0])
+    tmp = out.with_name("imatrix.partial.gguf")  # llama-imatrix picks its format from the suffix
+    tmp.unlink(missing_ok=True)
+    if "calib" not in dict(step.files):
+        raise UsageError("computing an importance matrix needs calibration text", hint="Pass --calib FILE.txt.")
+    argv: list[str | os.PathLike[str]] = [
+        tools.tool("llama-imatrix"), "-m", inputs["model"].path, "-f", step.file("calib"), "-o", tmp,
+        "-t", str(ctx.threads), "-c", "512", "--chunks", str(step.param("chunks")), "--log-jsonl", *_offload(tools),
+    ]
+    result = ctx.run_tool(argv, what="llama-imatrix", parser=ChunkProgress())
+    if not tmp.is_file():
+        raise ValidationFailedError(f"llama-imatrix exited 0 but wrote no {tmp}")
+    os.replace(tmp, out)
+    return StepOutcome((out,), {}, result.peak_rss_bytes)
+
+
+def _quantize(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    tools = find_toolchain()
+    out = ctx.path(step.outputs[0])
+    out.unlink(missing_ok=True)  # llama-quantize can leave a partial file on failure
+    quant = step.param("quant")
+    argv: list[str | os.PathLike[str]] = [tools.tool("llama-quantize")]
+    if "imatrix" in inputs:
+        # relative to OUT (the tool runs there): llama-quantize records the path in the artifact,
+        # which must not depend on where the output folder is
+        argv += ["--imatrix", os.path.relpath(inputs["imatrix"].path, ctx.output)]
+    elif "imatrix" in dict(step.files):
+        argv += ["--imatrix", step.file("imatrix")]
+    argv += [inputs["model"].path, out, quant, str(ctx.threads)]
+    try:
+        result = ctx.run_tool(argv, what=f"llama-quantize {quant}", parser=QuantizeProgress(), cwd=ctx.output)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    info = _read_header(out, f"llama-quantize's {quant} output")
+    size = out.stat().st_size
+    bpw = size * 8 / info.parameter_count if info.parameter_count else 0.0
+    return StepOutcome((out,), {"bits_per_weight": round(bpw, 3), "bytes": size}, result.peak_rss_bytes)
+
+
+def _load_and_generate(model: Path, what: str, ctx: StepContext) -> ProcessResult:
+    """The real load: llama.cpp reads ``model`` (a split set from its first shard) and generates."""
+    tools = find_toolchain()
+    argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", model, "-n", "8", *_offload(tools),
+                                          VALIDATE_PROMPT]
+    try:
+        result = ctx.run_tool(argv, what=f"loading {what} in llama.cpp")
+    except ToolKilledError:
+        raise
+    except (StepFailedError, ModelFilesError) as exc:  # the artifact is what failed, not a tool
+        raise ValidationFailedError(f"llama.cpp cannot load {what}: {exc.message}",
+                                    hint=exc.hint, log_path=exc.log_path) from None
+    if VALIDATE_PROMPT not in "\n".join(result.tail):
+        raise ValidationFailedError(f"llama.cpp loaded {what} but generated nothing")
+    return result
+
+
+def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    """Read the header back, compare with the 16-bit source, load it in llama.cpp and
+    generate a few tokens; only then rename the partial file to its final name."""
+    quant = step.param("quant")
+    partial = inputs["artifact"].path
+    final = ctx.path(step.outputs[0])
+    source = inputs["source"].facts
+    info = _read_header(partial, f"the {quant} artifact")
+    expected = QUANT_TYPES[quant].ftype
+    problems = []
+    if source.get("architecture") and info.architecture != source["architecture"]:
+        problems.append(f"architecture {info.architecture!r} != source {source['architecture']!r}")
+    if info.file_type != expected:
+        problems.append(f"file type {info.file_type} != {expected} ({quant})")
+    if source.get("tensor_count") and len(info.tensors) != source["tensor_count"]:
+        problems.append(f"{len(info.tensors)} tensors != {source['tensor_count']} in the 16-bit source")
+    if "chat_template_sha256" in source and _text_sha256(info.metadata.get(CHAT_TEMPLATE_KEY)) != \
+            source["chat_template_sha256"]:
+        problems.append(f"{CHAT_TEMPLATE_KEY} differs from the source's chat template")
+    if problems:
+        raise ValidationFailedError(f"{quant} artifact failed header checks: " + "; ".join(problems))
+    result = _load_and_generate(partial, f"the {quant} artifact", ctx)
+    ctx.check_final(final)
+    facts = {"validated": True, "architecture": info.architecture, "tensor_count": len(info.tensors)}
+    return StepOutcome((), facts, result.peak_rss_bytes, renames=((partial, final),))
+
+
+def _split(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    """llama-gguf-split the validated file into shards, load the set from its first shard in
+    llama.cpp, and rename the shards to their final names only then."""
+    quant, single = step.param("quant"), inputs["artifact"].path
+    stage = ctx.path(f"{WORK}/split-{quant}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    prefix = stage / single.name.removesuffix(".gguf")
+    ctx.run_tool([find_toolchain().tool("llama-gguf-split"), "--split", "--split-max-size", step.param("max_size"),
+                  single, prefix], what=f"llama-gguf-split of {quant}")
+    shards = sorted(stage.glob(f"{prefix.name}-*-of-*.gguf"))
+    if not shards or [s.name for s in shards] != [split_name(single.name, i + 1, len(shards)) for i in range(len(shards))]:
+        raise ValidationFailedError(f"llama-gguf-split wrote {[s.name for s in shards]}, not a numbered set of shards")
+    result = _load_and_generate(shards[0], f"the first of {len(shards)} {quant} shards", ctx)
+    finals = [ctx.path(s.name) for s in shards]
+    for final in finals:
+        ctx.check_final(final)
+    listed = [{"path": f.name, "bytes": s.stat().st_size, "sha256": sha256_file(s)} for s, f in zip(shards, finals, strict=True)]
+    facts = {"validated": True, "shards": listed}
+    return StepOutcome((), facts, result.peak_rss_bytes, renames=tuple(zip(shards, finals, strict=True)))
+
+
+def _perplexity_argv(model: Path, step: Step, ctx: StepContext) -> list[str | os.PathLike[str]]:
+    tools = find_toolchain()
+    return [tools.tool("llama-perplexity"), "-m", model, "-c", str(step.param("ctx")), "--chunks",
+            str(step.param("chunks")), "-t", str(ctx.threads), "-b", str(step.param("ctx")), *_offload(tools)]
+
+
+def _eval_base(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    if "text" not in dict(step.files):
+        raise UsageError("measuring quality needs evaluation text", hint="Pass --eval-text FILE, or --no-eval.")
+    out = ctx.path(step.outputs[0])
+    tmp = _partial(out)
+    tmp.unlink(missing_ok=True)
+    argv = [*_perplexity_argv(inputs["model"].path, step, ctx), "-f", step.file("text"),
+            "--kl-divergence-base", tmp]
+    for attempt in range(1, PERPLEXITY_ATTEMPTS + 1):
+        result = ctx.run_tool(argv, what="llama-perplexity (16-bit reference)", parser=ChunkProgress())
+        text = result.tail
+        if any("you need at least" in line for line in text):
+            raise UsageError(f"the evaluation text {step.file('text')} is too short for two chunks of "
+                             f"{step.param('ctx')} tokens", hint="Pass a longer --eval-text, a smaller --eval-ctx, or --no-eval.")
+        try:
+            ppl = parse_base_ppl(text)
+            break
+        except ValueError as exc:
+            if attempt == PERPLEXITY_ATTEMPTS:
+                raise ValidationFailedError(f"the 16-bit reference measurement printed no result: {exc}",
+                                            hint=f"See {result.log_path}.") from exc
+            ctx.warning(f"llama-perplexity ended without its result (attempt {attempt}); measuring again")
+    os.replace(tmp, out)
+    # the text may hold fewer chunks than asked for: llama-perplexity then takes them all
+    found = [int(m[1]) for m in (re.search(r"over (\d+) chunks", line) for line in text) if m]
+    chunks = found[-1] if found else step.param("chunks")
+    return StepOutcome((out,), {"ppl_base": ppl, "ctx": step.param("ctx"), "chunks": chunks}, result.peak_rss_bytes)
+
+
+def _eval(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    quant = step.param("quant")
+    argv = [*_perplexity_argv(inputs["artifact"].path, step, ctx), "--kl-divergence-base", inputs["base"].path,
+            "--kl-divergence"]
+    for attempt in range(1, PERPLEXITY_ATTEMPTS + 1):
+        result = ctx.run_tool(argv, what=f"llama-perplexity {quant}")
+        try:
+            figures = parse_kld_summary(result.tail)
+            break
+        except ValueError as exc:
+            if attempt == PERPLEXITY_ATTEMPTS:
+                raise ValidationFailedError(f"measuring {quant}: {exc}", hint=f"See {result.log_path}.") from exc
+            ctx.warning(f"llama-perplexity ended without its summary (attempt {attempt}); measuring again")
+    chunks = int(inputs["base"].facts.get("chunks") or step.param("chunks"))
+    scored = chunks * (step.param("ctx") - 1 - step.param("ctx") // 2)
+    quality = {**figures, "tokens": scored, "ctx": step.param("ctx"), "runtime": "llama.cpp", "weights": None}
+    return StepOutcome((), {"quality": quality}, result.peak_rss_bytes)
+
+
+def _weights(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    """The weights view: the artifact dequantized (transformers' GGUF loader) into the source's
+    model class, scored in transformers on the same token ids as every other row. A type or
+    architecture that loader cannot read is reported as such, not as a failure of the run."""
+    quant = step.param("quant")
+    tokens = str(inputs["tokens"].path)
+    job = ValidateJob(model=step.file("model"), quantized=str(inputs["artifact"].path),
+                      text=TextSource(path=tokens), device="auto", eval_source=tokens,
+                      eval_source_kind="llama-kld", eval_ctx=step.param("ctx"), eval_chunks=step.param("chunks"),
+                      reference_cache=str(ctx.path(REFERENCE_DIR) / "reference.safetensors"))
+    try:
+        events, peak = run_worker(ctx, job, VALIDATE_BACKEND, f"measuring {quant}'s weights in transformers")
+    except (UnsupportedModelError, ToolchainMissingError, BackendUnavailableError) as exc:
+        ctx.warning(f"{quant}'s weights not measured in transformers: {exc.message}")
+        return StepOutcome((), {"weights": {"unavailable": exc.message}})
+    assert events.result is not None
+    return StepOutcome((), {"weights": events.result.get("metadata", {}).get("eval")}, peak)

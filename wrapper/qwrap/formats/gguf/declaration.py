@@ -1,0 +1,118 @@
+"""GGUF's declaration and options: what `qwrap --help` and the request need of it (its name,
+option group and options value), and the checks and decisions that need no model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ...errors import UsageError
+from ...options import Option
+from .quants import IMATRIX_BY_DEFAULT, QUANT_TYPES, normalize_quant
+
+NAME = "gguf"
+TITLE = "GGUF (llama.cpp)"
+SUMMARY = "llama.cpp files: one 16-bit conversion, then any of the quant types in `qwrap formats`"
+BACKENDS: tuple[str, ...] = ()
+LIBRARY = "gguf"
+WORK = ".checkpoint/work"  # intermediates, removed after a successful run unless --keep-intermediate
+OUTTYPES = ("auto", "f16", "bf16", "f32")
+NO_IMATRIX = "none"
+WEIGHTS_CHOICES = ("auto", "on", "off")
+
+OPTIONS: tuple[Option, ...] = (
+    Option("quant", list[str], ["Q4_K_M"], "GGUF type, repeatable, case-insensitive (see `qwrap formats`).",
+           ("--quant", "-q")),
+    Option("outtype", str, "auto", "GGUF 16-bit intermediate: auto (bf16 if the weights are bf16, else f16), "
+           "f16, bf16, f32."),
+    Option("imatrix", Optional[str], None, "GGUF importance matrix FILE, or `auto` to compute it from --calib. "
+           "Default: computed for types of 4 bits and less (Q4_K_*, Q3_K_*, Q2_K*, IQ*) when calibration text is "
+           "available (--calib, or WikiText-2)."),
+    Option("no_imatrix", bool, False, "GGUF: never use an importance matrix (types that need one are refused).",
+           ("--no-imatrix",)),
+    Option("eval_weights", str, "auto", "GGUF weights view: every artifact also dequantized into transformers and "
+           "scored on the same tokens (quality.weights). auto: where a CUDA GPU is present (on a CPU it runs the model "
+           "in float32 torch twice per artifact, several times the cost of quantizing); on; off."),
+    Option("split_max_size", str, "48G", "GGUF: a file larger than this (N followed by M or G, as llama-gguf-split "
+           "takes it; the Hub refuses files over 50 GB) is split after validation into NAME-00001-of-0000N.gguf."),
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    quants: tuple[str, ...] = ("Q4_K_M",)
+    outtype: str = "auto"
+    imatrix: str | None = None  # a file path, "auto", "none" (--no-imatrix), or None: by default
+    eval_weights: str = "auto"  # the weights view: auto (where a GPU is present), on, off
+    split_max_size: str = "48G"  # llama-gguf-split's N(M|G)
+
+
+def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
+    imatrix = values.get("imatrix")
+    if values.get("no_imatrix"):
+        if imatrix is not None:
+            raise UsageError("--imatrix and --no-imatrix contradict each other", hint="Pass one of them.")
+        imatrix = NO_IMATRIX
+    elif imatrix not in (None, "auto"):
+        imatrix = str(Path(imatrix).resolve())
+    return Options(tuple(values.get("quant") or ()), values.get("outtype", "auto"), imatrix,
+                   values.get("eval_weights", "auto"), str(values.get("split_max_size") or "48G").upper())
+
+
+def options_from_json(data: Mapping[str, Any]) -> Options:
+    return Options(tuple(data.get("quants", ("Q4_K_M",))), data.get("outtype", "auto"), data.get("imatrix"),
+                   eval_weights=data.get("eval_weights", "auto"), split_max_size=data.get("split_max_size", "48G"))
+
+
+_SPLIT_SIZE = re.compile(r"^([1-9][0-9]*)([MG])$")
+
+
+def split_bytes(size: str) -> int:
+    """llama-gguf-split's --split-max-size N(M|G) in bytes (decimal units, as the tool counts)."""
+    m = _SPLIT_SIZE.match(size)
+    if m is None:
+        raise UsageError(f"--split-max-size {size!r} is not N followed by M or G", hint="For example 48G or 500M.")
+    return int(m[1]) * (1000**2 if m[2] == "M" else 1000**3)
+
+
+def validate(o: Options) -> None:
+    """Everything that can be checked before any work."""
+    quants = [normalize_quant(q) for q in o.quants]
+    if not quants:
+        raise UsageError("no GGUF quant type given", hint="Pass --quant Q4_K_M (repeatable).")
+    if o.outtype not in OUTTYPES:
+        raise UsageError(f"unknown --outtype {o.outtype!r}", hint=f"Choose from: {', '.join(OUTTYPES)}.")
+    needing = [q for q in quants if QUANT_TYPES[q].needs_imatrix]
+    if needing and o.imatrix == NO_IMATRIX:
+        raise UsageError(
+            f"{', '.join(needing)} need(s) an importance matrix, and --no-imatrix was given",
+            hint="Drop --no-imatrix (it is then computed from --calib), or pass `--imatrix FILE`.",
+        )
+    if o.eval_weights not in WEIGHTS_CHOICES:
+        raise UsageError(f"unknown --eval-weights {o.eval_weights!r}", hint=f"Choose from: {', '.join(WEIGHTS_CHOICES)}.")
+    if o.imatrix not in (None, "auto", NO_IMATRIX) and not Path(o.imatrix).is_file():
+        raise UsageError(f"--imatrix file {o.imatrix} does not exist")
+    split_bytes(o.split_max_size)
+
+
+def default_imatrix_types(o: Options) -> list[str]:
+    """The types that get an importance matrix by default (when calibration text is available)."""
+    return [q for q in map(normalize_quant, o.quants) if q.startswith(IMATRIX_BY_DEFAULT)] if o.imatrix is None else []
+
+
+def needs_calibration(o: Options) -> bool:
+    """An importance matrix is asked for, or a type cannot do without one."""
+    return o.imatrix == "auto" or (o.imatrix is None and any(QUANT_TYPES[normalize_quant(q)].needs_imatrix
+                                                             for q in o.quants))
+
+
+def wants_calibration(o: Options) -> bool:
+    """Low-bit types get an importance matrix by default when calibration text is available."""
+    return bool(default_imatrix_types(o))
+
+
+def requirements(o: Options) -> tuple[str, ...]:
+    return ("llama.cpp", "convert")

@@ -1,0 +1,55 @@
+"""GGUF's rows: a deliverable's row in `plan` and its fields in the result, its usage in the
+model card, its table in `qwrap formats`, and what makes an artifact unfit to push."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ...options import Listing
+from ...plan import Plan, Step
+from .declaration import NAME
+from .quants import ALIASES, QUANT_TYPES
+
+WEIGHTS_UNAVAILABLE = ("not measured: the weights view runs where a CUDA GPU is present or with --eval-weights on, "
+                       "and only when the dequantized copy fits in this machine's memory")
+
+
+def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
+    quant = step.param("quant")
+    return {"format": NAME, "quant": quant, "name": Path(step.outputs[0]).name,
+            "expected_bytes": step.estimate.output_bytes, "bits_per_weight": QUANT_TYPES[quant].bpw}
+
+
+def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]],
+                  readers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    # a split set's step reads the measurements and the quantization as inputs; a single file's are its readers
+    quality = readers.get("gguf.eval", inputs.get("quality", {})).get("quality")
+    if quality is not None:  # the weights view, scored in transformers (or why it is missing)
+        weights = readers.get("gguf.weights", inputs.get("weights", {})).get("weights",
+                                                                           {"unavailable": WEIGHTS_UNAVAILABLE})
+        quality = {**quality, "weights": weights}
+    fields = {"bits_per_weight": inputs.get("quantized", inputs.get("artifact", {})).get("bits_per_weight"),
+              "quality": quality, "calibration": None}
+    if own.get("shards"):  # a split set: its total size; each shard's size and hash are listed
+        fields |= {"shards": own["shards"], "bytes": sum(s["bytes"] for s in own["shards"]), "sha256": None}
+    return fields
+
+
+def publishable(path: Path) -> str | None:
+    return None if path.is_file() else f"{path.name} is missing"
+
+
+def card_usage(paths: list[str], *, chat: bool) -> str:
+    name = paths[0]
+    if chat:  # the source's chat template is in every file (tokenizer.chat_template): --jinja applies it
+        return (f"llama.cpp (the chat template is in the file, `--jinja` applies it):\n\n```sh\n"
+                f"llama-cli -m {name} --jinja -cnv\nllama-server -m {name} --jinja\n```")
+    return f"llama.cpp:\n\n```sh\nllama-cli -m {name} -p \"Hello\"\nllama-server -m {name}\n```"
+
+
+def listing() -> Listing:
+    rows = tuple((q.name, f"{q.bpw:.2f}", "yes" if q.needs_imatrix else "", q.note) for q in QUANT_TYPES.values())
+    return Listing(("type (--quant, case-insensitive)", "bits/weight", "needs --imatrix", "notes"), rows,
+                   "Aliases: " + ", ".join(f"{a} = {t}" for a, t in ALIASES.items()))

@@ -1,0 +1,126 @@
+"""GGUF's steps for a request: ``gguf.convert`` -> [``gguf.imatrix``] -> ``gguf.quantize:<T>`` ->
+``gguf.validate:<T>`` [-> ``gguf.split:<T>`` when the file is planned over --split-max-size],
+and with the evaluation ``gguf.eval-base``, ``gguf.eval:<T>`` [and ``gguf.weights:<T>``]. Each
+step is a complete value: its params are everything that determines its outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from ...journal import sha256_file
+from ...model import ModelInfo, Shape
+from ...plan import PlanBuilder, Step
+from ...toolchain import gpu_present
+from ...worker_client import EXCLUSIVE, REFERENCE_DIR
+from .declaration import NAME, NO_IMATRIX, WORK, Options, default_imatrix_types, split_bytes
+from .estimates import estimate, weights_estimate
+from .quants import IMATRIX_IGNORED, OUTTYPE_NAMES, normalize_quant
+
+IMATRIX_CHUNKS = 128
+# Its base file holds llama.cpp's token ids of the evaluation chunks: other runtimes score those.
+EVAL_TOKENS = "eval-tokens:llama-kld"
+
+
+def source_outtype(o: Options, shape: Shape, config: Mapping[str, Any]) -> str:
+    """bf16 when the source weights are bf16, else f16 (unless --outtype says otherwise)."""
+    if o.outtype != "auto":
+        return o.outtype
+    if shape.main_dtype:
+        return "bf16" if shape.main_dtype == "BF16" else "f16"
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "")
+    return "bf16" if dtype == "bfloat16" else "f16"
+
+
+def artifact_name(model_name: str, quant: str) -> str:
+    return f"{model_name}-{quant}.gguf"
+
+
+def split_name(final: str, index: int, count: int) -> str:
+    """llama.cpp's shard names: NAME-00001-of-00003.gguf (the first one is what loaders are given)."""
+    return f"{final.removesuffix('.gguf')}-{index:05d}-of-{count:05d}.gguf"
+
+
+def weights_view(o: Options, shape: Shape) -> bool:
+    """Whether the plan measures the weights view: asked for (or a GPU makes it cheap) and the
+    dequantized copy fits in memory."""
+    wanted = o.eval_weights == "on" or (o.eval_weights == "auto" and gpu_present())
+    return wanted and weights_estimate(shape).peak_ram_bytes <= psutil.virtual_memory().total * 0.8
+
+
+def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
+    shape, name = model.shape, model.source.name
+    outtype = source_outtype(o, shape, model.config)
+    intermediate = f"{WORK}/{name}-{OUTTYPE_NAMES[outtype]}.gguf"
+    model_file = {"model": str(model.source.path)}
+    params: dict[str, Any] = {"outtype": outtype}
+    convert = b.add("gguf.convert", "gguf.convert", NAME, f"convert to {OUTTYPE_NAMES[outtype]} GGUF",
+                    outputs=(intermediate,), params=params, files=model_file,
+                    estimate=estimate("gguf.convert", params, shape))
+    imatrix: Step | None = None
+    default_types = default_imatrix_types(o) if model.calibration is not None else []
+    if o.imatrix == "auto" or default_types:
+        calib = model.calibration
+        params = {"calib": calib.identity if calib else None, "chunks": IMATRIX_CHUNKS, "outtype": outtype}
+        imatrix = b.add("gguf.imatrix", "gguf.imatrix", NAME, "compute importance matrix",
+                        inputs={"model": convert.id}, outputs=(f"{WORK}/imatrix.gguf",), params=params,
+                        files={"calib": calib.path} if calib and calib.path else {},
+                        estimate=estimate("gguf.imatrix", params, shape), threaded=True)
+    base: Step | None = None
+    user_imatrix = o.imatrix if o.imatrix not in (None, "auto", NO_IMATRIX) else None
+    user_sha = sha256_file(Path(user_imatrix)) if user_imatrix else None
+    for quant in dict.fromkeys(normalize_quant(q) for q in o.quants):
+        final = artifact_name(name, quant)
+        inputs = {"model": convert.id}
+        files: dict[str, str] = {}
+        params = {"quant": quant, "outtype": outtype}
+        if (o.imatrix not in (None, NO_IMATRIX) and quant not in IMATRIX_IGNORED) or quant in default_types:
+            if imatrix is not None:
+                inputs["imatrix"] = imatrix.id
+            else:
+                files["imatrix"] = str(user_imatrix)
+            params["imatrix_sha256"] = user_sha
+        q = b.add(f"gguf.quantize:{quant}", "gguf.quantize", NAME, f"quantize {quant}",
+                  inputs=inputs, outputs=(final + ".partial",), params=params, files=files,
+                  estimate=estimate("gguf.quantize", params, shape), threaded=True)
+        params = {"quant": quant, "outtype": outtype}
+        shards = -(-q.estimate.output_bytes // split_bytes(o.split_max_size))  # planned from the estimate
+        v = b.add(f"gguf.validate:{quant}", "gguf.validate", NAME, f"validate {quant}",
+                  inputs={"artifact": q.id, "source": convert.id},
+                  outputs=(f"{WORK}/{final}" if shards > 1 else final,), params=params,
+                  estimate=estimate("gguf.validate", params, shape), deliverable=shards == 1)
+        readers: dict[str, str] = {}
+        if model.evaluation is not None:
+            base = base or _add_eval_base(b, convert, model, outtype)
+            params = {"quant": quant, "outtype": outtype, "ctx": model.evaluation.ctx,
+                      "chunks": model.evaluation.chunks}
+            readers["quality"] = b.add(f"gguf.eval:{quant}", "gguf.eval", NAME, f"measure {quant}",
+                                       inputs={"artifact": v.id, "base": base.id}, params=params,
+                                       estimate=estimate("gguf.eval", params, shape), threaded=True).id
+            if weights_view(o, shape):
+                readers["weights"] = b.add(
+                    f"gguf.weights:{quant}", "gguf.weights", NAME, f"measure {quant}'s weights in transformers",
+                    inputs={"artifact": v.id, "tokens": base.id}, params=params, files=model_file,
+                    estimate=estimate("gguf.weights", params, shape), exclusive=EXCLUSIVE,
+                    scratch=(REFERENCE_DIR,)).id
+        if shards > 1:  # after the measurements, which read the single file
+            params = {"quant": quant, "max_size": o.split_max_size}
+            b.add(f"gguf.split:{quant}", "gguf.split", NAME, f"split {quant} into {o.split_max_size} shards",
+                  inputs={"artifact": v.id, "quantized": q.id, **readers},
+                  outputs=(split_name(final, 1, shards),), params=params, scratch=(f"{WORK}/split-{quant}",),
+                  estimate=estimate("gguf.split", params, shape), deliverable=True)
+
+
+def _add_eval_base(b: PlanBuilder, convert: Step, model: ModelInfo, outtype: str) -> Step:
+    """The 16-bit model's next-token distributions on the evaluation chunks, once per run: every
+    artifact's KL divergence is measured against this file (and it holds the token ids)."""
+    ev = model.evaluation
+    assert ev is not None
+    params = {"text": ev.identity, "ctx": ev.ctx, "chunks": ev.chunks, "outtype": outtype}
+    return b.add("gguf.eval-base", "gguf.eval-base", NAME, "measure the 16-bit model",
+                 inputs={"model": convert.id}, outputs=(f"{WORK}/eval-base.kld",), params=params,
+                 files={"text": ev.path} if ev.path else {}, estimate=estimate("gguf.eval-base", params, shape=model.shape),
+                 threaded=True, provides=(EVAL_TOKENS,))
