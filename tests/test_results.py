@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -26,36 +25,9 @@ from qwrap.quality import Figure, SchemaError
 from qwrap.request import Request
 from qwrap.results import RunOutcome, RunResult, build_result
 from qwrap.runner import StepSummary
+from test_core_formats import Dims, write_model
 
-HIDDEN, FFN, LAYERS, VOCAB = 64, 128, 2, 256
-
-
-def tiny_llama(folder: Path) -> Path:
-    """config.json and a safetensors file (header + zero weights) of a 2-layer Llama shape."""
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": FFN, "num_hidden_layers": LAYERS, "num_attention_heads": 4, "num_key_value_heads": 4,
-        "vocab_size": VOCAB, "torch_dtype": "float16"}))
-    shapes = {"model.embed_tokens.weight": [VOCAB, HIDDEN], "lm_head.weight": [VOCAB, HIDDEN],
-              "model.norm.weight": [HIDDEN]}
-    for i in range(LAYERS):
-        for name, shape in (("self_attn.q_proj", [HIDDEN, HIDDEN]), ("self_attn.k_proj", [HIDDEN, HIDDEN]),
-                            ("self_attn.v_proj", [HIDDEN, HIDDEN]), ("self_attn.o_proj", [HIDDEN, HIDDEN]),
-                            ("mlp.gate_proj", [FFN, HIDDEN]), ("mlp.up_proj", [FFN, HIDDEN]),
-                            ("mlp.down_proj", [HIDDEN, FFN]), ("input_layernorm", [HIDDEN]),
-                            ("post_attention_layernorm", [HIDDEN])):
-            shapes[f"model.layers.{i}.{name}.weight"] = shape
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, shape in shapes.items():
-        size = 2 * (shape[0] * (shape[1] if len(shape) > 1 else 1))
-        header[name] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
-    return folder
+TINY = Dims(vocab=256, hidden=64, layers=2, ffn=128)
 
 
 # What each GGUF step kind returns (its facts), as the actions record them in the journal.
@@ -79,7 +51,8 @@ def _facts(kind: str, quant: str | None) -> dict[str, Any]:
 
 @pytest.fixture
 def outcome(tmp_path: Path) -> RunOutcome:
-    source = resolve_model(str(tiny_llama(tmp_path / "tiny")))
+    write_model(tmp_path / "tiny", TINY, dtype="F16")
+    source = resolve_model(str(tmp_path / "tiny"))
     calib = Calibration("sha256:" + "c" * 64, "calib.txt", str(tmp_path / "calib.txt"))
     model = dataclasses.replace(model_info(source, calib),
                                 evaluation=Evaluation("sha256:" + "e" * 64, "eval.txt", "/x/eval.txt", 128, 2))

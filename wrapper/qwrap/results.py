@@ -30,7 +30,7 @@ from .formats import FORMATS, producer_chain
 from .journal import checkpoint_dir
 from .model import ModelInfo, chat_template
 from .plan import Plan, StepState
-from .quality import Quality, SchemaError, parse_gates
+from .quality import Gates, Quality, SchemaError, parse_gates
 from .request import Request, safe_argv
 from .runner import StepSummary
 from .toolchain import read_pin
@@ -355,7 +355,8 @@ def load(output: Path) -> RunResult:
 # -- building it, once ----------------------------------------------------------------------
 
 
-def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: RunOutcome, chat: bool) -> Artifact:
+def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: RunOutcome, chat: bool,
+              gates: Gates) -> Artifact:
     step = summary.step
     fmt = FORMATS[step.format]
     parts = [by_id[s.id] for s in producer_chain(step, outcome.plan) if s.id in by_id]
@@ -374,7 +375,7 @@ def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: R
         bytes=own.get("bytes", out.get("bytes")), sha256=own.get("sha256", out.get("sha256")),
         bits_per_weight=float(bpw) if bpw is not None else None,
         validated=bool(summary.facts.get("validated")), quality=q,
-        gate=parse_gates(outcome.request.max_kld).verdict(step.format, quant, q.kld_mean if q else None),
+        gate=gates.verdict(step.format, quant, q.kld_mean if q else None),
         seconds=round(sum((p.record.seconds or 0.0) if p.record else 0.0 for p in parts), 3),
         peak_rss_bytes=max((p.record.peak_rss_bytes if p.record else 0) for p in parts),
         peak_gpu_bytes=max((p.record.peak_gpu_bytes if p.record else 0) for p in parts),
@@ -422,8 +423,9 @@ def build_result(outcome: RunOutcome) -> RunResult:
     by_id = {s.step.id: s for s in outcome.summaries}
     src = outcome.model.source
     chat = chat_template(src.path) is not None
+    gates = parse_gates(outcome.request.max_kld)
     # a --step run reports the deliverables that are done; the others are other processes' business
-    artifacts = tuple(_artifact(s, by_id, outcome, chat) for s in outcome.summaries
+    artifacts = tuple(_artifact(s, by_id, outcome, chat, gates) for s in outcome.summaries
                       if s.step.deliverable and s.record is not None and s.record.state is StepState.DONE)
     return RunResult(
         qwrap_version=__version__,
