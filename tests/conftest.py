@@ -21,6 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from background import Lane, lane, prefetch, prefetched, shared, start_prefetching  # noqa: E402
 from qwrap import envs  # noqa: E402
 from qwrap.errors import ToolchainMissingError  # noqa: E402
 from qwrap.journal import Journal, sha256_file  # noqa: E402
@@ -63,8 +64,21 @@ def _guard_home_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     before = {p: _listing(p) for p in watched}
     yield
     for path, names in before.items():
-        new = _listing(path) - names - {"logs", ".pytest_cache", "calibration", "test-models", "code"}
+        new = _listing(path) - names - {"logs", ".pytest_cache", "calibration", "test-models", "code", "tensors"}
         assert not new, f"test wrote {sorted(new)} into {path}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_lane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The session's second lane: the slowest independent runs the modules register with
+    background.prefetch, started as the session starts (see background.py). (Not at a lower
+    priority: the pinned llama-perplexity loses its last lines when its logging thread is kept
+    waiting, and qwrap's children each run in a session of their own, which the kernel's
+    autogroups weigh alike whatever their niceness.)"""
+    root = tmp_path_factory.mktemp("session-lane")
+    with lane(root) as on:
+        start_prefetching(request, on, root)
+        yield
 
 
 # -- toolchain --------------------------------------------------------------------------
@@ -256,16 +270,22 @@ class Run:
         return {a["quant"]: a["sha256"] for a in self.result["artifacts"]}
 
 
-@pytest.fixture(scope="session")
-def gguf_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, toolchain: Toolchain) -> Run:
-    """The tiny model to Q4_K_M and Q8_0, every other option at its default (offline, no
-    evaluation text: no evaluation), with its NDJSON events."""
-    root = tmp_path_factory.mktemp("gguf-run")
+def _gguf_run(tiny_model: Path, _: Toolchain, on: Lane, root: Path) -> Run:
     out, events = root / "out", root / "events.ndjson"
-    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q4_K_M", "-q", "q8_0", "--json",
-                     "--events", str(events))
+    proc = on.qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q4_K_M", "-q", "q8_0", "--json",
+                    "--events", str(events))
     assert proc.returncode == 0, proc.stderr
     return Run(out, json.loads(proc.stdout), proc.stderr, events)
+
+
+prefetch(None, "gguf_run", _gguf_run, ("tiny_model", "toolchain"), fixture="gguf_run")
+
+
+@pytest.fixture(scope="session")
+def gguf_run(request: pytest.FixtureRequest) -> Run:
+    """The tiny model to Q4_K_M and Q8_0, every other option at its default (offline, no
+    evaluation text: no evaluation), with its NDJSON events. (On the session's lane: background.py.)"""
+    return prefetched(request, "gguf_run")
 
 
 def scaleout_options(corpus: Path) -> list[str]:
@@ -281,14 +301,20 @@ def artifact_shas(out: Path) -> dict[str, str]:
     return {name: sha256_file(out / name) for name in SCALEOUT_ARTIFACTS}
 
 
+def scaleout_reference_run(run: Callable[..., subprocess.CompletedProcess[str]], tiny_model: Path, corpus: Path,
+                           out: Path) -> dict[str, str]:
+    proc = run("run", str(tiny_model), "-o", str(out), *scaleout_options(corpus))
+    assert proc.returncode == 0, proc.stderr
+    return artifact_shas(out)
+
+
 @pytest.fixture(scope="session")
 def scaleout_reference(tiny_model: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory,
                        toolchain: Toolchain) -> dict[str, str]:
-    """The artifacts one uninterrupted run of scaleout_options makes (test_scaleout, test_slurm)."""
-    out = tmp_path_factory.mktemp("scaleout-reference") / "o"
-    proc = run_qwrap("run", str(tiny_model), "-o", str(out), *scaleout_options(corpus))
-    assert proc.returncode == 0, proc.stderr
-    return artifact_shas(out)
+    """The artifacts one uninterrupted run of scaleout_options makes (test_scaleout, test_slurm;
+    test_scaleout starts it early on its lane: background.py)."""
+    return shared("scaleout_reference", lambda: scaleout_reference_run(
+        run_qwrap, tiny_model, corpus, tmp_path_factory.mktemp("scaleout-reference") / "o"))
 
 
 @dataclass(frozen=True)
@@ -300,18 +326,24 @@ class PlannedRun:
     plan_after: dict[str, Any]  # `qwrap plan --json` once the run has happened
 
 
-@pytest.fixture(scope="session")
-def imatrix_run(tiny_model: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory,
-                toolchain: Toolchain) -> PlannedRun:
-    """The tiny model to Q4_K_M, Q8_0 and IQ2_XS with an importance matrix computed from the
-    corpus, planned before and after."""
-    out = tmp_path_factory.mktemp("imatrix-run") / "o"
+def _imatrix_run(tiny_model: Path, corpus: Path, _: Toolchain, on: Lane, root: Path) -> PlannedRun:
+    out = root / "o"
     options = ("-q", "Q4_K_M", "-q", "Q8_0", "-q", "IQ2_XS", "--imatrix", "auto", "--calib", str(corpus))
-    planned = run_qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json")
+    planned = on.qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json")
     assert planned.returncode == 0, planned.stderr
     assert not out.exists(), "plan must not write"
-    ran = run_qwrap("run", str(tiny_model), "-o", str(out), *options, "--json")
+    ran = on.qwrap("run", str(tiny_model), "-o", str(out), *options, "--json")
     assert ran.returncode == 0, ran.stderr
-    again = run_qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json")
+    again = on.qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json")
     assert again.returncode == 0, again.stderr
     return PlannedRun(out, options, json.loads(planned.stdout), json.loads(ran.stdout), json.loads(again.stdout))
+
+
+prefetch(None, "imatrix_run", _imatrix_run, ("tiny_model", "corpus", "toolchain"), fixture="imatrix_run")
+
+
+@pytest.fixture(scope="session")
+def imatrix_run(request: pytest.FixtureRequest) -> PlannedRun:
+    """The tiny model to Q4_K_M, Q8_0 and IQ2_XS with an importance matrix computed from the
+    corpus, planned before and after. (On the session's lane: background.py.)"""
+    return prefetched(request, "imatrix_run")

@@ -112,9 +112,11 @@ class SlurmCluster:
         return subprocess.run(list(argv), capture_output=True, text=True, env=self.env, check=check, cwd=cwd,
                               stdin=subprocess.DEVNULL, timeout=120)
 
-    def submit(self, script: Path) -> dict[str, str]:
-        """Run a submit.sh: script name -> job id."""
-        proc = subprocess.run([str(script)], capture_output=True, text=True, env=self.env, timeout=120,
+    def submit(self, script: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+        """Run a submit.sh (its jobs inherit ``env``, default the environment as it is now):
+        script name -> job id."""
+        full = self.env if env is None else {**env, "SLURM_CONF": str(self.conf)}
+        proc = subprocess.run([str(script)], capture_output=True, text=True, env=full, timeout=120,
                               stdin=subprocess.DEVNULL)
         if proc.returncode:
             raise RuntimeError(f"{script} failed: {proc.stdout}{proc.stderr}")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from background import Lane, prefetch, prefetched
 from conftest import intervals, overlapping, qwrap_argv, run_qwrap
-from test_resume_faults import wait_for_child
+from moments import running_child, wait_for
 
 SMALL = ("--calib-samples", "4", "--calib-seq-len", "64", "--threads", "1")
 
@@ -48,13 +48,38 @@ def test_group_size_must_divide_widths(tiny_model: Path, tmp_path: Path, corpus:
     assert proc.returncode == 2 and "does not divide" in proc.stderr, proc.stderr
 
 
-@pytest.fixture(scope="module")
-def hf_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("hf-run")
-    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "--format", "awq", "--format", "gptq",
-                     "--calib", str(corpus), *SMALL, "--json", timeout=1800)
+def _hf_run(model: Path, corpus: Path, on: Lane, out: Path) -> tuple[Path, dict]:
+    proc = on.qwrap("run", str(model), "-o", str(out), "--format", "awq", "--format", "gptq",
+                    "--calib", str(corpus), *SMALL, "--json")
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(proc.stdout)
+
+
+def _killed_and_rerun(model: Path, corpus: Path, on: Lane, tmp: Path) -> tuple[int, subprocess.CompletedProcess[str]]:
+    """A GPTQ run whose worker is SIGKILLed once it has checkpointed a layer (its exit code), and
+    the same command run again."""
+    out = tmp / "o"
+    argv = qwrap_argv("run", str(model), "-o", str(out), "--format", "gptq", "--calib", str(corpus), *SMALL, "--json")
+    proc = on.popen(argv)
+    worker = running_child(out, "gptq.quantize", proc, timeout=600)
+    wait_for(out, "file:.checkpoint/layers/**/*.safetensors", proc, timeout=600)  # a layer checkpoint
+    worker.kill()
+    proc.communicate(timeout=120)
+    return proc.returncode, on.run(argv)
+
+
+# Both run their worker on one thread (--threads 1): on the session's lane (background.py).
+prefetch(__name__, "formats_hf.hf_run", _hf_run, ("tiny_model", "corpus"),
+         tests=("test_awq_and_gptq_end_to_end", "test_gptq_worker_killed_mid_run_resumes_identically",
+                "test_plan_estimates_hf_sizes"))
+prefetch(__name__, "formats_hf.killed", _killed_and_rerun, ("tiny_model", "corpus"),
+         tests=("test_gptq_worker_killed_mid_run_resumes_identically",))
+
+
+@pytest.fixture(scope="module")
+def hf_run(request: pytest.FixtureRequest) -> tuple[Path, dict]:
+    """AWQ and GPTQ of the tiny model, calibrated on a few samples of the corpus."""
+    return prefetched(request, "formats_hf.hf_run")
 
 
 @pytest.mark.backend
@@ -85,22 +110,13 @@ def test_awq_and_gptq_end_to_end(hf_run: tuple[Path, dict], tiny_model: Path) ->
 
 
 @pytest.mark.backend
-def test_gptq_worker_killed_mid_run_resumes_identically(hf_run: tuple[Path, dict], tiny_model: Path,
-                                                        tmp_path: Path, corpus: Path) -> None:
+def test_gptq_worker_killed_mid_run_resumes_identically(hf_run: tuple[Path, dict],
+                                                        request: pytest.FixtureRequest) -> None:
     _, first = hf_run
     expected = {a["format"]: a["sha256"] for a in first["artifacts"]}["gptq"]
-    out = tmp_path / "o"
-    argv = qwrap_argv("run", str(tiny_model), "-o", str(out), "--format", "gptq", "--calib", str(corpus),
-                      *SMALL, "--json")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    worker = wait_for_child(out, "gptq.quantize", timeout=600)
-    layers = out / ".checkpoint" / "layers"
-    while proc.poll() is None and not any(layers.rglob("*.safetensors")):
-        time.sleep(0.2)  # wait until at least one layer is checkpointed
-    worker.kill()
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    again = run_qwrap(*argv[3:], timeout=1800)
+    # the worker SIGKILLed after a layer checkpoint, then the same command
+    code, again = prefetched(request, "formats_hf.killed")
+    assert code != 0
     assert again.returncode == 0, again.stderr
     result = json.loads(again.stdout)
     assert result["artifacts"][0]["sha256"] == expected

@@ -4,17 +4,47 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from background import Lane, fixture_or_outcome, folder, lane, needing, selected
 from conftest import PlannedRun, Run, run_qwrap
 from qwrap.formats.gguf import QUANT_TYPES
 from qwrap.ggufinfo import read_info, tensor_data
 from qwrap.toolchain import Toolchain
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lane]:
+    """The runs of the tests below that each spend seconds in one converter process (a hand
+    conversion, conversions that fail), started on a second lane (background.py) when the
+    module's first test starts; the shared runs (gguf_run, imatrix_run) go on beside them."""
+    names = selected(request)
+    root = tmp_path_factory.mktemp("background")
+
+    def job(fn: Callable[..., object], *fixtures: str) -> Callable[..., object]:
+        return needing([fixture_or_outcome(request, f) for f in fixtures], fn)
+
+    with lane(root) as on:
+        if "test_identical_to_hand_run_tools" in names:
+            on.start(("hand",), job(_hand_run_tools, "tiny_model", "toolchain", "convert_python"),
+                     folder(root / "hand"))
+        if "test_unrecognised_pretokenizer_explained" in names:
+            on.start(("gpt2-bpe run",), job(lambda named_model, _: on.qwrap(
+                "run", str(named_model("gpt2-bpe")), "-o", str(root / "gpt2-bpe"), "-q", "Q8_0"),
+                "named_model", "toolchain"))
+        if "test_plan_catches_a_rejected_tokenizer_in_seconds" in names:
+            on.start(("gpt2-bpe plan",), job(lambda named_model, _: on.qwrap(
+                "plan", str(named_model("gpt2-bpe")), "-o", str(root / "gpt2-bpe-plan"), "--json"),
+                "named_model", "toolchain"))
+        if "test_an_artifact_llama_cpp_cannot_load_is_a_validation_failure" in names:
+            on.start(("no-norm",), job(lambda tiny_model, _: _run_without_norm(on, tiny_model, folder(root / "no-norm")),
+                                       "tiny_model", "toolchain"))
+        yield on
 
 
 def test_k_quants_end_to_end(gguf_run: Run, tiny_model: Path) -> None:
@@ -38,20 +68,25 @@ def test_k_quants_end_to_end(gguf_run: Run, tiny_model: Path) -> None:
     assert (out / ".checkpoint" / "logs" / "gguf.convert.log").is_file()
 
 
-def test_identical_to_hand_run_tools(
-    gguf_run: Run, tiny_model: Path, toolchain: Toolchain, convert_python: Path, tmp_path: Path
-) -> None:
-    """qwrap's artifacts hold exactly the tensor data of hand-run convert + llama-quantize."""
-    out = gguf_run.out
+def _hand_run_tools(tiny_model: Path, toolchain: Toolchain, convert_python: Path, tmp_path: Path) -> dict[str, Path]:
+    """The tiny model converted to bf16 and quantized to Q4_K_M and Q8_0 by hand."""
     f16 = tmp_path / "hand-BF16.gguf"
     proc = subprocess.run([str(convert_python), str(toolchain.converter), str(tiny_model), "--outfile", str(f16),
                            "--outtype", "bf16"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    made = {}
     for quant in ("Q4_K_M", "Q8_0"):
-        hand = tmp_path / f"hand-{quant}.gguf"
+        made[quant] = hand = tmp_path / f"hand-{quant}.gguf"
         proc = subprocess.run([str(toolchain.tool("llama-quantize")), str(f16), str(hand), quant, "2"],
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    return made
+
+
+def test_identical_to_hand_run_tools(gguf_run: Run, background: Lane) -> None:
+    """qwrap's artifacts hold exactly the tensor data of hand-run convert + llama-quantize."""
+    out = gguf_run.out
+    for quant, hand in background.result("hand").items():
         ours = out / f"tiny-llama-{quant}.gguf"
         a, b = read_info(ours), read_info(hand)
         assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
@@ -115,10 +150,8 @@ def test_unsupported_architecture_explained(named_model: Callable[[str], Path], 
     assert "FooForCausalLM" in proc.stderr and "not supported" in proc.stderr
 
 
-def test_unrecognised_pretokenizer_explained(named_model: Callable[[str], Path], tmp_path: Path,
-                                            toolchain: Toolchain) -> None:
-    model = named_model("gpt2-bpe")
-    proc = run_qwrap("run", str(model), "-o", str(tmp_path / "o"), "-q", "Q8_0")
+def test_unrecognised_pretokenizer_explained(background: Lane) -> None:
+    proc = background.result("gpt2-bpe run")  # the gpt2-bpe model to Q8_0
     assert proc.returncode == 6, proc.stderr
     assert "pre-tokenizer" in proc.stderr and "QWRAP_LLAMA_CPP_DIR" in proc.stderr
 
@@ -146,10 +179,8 @@ def test_plan_estimates_match_real_sizes(gguf_run: Run, tiny_model: Path, tmp_pa
     assert {"architecture", "disk", "toolchain", "tokenizer", "evaluation text"} <= set(checks) and all(checks.values())
 
 
-def test_plan_catches_a_rejected_tokenizer_in_seconds(named_model: Callable[[str], Path], tmp_path: Path,
-                                                      toolchain: Toolchain) -> None:
-    model = named_model("gpt2-bpe")
-    proc = run_qwrap("plan", str(model), "-o", str(tmp_path / "o"), "--json")
+def test_plan_catches_a_rejected_tokenizer_in_seconds(background: Lane) -> None:
+    proc = background.result("gpt2-bpe plan")  # `qwrap plan` of the gpt2-bpe model
     assert proc.returncode == 0, proc.stderr
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert not checks["tokenizer"]["ok"] and "pre-tokenizer" in checks["tokenizer"]["detail"]
@@ -216,15 +247,18 @@ def _without_tensor(src: Path, dst: Path, name: str) -> None:
     (dst / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + b"".join(out))
 
 
-def test_an_artifact_llama_cpp_cannot_load_is_a_validation_failure(tiny_model: Path, tmp_path: Path,
-                                                                    toolchain: Toolchain) -> None:
-    """The converter and llama-quantize accept a model without its final norm; llama.cpp's
-    loader does not: exit 11 (validation failed), not 10 (a tool failed), and nothing under a
-    final name."""
+def _run_without_norm(on: Lane, tiny_model: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
     broken = tmp_path / "no-norm"
     _without_tensor(tiny_model, broken, "model.norm.weight")
     out = tmp_path / "o"
-    proc = run_qwrap("run", str(broken), "-o", str(out), "-q", "Q8_0", "--no-eval")
+    return on.qwrap("run", str(broken), "-o", str(out), "-q", "Q8_0", "--no-eval"), out
+
+
+def test_an_artifact_llama_cpp_cannot_load_is_a_validation_failure(background: Lane) -> None:
+    """The converter and llama-quantize accept a model without its final norm; llama.cpp's
+    loader does not: exit 11 (validation failed), not 10 (a tool failed), and nothing under a
+    final name."""
+    proc, out = background.result("no-norm")  # the tiny model without model.norm.weight, to Q8_0
     assert proc.returncode == 11, proc.stderr
     assert "cannot load the Q8_0 artifact" in proc.stderr and "output_norm" in proc.stderr, proc.stderr
     assert not list(out.glob("*.gguf")), list(out.iterdir())

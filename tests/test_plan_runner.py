@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import re
 import stat
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from background import Lane, prefetch, prefetched
 from conftest import PlannedRun, intervals, overlapping, run_qwrap
 from qwrap.journal import Journal
 from qwrap.plan import StepState
@@ -65,8 +68,9 @@ class JobsRun:
     threads: set[str]  # the thread counts llama-quantize was given
 
 
-def jobs_run(model: Path, out: Path, *extra: str) -> JobsRun:
-    proc = run_qwrap("run", str(model), "-o", str(out), *qargs(), *extra, "--json")
+def jobs_run(model: Path, out: Path, *extra: str, run: Callable[..., subprocess.CompletedProcess[str]] = run_qwrap
+             ) -> JobsRun:
+    proc = run("run", str(model), "-o", str(out), *qargs(), *extra, "--json")
     assert proc.returncode == 0, proc.stderr
     threads = set()
     for quant in QUANTS:
@@ -77,13 +81,26 @@ def jobs_run(model: Path, out: Path, *extra: str) -> JobsRun:
     return JobsRun(out, {a["quant"]: a["sha256"] for a in json.loads(proc.stdout)["artifacts"]}, threads)
 
 
+def _jobs_2(model: Path, _: Toolchain, on: Lane, root: Path) -> JobsRun:
+    return jobs_run(model, root / "jobs2", "--jobs", "2", run=on.qwrap)
+
+
+def _jobs_1(model: Path, _: Toolchain, on: Lane, root: Path) -> JobsRun:
+    return jobs_run(model, root / "jobs1", "--jobs", "1", "--threads", "2", run=on.qwrap)
+
+
+JOBS_TESTS = ("test_independent_steps_run_at_once_sharing_the_cores",
+              "test_jobs_1_runs_one_step_at_a_time_and_threads_fixes_the_count")
+prefetch(__name__, "plan_runner.jobs2", _jobs_2, ("tiny_model", "toolchain"), tests=JOBS_TESTS)
+prefetch(__name__, "plan_runner.jobs1", _jobs_1, ("tiny_model", "toolchain"), tests=JOBS_TESTS)
+
+
 @pytest.fixture(scope="module")
-def jobs_runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, toolchain: Toolchain) -> dict[str, JobsRun]:
+def jobs_runs(request: pytest.FixtureRequest) -> dict[str, JobsRun]:
     """The same three types on --jobs 2 (the runner shares the cores) and on --jobs 1 with
-    --threads 2 (one step at a time, each tool on the threads asked for)."""
-    root = tmp_path_factory.mktemp("jobs")
-    return {"2": jobs_run(tiny_model, root / "jobs2", "--jobs", "2"),
-            "1": jobs_run(tiny_model, root / "jobs1", "--jobs", "1", "--threads", "2")}
+    --threads 2 (one step at a time, each tool on the threads asked for); on the session's
+    lane (background.py)."""
+    return {"2": prefetched(request, "plan_runner.jobs2"), "1": prefetched(request, "plan_runner.jobs1")}
 
 
 def test_independent_steps_run_at_once_sharing_the_cores(jobs_runs: dict[str, JobsRun]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from background import Lane, prefetch, prefetched
 from conftest import run_qwrap
 from hubserver import HubServer
 from qwrap.ggufinfo import read_info
@@ -30,24 +31,33 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def chat_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with a chat template in its tokenizer_config.json."""
-    model = tmp_path_factory.mktemp("chat") / tiny_model.name
+def _chat_model_and_its_run(tiny_model: Path, corpus: Path, on: Lane, tmp: Path) -> tuple[Path, Path]:
+    """The tiny model with a chat template in its tokenizer_config.json, and a real run of it:
+    the default GGUF type (with an importance matrix from --calib) and GPTQ."""
+    model = tmp / "chat" / tiny_model.name
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}, indent=2))
-    return model
+    out = tmp / "run" / "out"
+    proc = on.qwrap("run", str(model), "-o", str(out), "-f", "gguf", "-f", "gptq", "--calib", str(corpus),
+                    "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--keep-intermediate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return model, out
+
+
+prefetch(__name__, "push.finished", _chat_model_and_its_run, ("tiny_model", "corpus"))
 
 
 @pytest.fixture(scope="module")
-def finished(chat_model: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real run: the default GGUF type (with an importance matrix from --calib) and GPTQ."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    proc = run_qwrap("run", str(chat_model), "-o", str(out), "-f", "gguf", "-f", "gptq", "--calib", str(corpus),
-                     "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--keep-intermediate")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def chat_model(request: pytest.FixtureRequest) -> Path:
+    """The tiny model with a chat template in its tokenizer_config.json."""
+    return prefetched(request, "push.finished")[0]
+
+
+@pytest.fixture(scope="module")
+def finished(request: pytest.FixtureRequest) -> Path:
+    """A real run of chat_model (on the session's lane, background.py)."""
+    return prefetched(request, "push.finished")[1]
 
 
 @pytest.fixture()

@@ -4,12 +4,15 @@ gates that fail a CI run on them."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_qwrap
+from background import Lane, fixture_or_outcome, folder, lane, needing, selected
+from conftest import REPO, Run, run_qwrap
 from qwrap.errors import UsageError
 from qwrap.quality import gate, parse_base_ppl, parse_gates, parse_kld_summary
 from qwrap.toolchain import Toolchain
@@ -17,9 +20,34 @@ from qwrap.toolchain import Toolchain
 RECORDED = REPO / "tests" / "data" / "recorded"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def background(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lane]:
+    """The runs of the slow tests below but the first, started on a second lane (background.py)
+    when the module's first test starts, in the order the tests read them: they spend much of
+    their time in one thread (a converter, a worker, a model build)."""
+    names = selected(request)
+    root = tmp_path_factory.mktemp("background")
+
+    def job(fn: Callable[..., object], *fixtures: str) -> Callable[..., object]:
+        return needing([fixture_or_outcome(request, f) for f in fixtures], fn)
+
+    with lane(root) as on:
+        if "test_awq_gptq_scored_on_the_gguf_token_ids" in names:
+            on.start(("token ids",), job(_gptq_and_gguf, "tiny_model", "corpus", "toolchain"), on,
+                     folder(root / "token-ids"))
+        if "test_the_demo_model_is_built_once_with_separate_texts" in names:
+            on.start(("demo",), job(_demo_builds, "convert_python"), on, folder(root / "demo"))
+        if "test_the_ladder_is_sane_and_the_imatrix_helps" in names:
+            on.start(("ladder",), job(_ladder_runs, "trained_model", "corpus", "toolchain"), on,
+                     folder(root / "ladder"))
+        if "test_a_70b_model_on_a_cpu_is_told_what_the_evaluation_costs" in names:
+            on.start(("70b",), job(_plan_70b, "tiny_model", "corpus"), on, folder(root / "70b"))
+        yield on
+
+
 def test_kld_summary_parsed_from_recorded_output() -> None:
     q = parse_kld_summary((RECORDED / "llama-perplexity-kld.log").read_text().splitlines())
-    assert set(q) == {"ppl", "ppl_base", "delta_ppl", "kld_mean", "kld_p99", "top1_agreement"}
+    assert set(q) >= {"ppl", "ppl_base", "delta_ppl", "kld_mean", "kld_p99", "top1_agreement"}
     assert 0 < q["kld_mean"] < q["kld_p99"] and 0 < q["top1_agreement"] <= 1
     assert abs(q["ppl"] - q["ppl_base"] - q["delta_ppl"]) < 1e-3 * q["ppl"]
     assert parse_base_ppl((RECORDED / "llama-perplexity-base.log").read_text().splitlines()) > 1
@@ -68,6 +96,12 @@ def test_gguf_figures_equal_hand_run_llama_perplexity(tiny_model: Path, tmp_path
     ref = result["quality_reference"]
     assert ref["ctx"] == 256 and ref["chunks"] == 8 and ref["tokens_scored"] == 8 * 127
     by_quant = {a["quant"]: a for a in result["artifacts"]}
+    # llama-perplexity run by hand on the same 16-bit file, text and chunking: the base once
+    base = tmp_path / "hand.kld"
+    sixteen = next((out / ".checkpoint" / "work").glob("*-BF16.gguf"))
+    common = ["-c", "256", "--chunks", "8", "-t", "2", "-b", "256"]
+    _perplexity(toolchain, "-m", str(sixteen), "-f", str(corpus), *common, "--kl-divergence-base", str(base),
+                done="Final estimate")
     for quant, art in by_quant.items():
         q = art["quality"]
         assert q["runtime"] == "llama.cpp" and q["tokens"] == 8 * 127 and q["ctx"] == 256
@@ -75,11 +109,6 @@ def test_gguf_figures_equal_hand_run_llama_perplexity(tiny_model: Path, tmp_path
         w = q["weights"]
         assert w["runtime"] == "transformers" and w["tokens"] == q["tokens"] and w["kld_mean"] >= 0, w
         # the same figures as llama-perplexity run by hand on the same files, text and chunking
-        base = tmp_path / f"hand-{quant}.kld"
-        sixteen = next((out / ".checkpoint" / "work").glob("*-BF16.gguf"))
-        common = ["-c", "256", "--chunks", "8", "-t", "2", "-b", "256"]
-        _perplexity(toolchain, "-m", str(sixteen), "-f", str(corpus), *common, "--kl-divergence-base", str(base),
-                    done="Final estimate")
         hand = parse_kld_summary(_perplexity(toolchain, "-m", art["path"], *common, "--kl-divergence-base", str(base),
                                              "--kl-divergence", done="Same top p:"))
         for key in ("kld_mean", "kld_p99", "ppl", "ppl_base", "top1_agreement"):
@@ -135,28 +164,31 @@ def test_plan_sizes_the_evaluation_and_says_what_it_costs(tiny_model: Path, tmp_
 
 
 @pytest.mark.slow
-def test_no_eval_and_no_text(tiny_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+def test_no_eval_and_no_text(tiny_model: Path, tmp_path: Path, gguf_run: Run) -> None:
     plan = json.loads(run_qwrap("plan", str(tiny_model), "-o", str(tmp_path / "o"), "--no-eval", "--json").stdout)
     assert not [s for s in plan["steps"] if "eval" in s["kind"]]
-    # offline with no evaluation text at all: the run goes on, says so, and measures nothing
-    proc = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "o2"), "-q", "Q8_0", "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert "not measured" in proc.stderr and "--eval-text" in proc.stderr
-    assert json.loads(proc.stdout)["artifacts"][0]["quality"] is None
+    # offline with no evaluation text at all (conftest's gguf_run): the run goes on, says so, and measures nothing
+    assert "not measured" in gguf_run.stderr and "--eval-text" in gguf_run.stderr
+    assert [a["quality"] for a in gguf_run.result["artifacts"]] == [None, None]
+    assert not [s for s in gguf_run.result["steps"] if "eval" in s["id"]]
+
+
+def _gptq_and_gguf(tiny_model: Path, corpus: Path, _: Toolchain, on: Lane,
+                   tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path / "o"
+    return on.qwrap("run", str(tiny_model), "-o", str(out), "-f", "gptq", "-f", "gguf", "-q", "Q4_K_M",
+                    "--calib", str(corpus), "--calib-samples", "4", "--calib-seq-len", "64", "--eval-text", str(corpus),
+                    "--eval-tokens", "1024", "--eval-ctx", "256", "--keep-intermediate", "--json"), out
 
 
 @pytest.mark.backend
-def test_awq_gptq_scored_on_the_gguf_token_ids(tiny_model: Path, tmp_path: Path, corpus: Path,
-                                               toolchain: Toolchain) -> None:
+def test_awq_gptq_scored_on_the_gguf_token_ids(tiny_model: Path, background: Lane) -> None:
     """GPTQ in transformers scores exactly the token ids llama.cpp scores for the GGUF rows, and
     the bridge row says how far the two runtimes' references differ."""
     import hashlib
     import struct
 
-    out = tmp_path / "o"
-    proc = run_qwrap("run", str(tiny_model), "-o", str(out), "-f", "gptq", "-f", "gguf", "-q", "Q4_K_M",
-                     "--calib", str(corpus), "--calib-samples", "4", "--calib-seq-len", "64", "--eval-text", str(corpus),
-                     "--eval-tokens", "1024", "--eval-ctx", "256", "--keep-intermediate", "--json", timeout=1800)
+    proc, out = background.result("token ids")  # GPTQ and GGUF Q4_K_M, measured on 4 chunks of 256 tokens
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     rows = {a["format"]: a for a in result["artifacts"]}
@@ -178,7 +210,7 @@ def test_awq_gptq_scored_on_the_gguf_token_ids(tiny_model: Path, tmp_path: Path,
 
 @pytest.mark.slow
 def test_importance_matrix_by_default_for_low_bit_types(tiny_model: Path, tmp_path: Path, corpus: Path,
-                                                        toolchain: Toolchain) -> None:
+                                                        gguf_run: Run) -> None:
     def plan(*args: str) -> dict:
         proc = run_qwrap("plan", str(tiny_model), "-o", str(tmp_path / "o"), "-q", "Q4_K_M", "-q", "Q6_K", *args,
                          "--json")
@@ -190,25 +222,27 @@ def test_importance_matrix_by_default_for_low_bit_types(tiny_model: Path, tmp_pa
     assert "imatrix" not in steps["gguf.quantize:Q6_K"]["inputs"]  # only 4 bits and less by default
     assert "gguf.imatrix" not in plan("--calib", str(corpus), "--no-imatrix")
     assert "gguf.imatrix" not in plan()  # offline, no calibration text: none, and it says so
-    run = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "r"), "-q", "Q4_K_M", "--no-eval")
-    assert run.returncode == 0 and "without an importance matrix" in run.stderr, run.stderr
+    # gguf_run: Q4_K_M offline without --calib, so without one, and it says so
+    assert "without an importance matrix" in gguf_run.stderr, gguf_run.stderr
+    assert "gguf.imatrix" not in {s["id"] for s in gguf_run.result["steps"]}
     refused = run_qwrap("run", str(tiny_model), "-o", str(tmp_path / "x"), "-q", "IQ2_XS", "--no-imatrix")
     assert refused.returncode == 2 and "--no-imatrix" in refused.stderr
 
 
 @pytest.mark.slow
-def test_qwrap_eval_measures_a_finished_run(tiny_model: Path, tmp_path: Path, corpus: Path,
-                                            toolchain: Toolchain) -> None:
+def test_qwrap_eval_measures_a_finished_run(tmp_path: Path, corpus: Path, gguf_run: Run) -> None:
     out = tmp_path / "o"
-    first = run_qwrap("run", str(tiny_model), "-o", str(out), "-q", "Q8_0", "--no-eval", "--json")
-    assert first.returncode == 0, first.stderr
-    assert json.loads(first.stdout)["artifacts"][0]["quality"] is None
+    shutil.copytree(gguf_run.out, out)  # a finished run that measured nothing (no evaluation text)
+    assert [a["quality"] for a in gguf_run.result["artifacts"]] == [None, None]
     again = run_qwrap("eval", str(out), "--eval-text", str(corpus), "--eval-tokens", "1024", "--eval-ctx", "256",
                       "--json")
     assert again.returncode == 0, again.stderr
-    (art,) = json.loads(again.stdout)["artifacts"]
-    assert art["reused"] and art["quality"]["runtime"] == "llama.cpp" and art["quality"]["kld_mean"] >= 0
-    assert art["sha256"] == json.loads(first.stdout)["artifacts"][0]["sha256"]
+    arts = json.loads(again.stdout)["artifacts"]
+    assert len(arts) == 2
+    for art in arts:
+        assert art["reused"] and art["quality"]["runtime"] == "llama.cpp" and art["quality"]["kld_mean"] >= 0
+        assert Path(art["path"]).parent == out
+    assert {a["quant"]: a["sha256"] for a in arts} == gguf_run.shas()
 
 
 LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
@@ -237,19 +271,25 @@ def test_the_held_out_split_shares_no_document(corpus: Path, tmp_path: Path) -> 
     assert 10_000 < len(held_out.read_text()) and overlap(held_out, calib) == 0
 
 
+def _demo_builds(convert_python: Path, on: Lane, tmp_path: Path) -> list[subprocess.CompletedProcess[str]]:
+    """make-tiny-model --cached, one after the other: --texts, --texts again, --texts --seed 1."""
+
+    def build(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = on.run([str(convert_python), str(REPO / "scripts" / "make-tiny-model"), "--cached",
+                       str(tmp_path / "models"), *args], timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    return [build("--texts"), build("--texts"), build("--texts", "--seed", "1")]
+
+
 @pytest.mark.slow
-def test_the_demo_model_is_built_once_with_separate_texts(convert_python: Path, corpus: Path, tmp_path: Path) -> None:
+def test_the_demo_model_is_built_once_with_separate_texts(corpus: Path, background: Lane) -> None:
     """make-tiny-model --cached (the demo's model) builds once per set of arguments; --texts
     gives a calibration text and an evaluation text that share no document."""
     from qwrap.workers.calib import read_documents
 
-    def build(*args: str) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([str(convert_python), str(REPO / "scripts" / "make-tiny-model"), "--cached",
-                               str(tmp_path / "models"), *args], capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr
-        return proc
-
-    first, again, other = build("--texts"), build("--texts"), build("--texts", "--seed", "1")
+    first, again, other = background.result("demo")
     model = Path(first.stdout.strip())
     assert "building" in first.stderr and "building" not in again.stderr and again.stdout == first.stdout
     assert model.name == "tiny-llama" and Path(other.stdout.strip()) != model  # keyed by the arguments
@@ -259,24 +299,31 @@ def test_the_demo_model_is_built_once_with_separate_texts(convert_python: Path, 
     assert len(train) + len(held_out) == len(docs) - 1  # the document the held-out tail begins in: neither
 
 
+def _ladder_runs(trained_model: Path, corpus: Path, _: Toolchain, on: Lane,
+                 tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """The trained model to every LADDER type without an importance matrix, then to Q4_K_M with
+    the default one from the calibration part of the corpus; both measured on its held-out tail."""
+    calib, held_out = held_out_split(corpus, tmp_path)
+    common = ["--eval-text", str(held_out), "--eval-tokens", "2048", "--eval-ctx", "256", "--json"]
+    plain = on.qwrap("run", str(trained_model), "-o", str(tmp_path / "plain"),
+                     *[a for q in LADDER for a in ("-q", q)], "--no-imatrix", *common)
+    tuned = on.qwrap("run", str(trained_model), "-o", str(tmp_path / "tuned"), "-q", "Q4_K_M",
+                     "--calib", str(calib), *common)
+    return plain, tuned
+
+
 @pytest.mark.slow
-def test_the_ladder_is_sane_and_the_imatrix_helps(trained_model: Path, tmp_path: Path, corpus: Path,
-                                                  toolchain: Toolchain) -> None:
+def test_the_ladder_is_sane_and_the_imatrix_helps(background: Lane) -> None:
     """On a trained model, KLD rises monotonically from Q8_0 to Q2_K; the default importance
     matrix (from --calib) lowers the KLD of a low-bit type. Measured on the corpus' held-out
     tail, which neither training nor calibration read."""
-    calib, held_out = held_out_split(corpus, tmp_path)
-    common = ["--eval-text", str(held_out), "--eval-tokens", "2048", "--eval-ctx", "256", "--json"]
-    plain = run_qwrap("run", str(trained_model), "-o", str(tmp_path / "plain"),
-                      *[a for q in LADDER for a in ("-q", q)], "--no-imatrix", *common)
+    plain, tuned = background.result("ladder")
     assert plain.returncode == 0, plain.stderr
     rows = json.loads(plain.stdout)["artifacts"]
     kld = {a["quant"]: a["quality"]["kld_mean"] for a in rows}
     assert all("--eval-weights on" in a["quality"]["weights"]["unavailable"] for a in rows)  # CPU: not by default
     assert [kld[q] for q in LADDER] == sorted(kld[q] for q in LADDER), kld
     assert len(set(kld.values())) == len(LADDER), kld
-    tuned = run_qwrap("run", str(trained_model), "-o", str(tmp_path / "tuned"), "-q", "Q4_K_M",
-                      "--calib", str(calib), *common)
     assert tuned.returncode == 0, tuned.stderr
     assert "also calibration text" not in tuned.stderr
     (art,) = json.loads(tuned.stdout)["artifacts"]
@@ -319,13 +366,16 @@ def _sparse_llama(folder: Path, tokenizer_from: Path, layers: int, hidden: int, 
         f.truncate(8 + len(blob) + offset)
 
 
-@pytest.mark.slow
-def test_a_70b_model_on_a_cpu_is_told_what_the_evaluation_costs(tiny_model: Path, tmp_path: Path,
-                                                                  corpus: Path) -> None:
-    """Even at its minimum, evaluating a 70B model on a CPU takes hours: `plan` says so."""
+def _plan_70b(tiny_model: Path, corpus: Path, on: Lane, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     big = tmp_path / "llama-70b"
     _sparse_llama(big, tiny_model, layers=80, hidden=8192, ffn=28672)
-    proc = run_qwrap("plan", str(big), "-o", str(tmp_path / "o"), "-q", "Q4_K_M", "--eval-text", str(corpus), "--json")
+    return on.qwrap("plan", str(big), "-o", str(tmp_path / "o"), "-q", "Q4_K_M", "--eval-text", str(corpus), "--json")
+
+
+@pytest.mark.slow
+def test_a_70b_model_on_a_cpu_is_told_what_the_evaluation_costs(background: Lane) -> None:
+    """Even at its minimum, evaluating a 70B model on a CPU takes hours: `plan` says so."""
+    proc = background.result("70b")  # `qwrap plan` of a sparse Llama of 70B's shape, with the tiny tokenizer
     plan = json.loads(proc.stdout)
     assert plan["parameters"] > 60e9, plan["parameters"]
     assert {s["id"]: s for s in plan["steps"]}["gguf.eval-base"]["params"]["chunks"] == 2

@@ -4,6 +4,7 @@ self-contained HTML page, and that page opened in a real headless Chromium."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -230,3 +231,58 @@ def test_quality_page_renders_in_a_real_browser(tmp_path: Path, report_env: envs
     keep = os.environ.get("QWRAP_KEEP_SCREENSHOT")  # to look at it: QWRAP_KEEP_SCREENSHOT=/tmp/shot.png
     if keep:
         shutil.copyfile(shot, keep)
+
+
+# -- standard errors and noise ----------------------------------------------------------------
+
+# (type, KLD mean's standard error, PPL's, ΔPPL's, same top-1's): of the size llama-perplexity
+# prints for 36,864 tokens; Q5_K_M and Q6_K are made to sit within noise of each other.
+GGUF_ERRORS = {"Q2_K": (0.0061, 0.21, 0.12, 0.0023), "Q3_K_M": (0.0019, 0.16, 0.07, 0.0018),
+               "Q4_K_M": (0.00041, 0.14, 0.031, 0.0013), "Q5_K_M": (0.0049, 0.14, 0.014, 0.0010),
+               "Q6_K": (0.0020, 0.14, 0.008, 0.00082), "Q8_0": (0.000016, 0.14, 0.003, 0.00059)}
+
+
+def document_with_errors(out: Path) -> dict[str, Any]:
+    doc = run_document(out)
+    for row in doc["artifacts"]:
+        if row["format"] == "gguf":
+            kld, ppl, delta, top1 = GGUF_ERRORS[row["quant"]]
+            row["quality"].update(kld_mean_se=kld, ppl_se=ppl, ppl_base_se=0.139, delta_ppl_se=delta,
+                                  top1_agreement_se=top1)
+    return doc
+
+
+def test_the_page_shows_each_error_and_marks_what_is_within_noise(tmp_path: Path) -> None:
+    result = RunResult.from_json(document_with_errors(tmp_path))
+    page = qualitypage.render(result, tmp_path, None, reference_bytes=None)
+    body = re.search(r"<tbody>(.*)</tbody>", page, re.S)
+    assert body is not None
+    rows = dict(zip((q[0] for q in GGUF_ROWS), re.findall(r"<tr>(.*?)</tr>", body.group(1), re.S), strict=False))
+    assert "0.0452 ± 0.00041" in rows["Q4_K_M"] and "13.77 ± 0.14" in rows["Q4_K_M"]
+    assert "+0.4829 ± 0.031" in rows["Q4_K_M"] and "93.0% ± 0.13%" in rows["Q4_K_M"]
+    assert ">0.4127<" in rows["Q4_K_M"]  # the p99 has no error
+    # Q5_K_M (0.0163 ± 0.0049) and Q6_K (0.00611 ± 0.0020) differ by 0.0102 < 2 x 0.0053: each is marked
+    assert "≈ Q6_K</span>" in rows["Q5_K_M"] and "≈ Q5_K_M</span>" in rows["Q6_K"]
+    assert "≈" not in rows["Q4_K_M"] and "≈" not in rows["Q8_0"]
+    assert "PPL of the 16-bit model 13.29 ± 0.14" in page
+    assert "± its standard error" in page and "≈ marks a mean KLD within noise" in page
+    assert re.findall(r"≈ ([^<]+)</span>", page) == ["Q6_K", "Q5_K_M"]  # nothing else is marked
+    doc = qualitypage.plot_input(result, F16_BYTES)
+    assert [p.get("kld_mean_se") for p in doc["points"]] == [e[0] for e in GGUF_ERRORS.values()] + [None]
+
+
+def test_a_page_without_errors_says_nothing_of_them(tmp_path: Path) -> None:
+    page = qualitypage.render(run_result(tmp_path), tmp_path, b"\x89PNG", reference_bytes=None)
+    assert "±" not in page and "≈" not in page and "standard error" not in page
+
+
+def test_the_plot_worker_checks_the_errors_it_is_given(tmp_path: Path) -> None:
+    job = tmp_path / "in.json"
+    point = {"label": "Q4_K_M", "format": "gguf", "bytes": 10, "kld_mean": 0.04}
+    for se, ok in ((0.001, True), (None, True), (-0.001, False), ("x", False), (float("inf"), False)):
+        job.write_text(json.dumps({"points": [{**point, **({"kld_mean_se": se} if se is not None else {})}]}))
+        if ok:
+            assert quality_plot.load(job)[0][0]["kld_mean"] == 0.04
+        else:
+            with pytest.raises(quality_plot.BadInput, match="kld_mean_se"):
+                quality_plot.load(job)

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from background import Lane, prefetch, prefetched
 from conftest import REPO, run_qwrap
 from qwrap.errors import UnsupportedModelError
 
 SMALL = ("--calib-samples", "4", "--calib-seq-len", "64", "--threads", "1", "--no-eval")
 
 
-@pytest.fixture
-def custom(tiny_model: Path, tmp_path: Path) -> Path:
+def custom_model(tiny_model: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "custom-llama"
     shutil.copytree(tiny_model, folder)
     shutil.copyfile(REPO / "tests" / "data" / "remote-code" / "modeling_tiny.py", folder / "modeling_tiny.py")
@@ -25,6 +26,11 @@ def custom(tiny_model: Path, tmp_path: Path) -> Path:
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_tiny.TinyLlamaForCausalLM"}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+@pytest.fixture
+def custom(tiny_model: Path, tmp_path: Path) -> Path:
+    return custom_model(tiny_model, tmp_path)
 
 
 @pytest.mark.slow
@@ -66,13 +72,24 @@ def tiny_model_of(custom: Path) -> Path:
     return plain
 
 
-@pytest.mark.backend
-def test_trusted_code_runs_in_the_workers_and_is_recorded(custom: Path, tmp_path: Path, corpus: Path) -> None:
+def _trusted_run(tiny_model: Path, corpus: Path, on: Lane,
+                 tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+    """GPTQ of the model with its own code, trusted: the run, the marker its code writes, OUT."""
+    custom = custom_model(tiny_model, tmp_path)
     marker = tmp_path / "ran"
     out = tmp_path / "o"
-    proc = run_qwrap("run", str(custom), "--format", "gptq", "--calib", str(corpus), "-o", str(out),
-                     "--trust-remote-code", "--json", *SMALL, env={"QWRAP_TEST_REMOTE_CODE_MARKER": str(marker)},
-                     timeout=1200)
+    proc = on.qwrap("run", str(custom), "--format", "gptq", "--calib", str(corpus), "-o", str(out),
+                    "--trust-remote-code", "--json", *SMALL, env={"QWRAP_TEST_REMOTE_CODE_MARKER": str(marker)})
+    return proc, marker, out
+
+
+prefetch(__name__, "remote_code.trusted", _trusted_run, ("tiny_model", "corpus"),
+         tests=("test_trusted_code_runs_in_the_workers_and_is_recorded",))
+
+
+@pytest.mark.backend
+def test_trusted_code_runs_in_the_workers_and_is_recorded(request: pytest.FixtureRequest) -> None:
+    proc, marker, out = prefetched(request, "remote_code.trusted")  # on the session's lane (background.py)
     assert proc.returncode == 0, proc.stderr
     assert marker.is_file() and len(set(marker.read_text().split())) >= 2  # quantize and validate workers
     result = json.loads(proc.stdout)

@@ -199,3 +199,29 @@ def test_a_new_figure_is_one_spec_entry(outcome: RunOutcome, monkeypatch: pytest
     page = qualitypage.render(result, outcome.request.output, None, reference_bytes=None)
     for text in (_table(result), modelcard.render(result), page):
         assert "KLD p95" in text and "0.123" in text
+
+
+def test_standard_errors_travel_from_the_facts_to_every_renderer(outcome: RunOutcome) -> None:
+    """The errors an evaluation records are kept in the result beside their figures, round-trip
+    through result.json, and every renderer shows them as "value ± error"."""
+    errors = {"kld_mean_se": 0.0012, "ppl_se": 0.31, "ppl_base_se": 0.3, "delta_ppl_se": 0.021,
+              "top1_agreement_se": 0.004}
+    for s in outcome.summaries:
+        if s.step.kind == "gguf.eval" and s.record is not None:
+            s.record.info["quality"].update(errors)
+    result = build_result(outcome)
+    q4 = result.artifacts[0].quality
+    assert q4 is not None and {k: q4.figures[k] for k in errors} == errors and q4.kld_mean_se == 0.0012
+    doc = json.loads(json.dumps(result.to_json()))
+    assert doc["artifacts"][0]["quality"]["kld_mean_se"] == 0.0012
+    assert RunResult.from_json(doc) == result
+    page = qualitypage.render(result, outcome.request.output, None, reference_bytes=None)
+    for text in (_table(result), modelcard.render(result), page):
+        assert "0.0412 ± 0.0012" in text and "95.9% ± 0.40%" in text
+    # a result.json written before the errors were kept loads, and shows its figures bare
+    for row in doc["artifacts"]:
+        for key in quality.SE_KEYS:
+            del row["quality"][key]
+    old = RunResult.from_json(doc)
+    assert old.artifacts[0].kld_mean == 0.0412 and old.artifacts[0].quality.kld_mean_se is None  # type: ignore[union-attr]
+    assert "±" not in _table(old) and "±" not in modelcard.render(old)

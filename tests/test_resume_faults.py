@@ -12,12 +12,14 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
+from background import Lane, fixture_or_outcome, lane, needing, selected
 from conftest import Run, qwrap_argv, run_qwrap
 from moments import running_child, wait_for
 from qwrap.journal import Journal, sha256_file
@@ -25,7 +27,6 @@ from qwrap.plan import StepState
 from qwrap.toolchain import Toolchain
 
 pytestmark = pytest.mark.slow
-wait_for_child = running_child  # tests/test_formats_hf.py imports it from here (new code: moments.running_child)
 QUANTS = ("Q4_K_M", "Q8_0", "Q5_K_S")
 
 
@@ -35,13 +36,36 @@ def medium_model(named_model: Callable[[str], Path]) -> Path:
     return named_model("medium")
 
 
-@pytest.fixture(scope="module")
-def reference(medium_model: Path, tmp_path_factory: pytest.TempPathFactory, toolchain: Toolchain) -> dict[str, str]:
-    """sha256 of each artifact from one uninterrupted run."""
-    out = tmp_path_factory.mktemp("reference")
-    proc = run_qwrap("run", str(medium_model), "-o", str(out), *qargs(), "--json")
+@pytest.fixture(scope="module", autouse=True)
+def background(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lane]:
+    """The uninterrupted medium run (``reference``) and the GPTQ test's three runs, started on a
+    second lane (background.py) when the module's first test starts: the tests that kill GGUF
+    runs spend much of their time in one converter thread, the GPTQ worker runs on one thread.
+    (One lane, not two: llama.cpp's tools spin-wait for their threads, so two multi-threaded
+    runs beside the test's own are slower than one.)"""
+    names = selected(request)
+    root = tmp_path_factory.mktemp("background")
+    with lane(root) as on:
+        if names & {"test_interrupt_and_terminate", "test_sigkill_of_qwrap_while_several_children_run",
+                    "test_sigkill_of_one_tool_while_others_run_then_resume_is_identical"}:
+            needs = [fixture_or_outcome(request, name) for name in ("medium_model", "toolchain")]
+            on.start(("reference",), needing(needs, _reference), on, root / "reference")
+        if "test_ctrl_c_in_the_gptq_worker_and_sigterm_in_its_evaluation" in names:
+            needs = [fixture_or_outcome(request, name) for name in ("tiny_model", "corpus")]
+            on.start(("gptq",), needing(needs, _gptq_interrupted_twice), on, root / "gptq")
+        yield on
+
+
+def _reference(model: Path, _: Toolchain, on: Lane, out: Path) -> dict[str, str]:
+    proc = on.qwrap("run", str(model), "-o", str(out), *qargs(), "--json")
     assert proc.returncode == 0, proc.stderr
     return {a["quant"]: a["sha256"] for a in json.loads(proc.stdout)["artifacts"]}
+
+
+@pytest.fixture(scope="module")
+def reference(background: Lane) -> dict[str, str]:
+    """sha256 of each artifact from one uninterrupted run of the medium model."""
+    return background.result("reference")
 
 
 def qargs(quants: tuple[str, ...] = QUANTS) -> list[str]:
@@ -80,20 +104,22 @@ def unvouched_partials(out: Path) -> list[Path]:
     return [p for p in out.glob("*.partial") if p.name not in vouched]
 
 
-def test_sigkill_of_qwrap_leaves_no_orphan_and_resumes(medium_model: Path, tmp_path: Path,
-                                                        reference: dict[str, str]) -> None:
+def test_sigkill_of_qwrap_leaves_no_orphan_and_resumes(tiny_model: Path, tmp_path: Path, gguf_run: Run) -> None:
+    """SIGKILL qwrap while its converter runs (seconds: it imports torch)."""
     out = tmp_path / "o"
-    proc = start(medium_model, out)
+    quants = ("Q4_K_M", "Q8_0")
+    proc = subprocess.Popen(qwrap_argv("run", str(tiny_model), "-o", str(out), *qargs(quants)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     child = running_child(out, "gguf.convert", proc)
     proc.kill()
     proc.communicate()
     child.wait(timeout=10)  # died with its parent (PR_SET_PDEATHSIG), not left running
     assert Journal(out).states()["gguf.convert"].state == "started"
-    result = finish(out, medium_model)
+    result = finish_tiny(out, tiny_model, quants=quants)
     assert Journal(out).history("gguf.convert").__next__()["state"] == "started"
     states = [r["state"] for r in Journal(out).history("gguf.convert")]
     assert states[:3] == ["started", "interrupted", "started"]
-    assert shas(result) == reference
+    assert shas(result) == gguf_run.shas()
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -194,10 +220,12 @@ def test_oom_kill_is_reported_with_peak_memory(tiny_model: Path, tmp_path: Path,
         pytest.skip("needs root and a writable cgroup-v1 memory controller to provoke a real OOM kill")
     out = tmp_path / "o"
     try:
+        # qwrap joins the group before it starts (a shell joins it, then execs qwrap: no
+        # preexec_fn, which is unsafe beside the lane's threads)
         proc = subprocess.run(
-            qwrap_argv("run", str(tiny_model), "-o", str(out), "-q", "Q8_0"), capture_output=True, text=True,
+            ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group / "cgroup.procs"),
+             *qwrap_argv("run", str(tiny_model), "-o", str(out), "-q", "Q8_0")], capture_output=True, text=True,
             stdin=subprocess.DEVNULL, timeout=300,
-            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())),
         )
     finally:
         for pid in (group / "cgroup.procs").read_text().split():
@@ -344,39 +372,49 @@ def _stop_and_check(proc: subprocess.Popen[str], worker: psutil.Process, signum:
     return err
 
 
-@pytest.mark.backend
-def test_ctrl_c_in_the_gptq_worker_and_sigterm_in_its_evaluation(tiny_model: Path, tmp_path: Path,
-                                                                  corpus: Path) -> None:
-    """Ctrl-C while GPTQ quantizes (after a layer checkpoint) exits 130 and keeps the layers; the
-    rerun resumes from them; SIGTERM while the validate step measures the artifact on the
-    evaluation chunks exits 143; the third run finishes, reusing the quantization."""
-    out = tmp_path / "o"
-    argv = qwrap_argv("run", str(tiny_model), "-o", str(out), "--format", "gptq", "--calib", str(corpus),
+@dataclass(frozen=True)
+class InterruptedTwice:
+    first_states: dict[str, StepState]  # the journal's states after the Ctrl-C
+    kept: list[Path]  # the layer checkpoints left after it
+    second_states: dict[str, StepState]  # after the SIGTERM
+    resumed_layers: int  # what the second run's quantization restored
+    done: subprocess.CompletedProcess[str]  # the third run
+
+
+def _gptq_interrupted_twice(model: Path, corpus: Path, on: Lane, out: Path) -> InterruptedTwice:
+    argv = qwrap_argv("run", str(model), "-o", str(out), "--format", "gptq", "--calib", str(corpus),
                       "--eval-text", str(corpus), "--eval-tokens", "2048", *HF_SMALL, "--json")
-
-    def launch() -> subprocess.Popen[str]:
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                stdin=subprocess.DEVNULL)
-
-    proc = launch()
+    proc = on.popen(argv)
     worker = running_child(out, "gptq.quantize", proc, timeout=600)
     layers = out / ".checkpoint" / "layers"
     wait_for(out, "file:.checkpoint/layers/**/*.safetensors", proc, timeout=600)  # a layer checkpoint
     _stop_and_check(proc, worker, signal.SIGINT, 130)
-    assert Journal(out).states()["gptq.quantize"].state == "interrupted"
+    first = {name: st.state for name, st in Journal(out).states().items()}
     kept = sorted(p.relative_to(layers) for p in layers.rglob("*.safetensors"))
-    assert kept, "the layer checkpoints were removed"
 
-    proc = launch()
+    proc = on.popen(argv)
     worker = running_child(out, "gptq.validate", proc, timeout=600)
     # the source model is scored: the artifact's evaluation comes next
     wait_for(out, "file:.checkpoint/work/hf-reference/reference.safetensors", proc, timeout=600)
     _stop_and_check(proc, worker, signal.SIGTERM, 143)
     states = Journal(out).states()
-    assert states["gptq.quantize"].state == "done" and states["gptq.validate"].state == "interrupted"
-    assert states["gptq.quantize"].info["resumed_layers"] >= 1  # restored, not recomputed
+    second = {name: st.state for name, st in states.items()}
+    return InterruptedTwice(first, kept, second, states["gptq.quantize"].info["resumed_layers"], on.run(argv))
 
-    done = run_qwrap(*argv[3:], timeout=1200)
+
+@pytest.mark.backend
+def test_ctrl_c_in_the_gptq_worker_and_sigterm_in_its_evaluation(background: Lane) -> None:
+    """Ctrl-C while GPTQ quantizes (after a layer checkpoint) exits 130 and keeps the layers; the
+    rerun resumes from them; SIGTERM while the validate step measures the artifact on the
+    evaluation chunks exits 143; the third run finishes, reusing the quantization. (Run on the
+    background lane: the signals are sent and checked there, _stop_and_check.)"""
+    runs: InterruptedTwice = background.result("gptq")
+    assert runs.first_states["gptq.quantize"] == "interrupted"
+    assert runs.kept, "the layer checkpoints were removed"
+    assert runs.second_states["gptq.quantize"] == "done" and runs.second_states["gptq.validate"] == "interrupted"
+    assert runs.resumed_layers >= 1  # restored, not recomputed
+
+    done = runs.done
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     steps = {s["id"]: s["state"] for s in result["steps"]}

@@ -8,11 +8,13 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import artifact_shas, qwrap_argv, run_qwrap, scaleout_options
+from background import Lane, lane, selected, share
+from conftest import artifact_shas, qwrap_argv, run_qwrap, scaleout_options, scaleout_reference_run
 from moments import wait_for
 from qwrap.journal import Journal
 from qwrap.toolchain import Toolchain
@@ -22,6 +24,19 @@ pytestmark = pytest.mark.slow
 
 def options(corpus: Path) -> list[str]:
     return scaleout_options(corpus)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lane]:
+    """The session's scaleout_reference run, started on a second lane (background.py) when the
+    module's first test starts: that test's --step processes go on beside it."""
+    root = tmp_path_factory.mktemp("background")
+    with lane(root) as on:
+        if "test_concurrent_step_processes_make_what_one_run_makes" in selected(request):
+            model, corpus = request.getfixturevalue("tiny_model"), request.getfixturevalue("corpus")
+            request.getfixturevalue("toolchain")
+            share(on, "scaleout_reference", scaleout_reference_run, on.qwrap, model, corpus, root / "reference")
+        yield on
 
 
 def plan_steps(model: Path, out: Path, opts: list[str]) -> list[dict]:
@@ -45,7 +60,7 @@ def step_process(model: Path, out: Path, opts: list[str], *step_ids: str) -> sub
 
 
 def test_concurrent_step_processes_make_what_one_run_makes(tiny_model: Path, corpus: Path, tmp_path: Path,
-                                                           scaleout_reference: dict[str, str]) -> None:
+                                                           request: pytest.FixtureRequest) -> None:
     out, opts = tmp_path / "o", options(corpus)
     steps = plan_steps(tiny_model, out, opts)
     started = time.monotonic()
@@ -62,7 +77,8 @@ def test_concurrent_step_processes_make_what_one_run_makes(tiny_model: Path, cor
     again = run_qwrap("run", str(tiny_model), "-o", str(out), *opts, "--json")
     assert again.returncode == 0, again.stderr
     assert {s["state"] for s in json.loads(again.stdout)["steps"]} == {"skipped"}  # reuses everything
-    assert artifact_shas(out) == scaleout_reference
+    # what one uninterrupted run makes (asked for only now: it runs beside this test, `background`)
+    assert artifact_shas(out) == request.getfixturevalue("scaleout_reference")
     status = json.loads(run_qwrap("status", str(out), "--json").stdout)
     rows = {s["step"]: s for s in status["steps"]}
     assert set(rows) == {s["id"] for s in steps} and {r["state"] for r in rows.values()} == {"done"}

@@ -11,11 +11,13 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from background import Lane, fixture_or_outcome, lane, needing, selected
 from conftest import _missing
 from qwrap.errors import ToolchainMissingError
 from qwrap.toolchain import Toolchain, find_toolchain, read_pin, source_dir
@@ -103,6 +105,40 @@ def models(tiny_model: Path, named_model: Callable[[str], Path]) -> dict[str, Pa
     return {"spm": tiny_model, **{name: named_model(name) for name in ("llama-bpe", "gpt2-bpe", "qwen2-sharded", "foo")}}
 
 
+@pytest.fixture(scope="module")
+def work(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lane]:
+    """The module's child processes (builds, conversions, torch scripts, the llama.cpp ladder),
+    started together on a lane of two (background.py): each runs one thread for seconds (mostly
+    importing torch). A test waits for what it asserts on."""
+    tmp = tmp_path_factory.mktemp("work")
+    names = selected(request)
+
+    def job(fn: Callable[..., Any], *fixtures: str) -> Callable[..., Any]:
+        return needing([fixture_or_outcome(request, f) for f in fixtures], fn)
+
+    with lane(tmp, workers=2) as on:
+        # in the order the tests read them
+        if "test_same_arguments_give_identical_bytes" in names:
+            on.start(("again",), job(lambda python: build(python, tmp / "again"), "python"))
+        if names & {"test_converter_accepts", "test_converter_rejects"}:
+            convert_job = job(lambda python, converter, models, name: convert(python, converter, models[name],
+                                                                              tmp / f"{name}.gguf"),
+                              "python", "converter", "models")
+            for name in ("spm", "llama-bpe", "qwen2-sharded", "gpt2-bpe", "foo"):
+                on.start(("convert", name), convert_job, name)
+        if "test_transformers_loads_and_generates" in names:
+            on.start(("generated",), job(_generated, "python", "models"))
+        if "test_training_is_deterministic" in names:
+            for name in ("a", "b"):
+                on.start(("trained", name), job(lambda python, name: _train(python, tmp / name), "python"), name)
+        if "test_trained_model_has_learned_the_corpus" in names:
+            on.start(("held-out",), job(_held_out_loss, "python", "trained_model", "models", "corpus"))
+        if "test_trained_model_gives_a_quantization_ladder" in names:
+            on.start(("ladder",), job(_ladder, "python", "converter", "trained_model", "toolchain", "corpus"),
+                     tmp / "ladder")
+        yield on
+
+
 # -- no toolchain needed -----------------------------------------------------------------
 
 
@@ -130,11 +166,10 @@ def test_bad_sizes_refused_before_any_work(tmp_path: Path, args: tuple[str, ...]
 
 
 @pytest.mark.slow
-def test_same_arguments_give_identical_bytes(python: Path, models: dict[str, Path],
-                                             tmp_path: Path) -> None:
-    again = build(python, tmp_path / "again")
+def test_same_arguments_give_identical_bytes(work: Lane, models: dict[str, Path]) -> None:
+    again: Path = work.result("again")  # built again with the default arguments
     assert contents(again) == contents(models["spm"])
-    assert not (tmp_path / "again.partial").exists()
+    assert not again.with_name("again.partial").exists()
 
 
 @pytest.mark.slow
@@ -157,11 +192,10 @@ def test_folder_is_complete(models: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["spm", "llama-bpe", "qwen2-sharded"])
-def test_converter_accepts(python: Path, converter: Path, models: dict[str, Path],
-                           name: str, tmp_path: Path) -> None:
-    proc = convert(python, converter, models[name], tmp_path / f"{name}.gguf")
+def test_converter_accepts(work: Lane, name: str) -> None:
+    proc: subprocess.CompletedProcess[str] = work.result("convert", name)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / f"{name}.gguf").read_bytes()[:4] == b"GGUF"
+    assert Path(proc.args[4]).read_bytes()[:4] == b"GGUF"  # --outfile
 
 
 @pytest.mark.slow
@@ -169,17 +203,15 @@ def test_converter_accepts(python: Path, converter: Path, models: dict[str, Path
     ("gpt2-bpe", "pre-tokenizer was not recognized"),
     ("foo", "Model FooForCausalLM is not supported"),
 ])
-def test_converter_rejects(python: Path, converter: Path, models: dict[str, Path], name: str,
-                           message: str, tmp_path: Path) -> None:
-    proc = convert(python, converter, models[name], tmp_path / f"{name}.gguf")
+def test_converter_rejects(work: Lane, name: str, message: str) -> None:
+    proc: subprocess.CompletedProcess[str] = work.result("convert", name)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
 
 
 GENERATED = ("spm", "llama-bpe", "qwen2-sharded")
 
 
-@pytest.fixture(scope="module")
-def generated(python: Path, models: dict[str, Path]) -> dict[str, str]:
+def _generated(python: Path, models: dict[str, Path]) -> dict[str, str]:
     """What LOAD_AND_GENERATE printed for each of GENERATED, by name."""
     proc = subprocess.run([str(python), "-c", LOAD_AND_GENERATE, *(str(models[name]) for name in GENERATED)],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
@@ -191,8 +223,8 @@ def generated(python: Path, models: dict[str, Path]) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", GENERATED)
-def test_transformers_loads_and_generates(generated: dict[str, str], name: str) -> None:
-    line = generated[name]
+def test_transformers_loads_and_generates(work: Lane, name: str) -> None:
+    line = work.result("generated")[name]
     assert not line.startswith("error"), line
     tokenizer_size, vocab_size, count = map(int, line.split())
     assert (tokenizer_size, vocab_size, count) == (4096, 4096, 4)
@@ -201,15 +233,20 @@ def test_transformers_loads_and_generates(generated: dict[str, str], name: str) 
 # -- --train-steps ---------------------------------------------------------------------------
 
 
+def _train(python: Path, out: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    proc = subprocess.run([str(python), str(SCRIPT), str(out), "--train-steps", "5"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    return proc, out
+
+
 @pytest.mark.slow
-def test_training_is_deterministic(python: Path, models: dict[str, Path], tmp_path: Path) -> None:
+def test_training_is_deterministic(work: Lane, models: dict[str, Path]) -> None:
     runs = []
-    for name in ("a", "b"):
-        proc = subprocess.run([str(python), str(SCRIPT), str(tmp_path / name), "--train-steps", "5"],
-                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    for name in ("a", "b"):  # two separate processes
+        proc, folder = work.result("trained", name)
         assert proc.returncode == 0, proc.stderr
         assert "training loss" in proc.stderr and "held-out loss" in proc.stderr, proc.stderr
-        runs.append(contents(tmp_path / name))
+        runs.append(contents(folder))
     assert runs[0] == runs[1]
     random = contents(models["spm"])
     assert runs[0]["model.safetensors"] != random["model.safetensors"]
@@ -217,12 +254,15 @@ def test_training_is_deterministic(python: Path, models: dict[str, Path], tmp_pa
         k: v for k, v in random.items() if k != "model.safetensors"}
 
 
-@pytest.mark.slow
-def test_trained_model_has_learned_the_corpus(python: Path, trained_model: Path,
-                                             models: dict[str, Path], corpus: Path) -> None:
-    proc = subprocess.run([str(python), "-c", HELD_OUT_LOSS, str(corpus), str(trained_model),
-                           str(models["spm"])],
+def _held_out_loss(python: Path, trained_model: Path, models: dict[str, Path],
+                   corpus: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(python), "-c", HELD_OUT_LOSS, str(corpus), str(trained_model), str(models["spm"])],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+
+
+@pytest.mark.slow
+def test_trained_model_has_learned_the_corpus(work: Lane) -> None:
+    proc: subprocess.CompletedProcess[str] = work.result("held-out")  # the trained model, then the random one
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained, random = map(float, proc.stdout.split())
     # ln(4096) = 8.32 is a uniform guess; the trained model reaches ~4.4 on text it never saw.
@@ -245,10 +285,11 @@ def _perplexity(toolchain: Toolchain, pattern: str, *args: str) -> float:
     raise AssertionError(f"no {pattern!r} in llama-perplexity output:\n{proc.stdout[-3000:]}")
 
 
-@pytest.mark.slow
-def test_trained_model_gives_a_quantization_ladder(python: Path, converter: Path,
-                                                   trained_model: Path, toolchain: Toolchain,
-                                                   corpus: Path, tmp_path: Path) -> None:
+def _ladder(python: Path, converter: Path, trained_model: Path, toolchain: Toolchain, corpus: Path,
+            tmp_path: Path) -> tuple[float, dict[str, float]]:
+    """The trained model converted by hand to bf16, its perplexity, and the KLD of each type of
+    QUANT_LADDER against it."""
+    tmp_path.mkdir()
     sixteen = tmp_path / "bf16.gguf"
     proc = subprocess.run([str(python), str(converter), str(trained_model), "--outfile",
                            str(sixteen), "--outtype", "bf16"],
@@ -257,7 +298,6 @@ def test_trained_model_gives_a_quantization_ladder(python: Path, converter: Path
     base = tmp_path / "base.kld"
     ppl = _perplexity(toolchain, r"Final estimate: PPL = ([0-9.]+)", "-m", str(sixteen),
                       "-f", str(corpus), "--kl-divergence-base", str(base))
-    assert ppl < 200, ppl  # vocabulary 4096: random weights give ~4200
     kld = {}
     for qtype in QUANT_LADDER:
         gguf = tmp_path / f"{qtype}.gguf"
@@ -268,5 +308,12 @@ def test_trained_model_gives_a_quantization_ladder(python: Path, converter: Path
         assert quantize.returncode == 0, quantize.stderr[-3000:]
         kld[qtype] = _perplexity(toolchain, r"^Mean\s+KLD:\s+([0-9.]+)", "-m", str(gguf),
                                  "--kl-divergence-base", str(base), "--kl-divergence")
+    return ppl, kld
+
+
+@pytest.mark.slow
+def test_trained_model_gives_a_quantization_ladder(work: Lane) -> None:
+    ppl, kld = work.result("ladder")
+    assert ppl < 200, ppl  # vocabulary 4096: random weights give ~4200
     figures = [kld[qtype] for qtype in QUANT_LADDER]
     assert figures == sorted(figures) and len(set(figures)) == len(figures), kld

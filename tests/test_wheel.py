@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from background import Lane, folder, prefetch, prefetched
 from conftest import REPO, _missing
 from qwrap import __version__, envs
 from qwrap.errors import ToolchainMissingError
@@ -28,20 +29,28 @@ def _tracked(root: Path) -> list[str]:
     return [name for name in out.decode().split("\0") if name and os.path.lexists(root / name)]
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Built from a clean copy (as a fresh clone would be), so the checkout gets no build/ or egg-info."""
-    src = tmp_path_factory.mktemp("clone")
+def _built_and_installed(on: Lane, tmp: Path) -> tuple[Path, Path]:
+    """The wheel, built from a clean copy (as a fresh clone would be), so the checkout gets no
+    build/ or egg-info; and a fresh venv outside the checkout it is installed into."""
+    src = folder(tmp / "clone")
     for name in _tracked(REPO):
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, src / name, follow_symlinks=False)
-    dist = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)],
-                          capture_output=True, text=True, timeout=300)
+    dist = folder(tmp / "dist")
+    proc = on.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)],
+                  timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "deprecated" not in proc.stdout + proc.stderr
     (found,) = dist.glob("qwrap-*.whl")
-    return found
+    return found, _installed(on, found, tmp / "user" / "venv")
+
+
+prefetch(__name__, "wheel.installed", _built_and_installed)  # on the session's lane (background.py)
+
+
+@pytest.fixture(scope="module")
+def wheel(request: pytest.FixtureRequest) -> Path:
+    return prefetched(request, "wheel.installed")[0]
 
 
 def test_wheel_holds_the_package_and_nothing_else(wheel: Path) -> None:
@@ -60,20 +69,21 @@ def test_wheel_holds_the_package_and_nothing_else(wheel: Path) -> None:
     assert requires and not [r for r in requires if "torch" in r or "transformers" in r]
 
 
-@pytest.fixture(scope="module")
-def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    venv = tmp_path_factory.mktemp("user") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+def _installed(on: Lane, wheel: Path, venv: Path) -> Path:
+    on.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     # --no-cache-dir: nothing written to ~/.cache/pip (the guard fixture watches ~/.cache)
-    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "--no-cache-dir",
-                           str(wheel)],
-                          capture_output=True, text=True, timeout=600)
+    proc = on.run([str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "--no-cache-dir",
+                   str(wheel)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    listed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format=json"], capture_output=True, text=True,
-                            check=True).stdout
+    listed = on.run([str(venv / "bin" / "pip"), "list", "--format=json"], check=True).stdout
     packages = {p["name"].lower() for p in json.loads(listed)}
     assert "qwrap" in packages and not packages & {"torch", "transformers", "numpy"}, packages
     return venv
+
+
+@pytest.fixture(scope="module")
+def installed(request: pytest.FixtureRequest) -> Path:
+    return prefetched(request, "wheel.installed")[1]
 
 
 def user(venv: Path, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -19,9 +19,12 @@ there whatever the size; with a GPU it grows to the 16k cap.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 
@@ -32,6 +35,18 @@ MIN_CHUNKS = 2
 # cores (a 100M Llama, 512-token chunks); a CUDA GPU does it ~50x faster.
 TORCH_S_PER_GTOKEN_PARAM = 0.045
 TORCH_GPU_SPEEDUP = 50.0
+# How precise the evaluation will be, said by `plan` before anything runs: the standard error
+# of a mean KLD over n scored tokens is the per-token KLDs' standard deviation over sqrt(n), and
+# that standard deviation is about KLD_SPREAD times their mean (a few positions differ much,
+# most hardly at all), so SE ~ KLD_SPREAD x KLD / sqrt(n) at any KLD. Measured (SE x sqrt(n) /
+# mean, from llama-perplexity's own "Mean KLD: m ± se"): 2.0-3.3 (median 2.4) over Q6_K..Q2_K
+# of the trained tiny Llama on held-out text (1,397 tokens), 2.0-6.0 (median 2.8) over
+# Q8_0..IQ2_XS on 8,160 tokens of its calibration text; 1.5-3.1 in transformers (hf_eval, the
+# weights view of Q8_0..Q4_K_S on the 1,397 held-out tokens);
+# published llama.cpp runs on 7B-class models give 2.5-3.3. An untrained (random) model's
+# KLDs are far more even (0.1-0.5): not what a real model does. 3 errs towards the wide side.
+KLD_SPREAD = 3.0
+REFERENCE_KLD = 0.01  # the KLD `plan` states the error at without a --max-kld: about a 5-bit file's
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,43 @@ class Evaluation:
     def scored(self) -> int:
         """Positions scored: the second half of every chunk but its last token."""
         return self.chunks * (self.ctx - 1 - self.ctx // 2)
+
+
+def kld_standard_error(kld: float, scored: int) -> float:
+    """The standard error a mean KLD of ``kld`` will have over ``scored`` tokens (KLD_SPREAD)."""
+    return KLD_SPREAD * kld / math.sqrt(max(scored, 1))
+
+
+def precision(scored: int, klds: Sequence[float] = ()) -> dict[str, Any]:
+    """How precise an evaluation scoring ``scored`` tokens will be, for `plan` (``--json``): the
+    mean KLD's expected standard error relative to the KLD, and in absolute terms at each of
+    ``klds`` (the --max-kld limits; REFERENCE_KLD without one)."""
+    at = sorted(set(klds)) or [REFERENCE_KLD]
+    return {"tokens_scored": scored, "kld_spread": KLD_SPREAD,
+            "kld_relative_se": round(KLD_SPREAD / math.sqrt(max(scored, 1)), 6),
+            "kld_se_at": [{"kld": k, "se": kld_standard_error(k, scored)} for k in at]}
+
+
+def planned_precision(ev: Evaluation | None, max_kld: Sequence[str]) -> dict[str, Any] | None:
+    """``precision`` of a planned evaluation, at its --max-kld limits (None without evaluation)."""
+    if ev is None:
+        return None
+    from .quality import parse_gates
+
+    gates = parse_gates(max_kld)
+    limits = [k for k in (gates.default, *(v for _, v in gates.by_name)) if k is not None]
+    return {**precision(ev.scored, limits), "at_limits": bool(limits)}
+
+
+def precision_text(doc: dict[str, Any]) -> str:
+    """``precision``'s document as `plan` prints it."""
+    at = doc["kld_se_at"]
+    which = ("the --max-kld limit" + ("s" if len(at) > 1 else "")) if doc.get("at_limits") else "about a 5-bit file's KLD"
+    values = ", ".join(f"± {e['se']:.2g} at {e['kld']:g}" for e in at)
+    return (f"{doc['tokens_scored']:,} tokens will be scored: a mean KLD's standard error is about "
+            f"{100 * doc['kld_relative_se']:.2g}% of it ({doc['kld_spread']:g} x KLD / sqrt(tokens)), {values} "
+            f"({which}); two files closer than about 2.8 standard errors are within noise (more --eval-tokens "
+            "narrows it)")
 
 
 def chunks_for(ctx: int, tokens: int) -> int:

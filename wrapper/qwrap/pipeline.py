@@ -127,6 +127,9 @@ def plan_only(request: Request, *, token: str | None) -> PlanReport:
                             + (f"; {cost.describe()}" if cost else "")))
         if cost and cost.warning():
             checks.append(Check("evaluation time", True, cost.warning()))
+        precision = evaltext.planned_precision(ev, request.max_kld)
+        if precision is not None:
+            checks.append(Check("evaluation precision", True, evaltext.precision_text(precision)))
     plan = build_plan(request, model)
     disk, disk_info = disk_check(plan, request.output)
     hub, hub_info = hub_cache_check(model)

@@ -16,6 +16,7 @@ from typing import Any
 from . import envs
 from .checks import Check
 from .errors import InsufficientDiskError, QwrapError
+from .evaltext import planned_precision
 from .formats import FORMATS
 from .model import ModelInfo
 from .plan import Plan
@@ -131,4 +132,5 @@ class PlanReport:
                 "parameters": self.model.shape.parameters, "source_fingerprint": self.model.fingerprint,
                 "calibration": self.model.calibration.label if self.model.calibration else None,
                 "steps": [s.to_json() for s in self.plan.steps], "artifacts": self.artifacts(),
-                "totals": self.plan.totals(), "disk": self.disk, "checks": [c.to_json() for c in self.checks]}
+                "totals": self.plan.totals(), "disk": self.disk, "checks": [c.to_json() for c in self.checks],
+                "evaluation": planned_precision(self.model.evaluation, self.request.max_kld)}

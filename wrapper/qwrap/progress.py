@@ -27,6 +27,17 @@ _CONVERT_TENSOR = re.compile(r"^INFO:hf-to-gguf:(\S+),\s+torch\.\w+ --> \w+, sha
 _CONVERT_WRITING = re.compile(r"Writing:\s+\d+%\|.*?\|\s*([\d.]+)([kKMGT]?)/([\d.]+)([kKMGT]?)")
 # llama-quantize: "[  12/  39]   blk.0.attn_k.weight - [256, 256, 1, 1], type = f16, ..."
 _QUANTIZE_TENSOR = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+\S+\s+-\s+\[")
+# The same line's parts, for what a dry run plans: the tensor and its stored type, then
+# "size = 2.00 MiB -> 0.82 MiB (q6_K)" (a tensor it changes) or "size = 0.001 MiB" (one it keeps).
+_QUANTIZE_NAMED = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[\d,\s]*\],\s+type\s*=\s*(\w+),")
+_QUANTIZE_SIZE = re.compile(r"size\s*=\s*[\d.]+\s+MiB(?:\s*->\s*[\d.]+\s+MiB(?:\s+\((\w+)\))?)?")
+# tensor_type_fallback in src/llama-quant.cpp, written in two or three parts:
+# "warning: blk.0.ffn_down.weight - ncols 320 not divisible by 256 (required for type q4_K) "
+# ["(WARNING: must use F16 due to unusual shape) "] "-> falling back to q5_0"
+_FALLBACK_START = re.compile(r"warning:\s+(\S+)\s+-\s+ncols\s+\d+\s+not divisible by\s+\d+\s+"
+                             r"\(required for type\s+(\w+)\)")
+_FALLBACK_END = re.compile(r"->\s*falling back to\s+(\w+)")
+_FALLBACK_SUMMARY = re.compile(r"WARNING:\s+(\d+) of (\d+) tensor\(s\) required fallback quantization")
 _CHUNKS_TOTAL = re.compile(r"(?:computing|calculating \w+) over (\d+) chunks")
 _CHUNK_DONE = re.compile(r"\[(\d+)\](?:-?[\d.]+|nan|inf),")
 
@@ -52,20 +63,73 @@ class ConvertProgress:
         return None
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """A tensor llama-quantize gave another type than planned: its rows do not take the planned
+    type's blocks (``tensor_type_fallback``)."""
+
+    tensor: str
+    wanted: str  # ggml type names, as the tool prints them (q4_K)
+    got: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"tensor": self.tensor, "wanted": self.wanted, "got": self.got}
+
+
 class QuantizeProgress:
     """llama-quantize: ``[ i/ n]`` per tensor on stderr, possibly split across fragments
-    with other messages in between: search anywhere in the line, keep the maximum."""
+    with other messages in between: search anywhere in the line, keep the maximum.
+
+    It also keeps what the audit needs: each fallback (its start and its end may arrive in
+    different fragments, with other text between them), the tool's count of them, and in a
+    ``--dry-run`` each tensor's stored type and the type it becomes (``planned``: only the
+    tensors it changes)."""
+
+    MAX_PENDING = 64  # unfinished fallback lines kept (garbage never grows it without bound)
 
     def __init__(self) -> None:
         self.done = 0
+        self.fallbacks: list[Fallback] = []
+        self.fallback_count: int | None = None  # the tool's own summary ("N of M tensor(s)")
+        self.stored: dict[str, str] = {}  # every tensor listed -> its type in the input file
+        self.planned: dict[str, str] = {}  # dry run: the tensors it changes -> their new type
+        self._pending: list[tuple[str, str]] = []  # fallback starts waiting for their "-> falling back to"
+        self._tensor: str | None = None  # the tensor whose line is being written
 
     def feed(self, line: str) -> Progress | None:
+        self._collect(line)
         found = _QUANTIZE_TENSOR.findall(line)
         if not found:
             return None
         i, n = (int(x) for x in found[-1])
         self.done = max(self.done, i)
         return Progress(self.done, n, "tensors", "quantizing")
+
+    def _collect(self, line: str) -> None:
+        if "MiB" not in line and "fall" not in line and "type" not in line:
+            return  # most lines (the loader's metadata dump) hold none of it
+        tokens = sorted(
+            [(m.start(), "start", m) for m in _FALLBACK_START.finditer(line)]
+            + [(m.start(), "end", m) for m in _FALLBACK_END.finditer(line)]
+            + [(m.start(), "tensor", m) for m in _QUANTIZE_NAMED.finditer(line)]
+            + [(m.start(), "size", m) for m in _QUANTIZE_SIZE.finditer(line)],
+            key=lambda t: t[0])
+        for _, kind, m in tokens:
+            if kind == "start":
+                self._pending = [*self._pending[-self.MAX_PENDING + 1:], (m[1], m[2])]
+            elif kind == "end" and self._pending:
+                tensor, wanted = self._pending.pop(0)
+                self.fallbacks.append(Fallback(tensor, wanted, m[1]))
+            elif kind == "tensor":
+                self._tensor = m[1]
+                self.stored[m[1]] = m[2]
+            elif kind == "size" and self._tensor is not None:
+                if m[1]:
+                    self.planned[self._tensor] = m[1]
+                self._tensor = None
+        summary = _FALLBACK_SUMMARY.search(line)
+        if summary:
+            self.fallback_count = int(summary[1])
 
 
 class ChunkProgress:

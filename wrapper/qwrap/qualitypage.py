@@ -22,7 +22,7 @@ from typing import Any
 from . import envs
 from .children import run_checked
 from .errors import Interrupted, QwrapError, ToolchainMissingError
-from .quality import columns
+from .quality import NOISE_SIGMAS, columns, figure, noise_neighbours
 from .results import Artifact, RunResult, labels
 from .units import human_bytes
 
@@ -43,8 +43,10 @@ def _kld(a: Artifact) -> float | None:
 
 
 def plot_input(result: RunResult, reference_bytes: int | None) -> dict[str, Any]:
-    """The plot worker's INPUT.json: the measured artifacts with a size."""
-    points = [{"label": label, "format": a.format, "bytes": a.bytes, "kld_mean": kld}
+    """The plot worker's INPUT.json: the measured artifacts with a size (and the standard error
+    of each mean KLD, where it was recorded: the plot's error bars)."""
+    points = [{"label": label, "format": a.format, "bytes": a.bytes, "kld_mean": kld,
+               **({"kld_mean_se": se} if (se := a.quality.kld_mean_se if a.quality else None) is not None else {})}
               for a, label in zip(result.artifacts, labels(result.artifacts), strict=True)
               if (kld := _kld(a)) is not None and isinstance(a.bytes, int) and a.bytes > 0]
     return {"points": points, "reference_bytes": reference_bytes,
@@ -110,6 +112,7 @@ tbody tr:nth-child(even) { background: #fafbfc; }
 td.failed { color: #cf222e; font-weight: 600; }
 td.passed { color: #1a7f37; }
 td.none { color: #8c959f; }
+span.noise { color: #9a6700; font-size: .8rem; margin-left: .3rem; }
 code { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: .85rem; }
 """
 
@@ -119,19 +122,29 @@ def _num(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
-def _row(a: Artifact, output: Path) -> str:
+def _noise_mark(neighbours: list[str]) -> str:
+    """The mark after a mean KLD the evaluation cannot tell from others': ≈ and their labels."""
+    if not neighbours:
+        return ""
+    names = html.escape(", ".join(neighbours))
+    return (f' <span class="noise" title="within noise of {names}: the difference is less than '
+            f'{NOISE_SIGMAS:g} combined standard errors">≈ {names}</span>')
+
+
+def _row(a: Artifact, output: Path, neighbours: list[str] | None = None) -> str:
     try:
         rel = os.path.relpath(a.path, output)
     except ValueError:
         rel = a.path
     q = a.quality
+    mark = _noise_mark(neighbours or [])
     cells = [
         ("file", f"<code>{html.escape(rel)}</code>"),
         ("", html.escape(a.format.upper())),
         ("", html.escape(str(a.quant or "–"))),
         ("num", html.escape(human_bytes(a.bytes))),
         ("num", _num(a.bits_per_weight, "{:.2f}")),
-        *(("num", html.escape(f.text(q, "–"))) for f in columns("page")),
+        *(("num", html.escape(f.text(q, "–")) + (mark if f.key == "kld_mean" else "")) for f in columns("page")),
         ("" if q else "none", html.escape(str(q.runtime or "–")) if q else "not measured"),
         (html.escape(a.gate) if a.gate in ("passed", "failed") else "none",
          html.escape(a.gate) if a.gate else "no limit"),
@@ -148,11 +161,35 @@ def _reference(result: RunResult) -> str:
         parts.append(f"(<code>{html.escape(ref.text_identity)}</code>)")
     details = [f"{ref.tokens_scored:,} tokens scored", f"{ref.chunks} chunks", f"ctx {ref.ctx}"]
     if ref.ppl_base is not None:
-        details.append("PPL of the 16-bit model " + _num(ref.ppl_base, "{:.2f}"))
+        se = _base_se(result)
+        details.append("PPL of the 16-bit model " + _num(ref.ppl_base, "{:.2f}")
+                       + (f" ± {figure('ppl_base').se_text(se)}" if se is not None else ""))
     text = " ".join(parts) + ": " + html.escape(", ".join(details)) + "."
     if ref.note:
         text += " " + html.escape(ref.note)
     return f'<p class="ref">{text}</p>'
+
+
+def _base_se(result: RunResult) -> float | None:
+    """The standard error of the 16-bit model's PPL: llama-perplexity prints it with every
+    --kl-divergence summary (the same reference logits on the same tokens), so a llama.cpp row has it."""
+    base = figure("ppl_base")
+    return next((se for a in result.artifacts if (q := a.quality) is not None and q.runtime == "llama.cpp"
+                 and (se := base.se(q)) is not None), None)
+
+
+def _errors_note(result: RunResult, neighbours: dict[str, list[str]]) -> str:
+    """What the ± and the ≈ in the table mean, when the table has any."""
+    measured = [a.quality for a in result.artifacts if a.quality is not None]
+    if not any(f.se(q) is not None for q in measured for f in columns("page")):
+        return ""
+    text = ("Each figure is its mean ± its standard error over the scored tokens, as llama-perplexity computes "
+            "it (the KLD p99 has none).")
+    if neighbours:
+        text += (f" ≈ marks a mean KLD within noise of another file's: the two differ by less than "
+                 f"{NOISE_SIGMAS:g} combined standard errors, so this evaluation cannot rank them (more "
+                 "--eval-tokens can).")
+    return f'<p class="sub">{html.escape(text)}</p>'
 
 
 def header() -> tuple[str, ...]:
@@ -170,16 +207,20 @@ def render(result: RunResult, output: Path, png: bytes | None, *, reference_byte
         data = base64.b64encode(png).decode("ascii")
         ref16 = f" The dashed line is the 16-bit size ({html.escape(human_bytes(reference_bytes))})." \
             if reference_bytes else ""
+        bars = "; the bars span one standard error either side" \
+            if any(a.quality is not None and a.quality.kld_mean_se for a in result.artifacts) else ""
         plot = (f'<figure><img alt="mean KL divergence against file size" src="data:image/png;base64,{data}">'
                 "<figcaption>Mean KL divergence of each file's next-token distribution against the unquantized "
-                "model (log scale), against its size. The line is the Pareto front: the files no smaller file "
-                f"beats.{ref16}</figcaption></figure>")
+                f"model (log scale), against its size{bars}. The line is the Pareto front: the files no smaller "
+                f"file beats.{ref16}</figcaption></figure>")
     else:
         plot = f'<p class="note">{html.escape(note or "quality plot not drawn")}</p>'
     mixed = ("<p class=\"note\">These figures come from different runtimes ("
              + html.escape(", ".join(runtimes)) + "): each runtime scores its own evaluation tokens, so compare "
              "KLD within a runtime.</p>") if len(runtimes) > 1 else ""
-    rows = "\n".join(_row(a, output) for a in result.artifacts)
+    names = labels(result.artifacts)
+    neighbours = noise_neighbours(list(zip(names, (a.quality for a in result.artifacts), strict=True)))
+    rows = "\n".join(_row(a, output, neighbours.get(name)) for a, name in zip(result.artifacts, names, strict=True))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in header())
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -201,6 +242,7 @@ def render(result: RunResult, output: Path, png: bytes | None, *, reference_byte
 {rows}
 </tbody>
 </table></div>
+{_errors_note(result, neighbours)}
 </body>
 </html>
 """

@@ -8,8 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .quality import columns
-from .results import RunResult
+from .quality import columns, noise_text
+from .results import RunResult, labels
 from .units import human_bytes
 
 
@@ -57,3 +57,11 @@ def render_table(result: RunResult, console: Console) -> None:
             human_bytes(a.peak_rss_bytes), a.path,
         )
     console.print(table)
+    line = noise_line(result)
+    if line:
+        console.print(line)
+
+
+def noise_line(result: RunResult) -> str:
+    """The artifacts whose mean KLDs the evaluation cannot tell apart, in one line ("" if none)."""
+    return noise_text(list(zip(labels(result.artifacts), (a.quality for a in result.artifacts), strict=True)))

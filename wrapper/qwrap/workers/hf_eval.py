@@ -104,15 +104,45 @@ def save_reference(path: str | None, key: str, logprobs: Any) -> None:
     tmp.replace(path)
 
 
+def _mean_se(x: Any) -> tuple[float, float]:
+    """The mean of per-position values and its standard error, as llama-perplexity's
+    ``mean_and_uncertainty``: sqrt(population variance / (n - 1)), i.e. the sample standard
+    deviation over sqrt(n); 0 for ten positions or fewer."""
+    n = int(x.shape[0])
+    mean = float(x.mean())
+    var = float(((x - mean) ** 2).mean())
+    return mean, math.sqrt(var / (n - 1)) if var > 0 and n > 10 else 0.0
+
+
+def _covariance(a: Any, b: Any) -> float:
+    """The covariance of the means of two per-position series (llama-perplexity's ``covariance``)."""
+    n = int(a.shape[0])
+    if n < 10:
+        return 0.0
+    return float(((a - a.mean()) * (b - b.mean())).mean()) / (n - 1)
+
+
 def figures(ref: Any, got: Any, tgt: Any, ctx: int) -> dict[str, Any]:
-    """The quality figures of ``got`` against ``ref`` (log-probs at the same positions)."""
+    """The quality figures of ``got`` against ``ref`` (log-probs at the same positions), each with
+    its standard error computed as llama-perplexity computes it (see quality.py): the mean KLD's
+    from the per-position KLDs, PPL's by the delta method on the mean negative log-likelihood
+    (PPL x its standard error), ΔPPL's from the paired difference (both variances less twice the
+    covariance of the two mean NLLs), the top-1 agreement's as a binomial share. The p99 has none."""
     import torch
 
+    n = int(ref.shape[0])
     kld = (ref.exp() * (ref - got)).sum(-1).double()
-    nll_ref = -ref.gather(-1, tgt[:, None]).double().mean()
-    nll_got = -got.gather(-1, tgt[:, None]).double().mean()
-    ppl_base, ppl = math.exp(float(nll_ref)), math.exp(float(nll_got))
-    return {"kld_mean": float(kld.mean()), "kld_p99": float(torch.quantile(kld.float(), 0.99)),
-            "ppl": ppl, "ppl_base": ppl_base, "delta_ppl": ppl - ppl_base,
-            "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).double().mean()),
-            "tokens": int(ref.shape[0]), "ctx": ctx, "runtime": "transformers", "weights": None}
+    nll_ref = -ref.gather(-1, tgt[:, None])[:, 0].double()
+    nll_got = -got.gather(-1, tgt[:, None])[:, 0].double()
+    kld_mean, kld_se = _mean_se(kld)
+    mean_ref, se_ref = _mean_se(nll_ref)
+    mean_got, se_got = _mean_se(nll_got)
+    ppl_base, ppl = math.exp(mean_ref), math.exp(mean_got)
+    ppl_base_se, ppl_se = ppl_base * se_ref, ppl * se_got
+    cov = ppl * ppl_base * _covariance(nll_got, nll_ref)
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).double().mean())
+    return {"kld_mean": kld_mean, "kld_mean_se": kld_se, "kld_p99": float(torch.quantile(kld.float(), 0.99)),
+            "ppl": ppl, "ppl_se": ppl_se, "ppl_base": ppl_base, "ppl_base_se": ppl_base_se,
+            "delta_ppl": ppl - ppl_base, "delta_ppl_se": math.sqrt(max(ppl_se**2 + ppl_base_se**2 - 2 * cov, 0.0)),
+            "top1_agreement": top1, "top1_agreement_se": math.sqrt(top1 * (1 - top1) / (n - 1)) if n > 1 else 0.0,
+            "tokens": n, "ctx": ctx, "runtime": "transformers", "weights": None}

@@ -3,12 +3,14 @@
 Runs in the report environment (matplotlib, Agg backend, no torch). INPUT.json is what
 ``qualitypage.py`` writes::
 
-    {"points": [{"label": "Q4_K_M", "format": "gguf", "bytes": 807694336, "kld_mean": 0.0213}, ...],
+    {"points": [{"label": "Q4_K_M", "format": "gguf", "bytes": 807694336, "kld_mean": 0.0213,
+                 "kld_mean_se": 0.0004}, ...],   # the standard error is optional
      "reference_bytes": 2471645184,   # the 16-bit size, or null
      "title": "Llama-3.2-1B: KL divergence against size"}
 
 The plot: mean KL divergence (log scale) against file size (MiB or GiB, the units of the
-result tables), every point labelled, the Pareto front (the points no smaller-or-equal file
+result tables), every point labelled, one standard error either side as an error bar where
+the point has one, the Pareto front (the points no smaller-or-equal file
 beats or equals in KLD) as a line, the 16-bit size as a vertical line, a legend by format.
 Deterministic: fixed figure size and dpi, fixed colours and markers by sorted format name, no
 timestamp in the file. Written to a temporary name and renamed.
@@ -54,6 +56,10 @@ def load(path: Path) -> tuple[list[dict[str, Any]], int | None, str]:
               and isinstance(p.get("kld_mean"), (int, float)) and math.isfinite(p["kld_mean"]))
         if not ok:
             raise BadInput(f"{path}: point {i} needs label, format, bytes > 0 and a finite kld_mean: {p!r}")
+        se = p.get("kld_mean_se")
+        if se is not None and not (isinstance(se, (int, float)) and not isinstance(se, bool) and math.isfinite(se)
+                                   and se >= 0):
+            raise BadInput(f"{path}: point {i}'s kld_mean_se must be a finite number >= 0 or absent: {se!r}")
         points.append(p)
     if not points:
         raise BadInput(f"{path}: no points to plot")
@@ -99,9 +105,14 @@ def draw(points: list[dict[str, Any]], reference: int | None, title: str, out: P
 
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     ax.set_yscale("log")
-    ys = [y(p) for p in points]
+    def bar(p: dict[str, Any]) -> tuple[float, float]:
+        """How far the error bar reaches below and above the point (one standard error, kept
+        above the log axis' floor)."""
+        se = float(p.get("kld_mean_se") or 0.0)
+        return min(se, y(p) - floor / 2.0), se
+
     ax.set_xlim(0, largest / scale * 1.1)
-    ax.set_ylim(min(ys) / 2.5, max(ys) * 2.5)
+    ax.set_ylim(min(y(p) - bar(p)[0] for p in points) / 2.5, max(y(p) + bar(p)[1] for p in points) * 2.5)
     ax.grid(True, which="major", color="0.88", linewidth=0.8)
     ax.grid(True, which="minor", axis="y", color="0.95", linewidth=0.5)
     ax.set_axisbelow(True)
@@ -117,6 +128,11 @@ def draw(points: list[dict[str, Any]], reference: int | None, title: str, out: P
     for i, fmt in enumerate(sorted({p["format"] for p in points})):
         mine = [p for p in points if p["format"] == fmt]
         colour, marker = COLOURS[i % len(COLOURS)], MARKERS[i % len(MARKERS)]
+        barred = [p for p in mine if p.get("kld_mean_se")]
+        if barred:
+            ax.errorbar([p["bytes"] / scale for p in barred], [y(p) for p in barred],
+                        yerr=[[bar(p)[0] for p in barred], [bar(p)[1] for p in barred]], fmt="none",
+                        ecolor=colour, elinewidth=1.0, capsize=3, zorder=2.5)
         ax.scatter([p["bytes"] / scale for p in mine], [y(p) for p in mine], s=46, color=colour,
                    marker=marker, edgecolors=["black" if id(p) in on_front else colour for p in mine],
                    linewidths=1.1, zorder=3, label=fmt.upper())

@@ -10,6 +10,9 @@ This package owns everything GGUF, one role a module:
 - ``steps``: its steps for a request;
 - ``modelchecks``: the model checks (the converter's architectures, a vocab-only conversion);
 - ``actions``: one action per step kind;
+- ``budgets``, ``search``, ``budget_actions``: size budgets (``--target-*``): the budget values,
+  the search as pure functions, and the sensitivity, search, compare and choose actions;
+- ``recipes``, ``ggmltypes``: per-tensor type rules (``--recipe``) and ggml's tensor types;
 - ``rows``: its rows in the plan, the result, the model card and `qwrap formats`.
 
 This module is what the registry sees (the ``Format`` Protocol). `qwrap --help` loads only
@@ -65,7 +68,14 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
     add(b, o, model)
 
 
+BUDGET_KINDS = frozenset({"gguf.sensitivity", "gguf.search", "gguf.compare", "gguf.choose"})
+
+
 def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    if step.kind in BUDGET_KINDS:
+        from .budget_actions import execute as budget
+
+        return budget(step, inputs, ctx)
     from .actions import execute as run
 
     return run(step, inputs, ctx)

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ...context import Inputs, StepContext, StepOutcome
 from ...envs import find_env
@@ -38,7 +39,9 @@ from ...worker_client import REFERENCE_DIR, run_worker
 from ...workers.backends import VALIDATE_BACKEND
 from ...workers.protocol import TextSource, ValidateJob
 from .declaration import WORK
+from .ggmltypes import ALIGNMENT, BY_ID, GGML_TYPES, aligned
 from .quants import QUANT_TYPES
+from .recipes import Recipe
 from .steps import split_name
 
 VALIDATE_PROMPT = "Once upon a time"
@@ -121,10 +124,14 @@ def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 
 def _quantize(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    """llama-quantize one type, with a recipe's per-tensor types when there is one (checked
+    first against the 16-bit file and the tool's own dry run); then the fallback audit: the
+    tensors whose rows did not take their planned type, and what that cost in size."""
     tools = find_toolchain()
     out = ctx.path(step.outputs[0])
     out.unlink(missing_ok=True)  # llama-quantize can leave a partial file on failure
     quant = step.param("quant")
+    model = inputs["model"].path
     argv: list[str | os.PathLike[str]] = [tools.tool("llama-quantize")]
     if "imatrix" in inputs:
         # relative to OUT (the tool runs there): llama-quantize records the path in the artifact,
@@ -132,16 +139,156 @@ def _quantize(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         argv += ["--imatrix", os.path.relpath(inputs["imatrix"].path, ctx.output)]
     elif "imatrix" in dict(step.files):
         argv += ["--imatrix", step.file("imatrix")]
-    argv += [inputs["model"].path, out, quant, str(ctx.threads)]
+    recipe = _recipe_of(step, inputs)
+    rules = ctx.path(f"{WORK}/{Path(step.outputs[0]).name}.rules")  # what the tool reads: the rules alone
+    decided: dict[str, tuple[int, ...]] = {}
+    parser = QuantizeProgress()
     try:
-        result = ctx.run_tool(argv, what=f"llama-quantize {quant}", parser=QuantizeProgress(), cwd=ctx.output)
+        if recipe is not None:
+            rules.parent.mkdir(parents=True, exist_ok=True)
+            rules.write_text(recipe.rules_text())
+            decided = _check_recipe(recipe, step, inputs, ctx, tools, rules)
+            argv += ["--tensor-type-file", rules, "--override-kv", f"{RECIPE_SHA256_KEY}=str:{recipe.sha256}"]
+            name = _beside_name(step, recipe)
+            if len(name) <= MAX_KV_STRING:
+                argv += ["--override-kv", f"{RECIPE_FILE_KEY}=str:{name}"]
+        argv += [model, out, quant, str(ctx.threads)]
+        result = ctx.run_tool(argv, what=f"llama-quantize {quant}", parser=parser, cwd=ctx.output)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
+    finally:
+        rules.unlink(missing_ok=True)
     info = _read_header(out, f"llama-quantize's {quant} output")
     size = out.stat().st_size
     bpw = size * 8 / info.parameter_count if info.parameter_count else 0.0
-    return StepOutcome((out,), {"bits_per_weight": round(bpw, 3), "bytes": size}, result.peak_rss_bytes)
+    facts: dict[str, Any] = {"bits_per_weight": round(bpw, 3), "bytes": size,
+                             **_fallback_audit(info, parser, size, quant, ctx), "recipe": None}
+    outputs = [out]
+    if recipe is not None:
+        _check_applied(recipe, info, decided)
+        facts["recipe"] = {"file": _beside_name(step, recipe), "sha256": recipe.sha256, "rules": len(recipe.rules)}
+        if len(step.outputs) > 1:  # written beside the artifact, renamed with it by its validate step
+            beside = ctx.path(step.outputs[1])
+            beside.write_text(recipe.to_text())
+            outputs.append(beside)
+    return StepOutcome(tuple(outputs), facts, result.peak_rss_bytes)
+
+
+# The recipe a file was made with, in its metadata (llama.cpp's string overrides hold 127 characters).
+RECIPE_SHA256_KEY = "qwrap.recipe.sha256"  # of its rules (Recipe.sha256; comments do not count)
+RECIPE_FILE_KEY = "qwrap.recipe.file"  # the recipe file written beside the artifact
+MAX_KV_STRING = 127
+# A warning when fallbacks made the file larger than planned by more than this.
+FALLBACK_WARN_FRACTION = 0.01
+
+
+def _beside_name(step: Step, recipe: Recipe) -> str:
+    if len(step.outputs) > 1:
+        return Path(step.outputs[1]).name.removesuffix(".partial")
+    return Path(recipe.source).name
+
+
+def _recipe_of(step: Step, inputs: Inputs) -> Recipe | None:
+    """The step's recipe: a searched one (its ``recipe`` input, from gguf.search) or the
+    user's --recipe file (``files["recipe"]``), whose rules must still be the planned ones."""
+    from .recipes import parse
+
+    if "recipe" in inputs:
+        path = inputs["recipe"].path
+    elif "recipe" in dict(step.files):
+        path = Path(step.file("recipe"))
+    else:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the recipe {path}: {exc}") from None
+    recipe = parse(text, str(path))
+    planned = step.param("recipe_sha256")
+    if planned is not None and planned != recipe.sha256:
+        raise UsageError(f"the recipe {path} changed since this step was planned",
+                         hint="Run the same `qwrap run` again: the plan then takes the new rules.")
+    return recipe
+
+
+def _check_recipe(recipe: Recipe, step: Step, inputs: Inputs, ctx: StepContext, tools: Toolchain,
+                  rules: Path) -> dict[str, tuple[int, ...]]:
+    """The second line of defence (the first is the model check, before the conversion): the
+    recipe against the real 16-bit file, the tensors llama-quantize quantizes being those its
+    own dry run changes (and those the pinned rules allow, for a rule that keeps a tensor's
+    16-bit type)."""
+    from .recipes import check, check_quants, quantizable
+
+    quant = step.param("quant")
+    check_quants([quant], recipe.source)
+    source = _read_header(inputs["model"].path, "the 16-bit GGUF")
+    dry = _Listing()
+    ctx.run_tool([tools.tool("llama-quantize"), "--dry-run", "--tensor-type-file", rules, inputs["model"].path,
+                  ctx.path(f"{WORK}/dry-run.gguf"), quant, "1"],
+                 what=f"llama-quantize --dry-run {quant} (checking the recipe)", parser=dry, cwd=ctx.output)
+    if not dry.stored:
+        raise ValidationFailedError(f"llama-quantize --dry-run {quant} listed no tensors", hint=f"See {ctx.log_path}.")
+    tensors: dict[str, tuple[int, ...]] = {}
+    for t in source.tensors:
+        rule = recipe.type_of(t.name)
+        kept = rule is not None and rule.type.id == t.ggml_type  # a rule that keeps the 16-bit type changes nothing
+        if t.name in dry.planned or (kept and quantizable(t.name, t.shape, source.architecture)):
+            tensors[t.name] = t.shape
+    has_imatrix = "imatrix" in inputs or "imatrix" in dict(step.files)
+    check(recipe, tensors, imatrix=has_imatrix)
+    return tensors
+
+
+class _Listing(QuantizeProgress):
+    """A dry run's lines, collected without reporting progress (the real run reports it next)."""
+
+    def feed(self, line: str) -> None:
+        super().feed(line)
+
+
+def _check_applied(recipe: Recipe, info: GGUFInfo, tensors: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor a rule decides holds the rule's type in the written file."""
+    for t in info.tensors:
+        rule = recipe.type_of(t.name) if t.name in tensors else None
+        if rule is not None and t.ggml_type != rule.type.id:
+            got = BY_ID[t.ggml_type].name if t.ggml_type in BY_ID else f"type {t.ggml_type}"
+            raise ValidationFailedError(f"{recipe.source} line {rule.line}: {t.name} should be {rule.type.name}; "
+                                        f"llama-quantize wrote {got}")
+
+
+def _fallback_audit(info: GGUFInfo, parser: QuantizeProgress, size: int, quant: str,
+                    ctx: StepContext) -> dict[str, Any]:
+    """The tensors llama-quantize gave another type than planned (their rows do not take the
+    planned type's blocks), and the bits per weight planned (every tensor at the type asked
+    for, before fallback) against the file's."""
+    fallbacks = parser.fallbacks
+    facts: dict[str, Any] = {"fallbacks": [f.to_json() for f in fallbacks],
+                             "fallback_count": parser.fallback_count if parser.fallback_count is not None
+                             else len(fallbacks),
+                             "planned_bytes": None, "planned_bits_per_weight": None}
+    shapes = {t.name: (t.shape, BY_ID.get(t.ggml_type)) for t in info.tensors}
+    alignment = info.metadata.get("general.alignment")
+    alignment = alignment if isinstance(alignment, int) and alignment > 0 else ALIGNMENT
+    planned = float(size)
+    for f in fallbacks:
+        shape, got = shapes.get(f.tensor, ((), None))
+        wanted = GGML_TYPES.get(f.wanted.lower())
+        if got is None or wanted is None:  # a type this table does not know: no planned figure
+            return facts
+        planned += wanted.exact_bytes(shape) - aligned(got.tensor_bytes(shape), alignment)
+    params = info.parameter_count
+    if not params:
+        return facts
+    facts["planned_bytes"] = round(planned)
+    facts["planned_bits_per_weight"] = round(planned * 8 / params, 3)
+    if fallbacks and size > planned * (1 + FALLBACK_WARN_FRACTION):
+        shown = ", ".join(f"{f.tensor} {f.wanted}->{f.got}" for f in fallbacks[:3])
+        more = f" and {len(fallbacks) - 3} more" if len(fallbacks) > 3 else ""
+        ctx.warning(f"{quant}: {len(fallbacks)} tensor(s) fell back to larger types ({shown}{more}: their rows do "
+                    f"not take the planned type's blocks); the file is {size / planned - 1:.1%} larger than planned "
+                    f"({size * 8 / params:.2f} bits per weight instead of {planned * 8 / params:.2f})")
+    return facts
 
 
 def _load_and_generate(model: Path, what: str, ctx: StepContext) -> ProcessResult:
@@ -169,7 +316,8 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     final = ctx.path(step.outputs[0])
     source = inputs["source"].facts
     info = _read_header(partial, f"the {quant} artifact")
-    expected = QUANT_TYPES[quant].ftype
+    # a budget's file is a searched recipe or the stock type that beat it (gguf.choose says which)
+    expected = QUANT_TYPES[inputs["artifact"].facts.get("quant") or quant].ftype
     problems = []
     if source.get("architecture") and info.architecture != source["architecture"]:
         problems.append(f"architecture {info.architecture!r} != source {source['architecture']!r}")
@@ -184,8 +332,16 @@ def _validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         raise ValidationFailedError(f"{quant} artifact failed header checks: " + "; ".join(problems))
     result = _load_and_generate(partial, f"the {quant} artifact", ctx)
     ctx.check_final(final)
+    renames = [(partial, final)]
+    written = inputs["artifact"].paths[1:]
+    if written and len(step.outputs) > 1:  # the recipe written beside the artifact
+        beside = ctx.path(step.outputs[1])
+        if not written[0].is_file():
+            raise ValidationFailedError(f"the recipe {written[0]} written with the {quant} artifact is missing")
+        ctx.check_final(beside)
+        renames.append((written[0], beside))
     facts = {"validated": True, "architecture": info.architecture, "tensor_count": len(info.tensors)}
-    return StepOutcome((), facts, result.peak_rss_bytes, renames=((partial, final),))
+    return StepOutcome((), facts, result.peak_rss_bytes, renames=tuple(renames))
 
 
 def _split(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:

@@ -24,8 +24,8 @@ NO_IMATRIX = "none"
 WEIGHTS_CHOICES = ("auto", "on", "off")
 
 OPTIONS: tuple[Option, ...] = (
-    Option("quant", list[str], ["Q4_K_M"], "GGUF type, repeatable, case-insensitive (see `qwrap formats`).",
-           ("--quant", "-q")),
+    Option("quant", list[str], [], "GGUF type, repeatable, case-insensitive (see `qwrap formats`). Default: "
+           "Q4_K_M, unless a --target-* is given.", ("--quant", "-q")),
     Option("outtype", str, "auto", "GGUF 16-bit intermediate: auto (bf16 if the weights are bf16, else f16), "
            "f16, bf16, f32."),
     Option("imatrix", Optional[str], None, "GGUF importance matrix FILE, or `auto` to compute it from --calib. "
@@ -38,6 +38,20 @@ OPTIONS: tuple[Option, ...] = (
            "in float32 torch twice per artifact, several times the cost of quantizing); on; off."),
     Option("split_max_size", str, "48G", "GGUF: a file larger than this (N followed by M or G, as llama-gguf-split "
            "takes it; the Hub refuses files over 50 GB) is split after validation into NAME-00001-of-0000N.gguf."),
+    Option("recipe", Optional[str], None, "GGUF per-tensor types FILE applied on top of every --quant type: one "
+           "REGEX=TYPE rule a line (`ffn_down=q5_K`, `blk\\.[0-3]\\.attn_v=q6_K`; the regex is searched in the GGUF "
+           "tensor name, the first matching rule wins, # starts a comment), as llama-quantize --tensor-type-file reads "
+           "them. Checked before any work; written beside each artifact.", metavar="FILE"),
+    Option("target_size", list[str], [], "GGUF size budget, repeatable: the lowest-KLD per-tensor recipe whose file "
+           "fits, searched for this model from measured sensitivity (bytes, or K/M/G decimal, KiB/MiB/GiB binary: "
+           "4.5G). Measured beside the stock type nearest its size; the stock file ships if the search is not better "
+           "beyond noise.", metavar="SIZE"),
+    Option("target_bpw", list[str], [], "GGUF budget in bits per weight (file bytes x 8 / parameters), repeatable: "
+           "as --target-size.", metavar="BITS"),
+    Option("target_kld", list[str], [], "GGUF quality budget, repeatable: the smallest recipe predicted to stay under "
+           "this mean KLD; the measured KLD is checked against it (exit 17 when it is over).", metavar="KLD"),
+    Option("compare", bool, True, "GGUF budgets: also quantize and measure the stock type nearest each searched "
+           "file's size on the same tokens (--no-compare skips it, and the never-worse check with it)."),
 )
 
 
@@ -48,6 +62,9 @@ class Options:
     imatrix: str | None = None  # a file path, "auto", "none" (--no-imatrix), or None: by default
     eval_weights: str = "auto"  # the weights view: auto (where a GPU is present), on, off
     split_max_size: str = "48G"  # llama-gguf-split's N(M|G)
+    recipe: str | None = None  # --recipe FILE (absolute), applied to every --quant type
+    targets: tuple[str, ...] = ()  # budgets, normalized (budgets.Target.key): "size=4500000000", "bpw=4.8", "kld=0.01"
+    compare: bool = True  # budgets are measured beside the stock type nearest their size
 
 
 def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
@@ -58,13 +75,23 @@ def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
         imatrix = NO_IMATRIX
     elif imatrix not in (None, "auto"):
         imatrix = str(Path(imatrix).resolve())
-    return Options(tuple(values.get("quant") or ()), values.get("outtype", "auto"), imatrix,
-                   values.get("eval_weights", "auto"), str(values.get("split_max_size") or "48G").upper())
+    from .budgets import parse_targets
+
+    targets = parse_targets(values.get("target_size") or (), values.get("target_bpw") or (),
+                            values.get("target_kld") or ())
+    quants = tuple(values.get("quant") or ()) or (() if targets else ("Q4_K_M",))
+    recipe = values.get("recipe")
+    return Options(quants, values.get("outtype", "auto"), imatrix,
+                   values.get("eval_weights", "auto"), str(values.get("split_max_size") or "48G").upper(),
+                   str(Path(recipe).resolve()) if recipe else None, tuple(t.key for t in targets),
+                   bool(values.get("compare", True)))
 
 
 def options_from_json(data: Mapping[str, Any]) -> Options:
     return Options(tuple(data.get("quants", ("Q4_K_M",))), data.get("outtype", "auto"), data.get("imatrix"),
-                   eval_weights=data.get("eval_weights", "auto"), split_max_size=data.get("split_max_size", "48G"))
+                   eval_weights=data.get("eval_weights", "auto"), split_max_size=data.get("split_max_size", "48G"),
+                   recipe=data.get("recipe"), targets=tuple(data.get("targets", ())),
+                   compare=bool(data.get("compare", True)))
 
 
 _SPLIT_SIZE = re.compile(r"^([1-9][0-9]*)([MG])$")
@@ -81,8 +108,17 @@ def split_bytes(size: str) -> int:
 def validate(o: Options) -> None:
     """Everything that can be checked before any work."""
     quants = [normalize_quant(q) for q in o.quants]
-    if not quants:
-        raise UsageError("no GGUF quant type given", hint="Pass --quant Q4_K_M (repeatable).")
+    if not quants and not o.targets:
+        raise UsageError("no GGUF quant type given", hint="Pass --quant Q4_K_M (repeatable), or a --target-size.")
+    if o.targets and o.imatrix == NO_IMATRIX:
+        raise UsageError("size budgets (--target-*) measure sensitivity with an importance matrix, and --no-imatrix "
+                         "was given", hint="Drop --no-imatrix.")
+    if o.recipe is not None:
+        from .recipes import load
+
+        if not Path(o.recipe).is_file():
+            raise UsageError(f"--recipe file {o.recipe} does not exist")
+        load(Path(o.recipe))  # its syntax and types; the tensors it names are checked against the model
     if o.outtype not in OUTTYPES:
         raise UsageError(f"unknown --outtype {o.outtype!r}", hint=f"Choose from: {', '.join(OUTTYPES)}.")
     needing = [q for q in quants if QUANT_TYPES[q].needs_imatrix]
@@ -104,9 +140,10 @@ def default_imatrix_types(o: Options) -> list[str]:
 
 
 def needs_calibration(o: Options) -> bool:
-    """An importance matrix is asked for, or a type cannot do without one."""
-    return o.imatrix == "auto" or (o.imatrix is None and any(QUANT_TYPES[normalize_quant(q)].needs_imatrix
-                                                             for q in o.quants))
+    """An importance matrix is asked for, a type cannot do without one, or a budget's
+    sensitivity is measured (on calibration text, never on the evaluation text)."""
+    return bool(o.targets) or o.imatrix == "auto" or (
+        o.imatrix is None and any(QUANT_TYPES[normalize_quant(q)].needs_imatrix for q in o.quants))
 
 
 def wants_calibration(o: Options) -> bool:

@@ -75,8 +75,19 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
         return _eval_estimate(params, shape, base=True)
     if kind == "gguf.weights":
         return weights_estimate(shape, params)
+    if kind == "gguf.sensitivity":
+        return _sensitivity_estimate(params, shape)
     quant = params["quant"]
     size = gguf_bytes(shape, quant)
+    if kind == "gguf.search":  # a dozen dry runs and a small recipe file
+        return Estimate(4096, TOOL_BASE_RAM + shape.largest_tensor * 4, 4096, 1.0)
+    if kind == "gguf.compare":  # a stock quantization and its measurement
+        q = estimate("gguf.quantize", params, shape)
+        e = _eval_estimate(params, shape, base=False, model_bytes=size)
+        return Estimate(size, max(q.peak_ram_bytes, e.peak_ram_bytes), size,
+                        (q.seconds or 0.0) + (e.seconds or 0.0) if q.seconds is not None else None)
+    if kind == "gguf.choose":  # a hard link to the file that ships
+        return Estimate(size, TOOL_BASE_RAM, 0, 0.1)
     if kind == "gguf.eval":
         return _eval_estimate(params, shape, base=False, model_bytes=size)
     if kind == "gguf.split":  # the shards; the single file is an intermediate, removed at the end
@@ -87,6 +98,25 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
         return Estimate(size, ram, size, per * shape.parameters / 1e8 if per is not None else None)
     repacked = 0.55 * size if quant in REPACKED else 0  # gguf.validate: loads it, renames it
     return Estimate(size, LOADER_BASE_RAM + size + int(repacked), 0, VALIDATE_STARTUP_S + size / VALIDATE_BYTES_PER_S)
+
+
+# What a model of the usual layout has: 7 per-layer kinds (attention q, k, v, output; ffn gate,
+# up, down) in bands, the token embedding and the output matrix. MoE models have more kinds.
+SENSITIVITY_GROUPS = 7 * 3 + 2
+
+
+def _sensitivity_estimate(params: Mapping[str, Any], shape: Shape) -> Estimate:
+    """Per probe: a Q8_0 quantization with overrides and a measurement on the calibration chunks."""
+    from .search import probe_count
+
+    probes = probe_count(SENSITIVITY_GROUPS)
+    ctx, chunks = int(params["ctx"]), int(params["chunks"])
+    q8 = gguf_bytes(shape, "Q8_0")
+    per = QUANTIZE_S_PER_100M["Q8_0"] * 3 * shape.parameters / 1e8 + \
+        EVAL_S_PER_GTOKEN_PARAM * ctx * chunks * shape.parameters / 1e9 + VALIDATE_STARTUP_S
+    base = kld_base_bytes(shape, ctx, chunks)
+    ram = TOOL_BASE_RAM + intermediate_bytes(shape, params.get("outtype") or "f16") + 8 * ctx * max(shape.vocab, 1)
+    return Estimate(4096, ram, base + q8, probes * per)
 
 
 def weights_estimate(shape: Shape, params: Mapping[str, Any] | None = None) -> Estimate:

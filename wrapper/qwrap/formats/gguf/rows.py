@@ -18,6 +18,13 @@ WEIGHTS_UNAVAILABLE = ("not measured: the weights view runs where a CUDA GPU is 
 
 def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
     quant = step.param("quant")
+    if step.param("target") is not None:  # a budget: its bytes are what the search will fill
+        from .budgets import Target
+
+        target = Target.from_key(step.param("target"))
+        size = target.budget_bytes(plan.parameters) or step.estimate.output_bytes
+        return {"format": NAME, "quant": quant, "name": Path(step.outputs[0]).name, "target": target.shown,
+                "expected_bytes": size, "bits_per_weight": round(size * 8 / plan.parameters, 2) if plan.parameters else None}
     return {"format": NAME, "quant": quant, "name": Path(step.outputs[0]).name,
             "expected_bytes": step.estimate.output_bytes, "bits_per_weight": QUANT_TYPES[quant].bpw}
 
@@ -30,8 +37,11 @@ def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]
         weights = readers.get("gguf.weights", inputs.get("weights", {})).get("weights",
                                                                            {"unavailable": WEIGHTS_UNAVAILABLE})
         quality = {**quality, "weights": weights}
-    fields = {"bits_per_weight": inputs.get("quantized", inputs.get("artifact", {})).get("bits_per_weight"),
-              "quality": quality, "calibration": None}
+    quantized = inputs.get("quantized", inputs.get("artifact", {}))
+    fields = {"bits_per_weight": quantized.get("bits_per_weight"), "quality": quality, "calibration": None,
+              # the per-tensor types asked for (--recipe, or a searched one) and what the tool could not give
+              "recipe": quantized.get("recipe"), "fallbacks": list(quantized.get("fallbacks") or ()),
+              "planned_bits_per_weight": quantized.get("planned_bits_per_weight")}
     if own.get("shards"):  # a split set: its total size; each shard's size and hash are listed
         fields |= {"shards": own["shards"], "bytes": sum(s["bytes"] for s in own["shards"]), "sha256": None}
     return fields

@@ -11,11 +11,14 @@ from typing import Any
 
 import psutil
 
+from ...errors import UsageError
 from ...journal import sha256_file
 from ...model import ModelInfo, Shape
 from ...plan import PlanBuilder, Step
 from ...toolchain import gpu_present
 from ...worker_client import EXCLUSIVE, REFERENCE_DIR
+from . import search
+from .budgets import Target, base_quant
 from .declaration import NAME, NO_IMATRIX, WORK, Options, default_imatrix_types, split_bytes
 from .estimates import estimate, weights_estimate
 from .quants import IMATRIX_IGNORED, OUTTYPE_NAMES, normalize_quant
@@ -62,7 +65,7 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                     estimate=estimate("gguf.convert", params, shape))
     imatrix: Step | None = None
     default_types = default_imatrix_types(o) if model.calibration is not None else []
-    if o.imatrix == "auto" or default_types:
+    if o.imatrix == "auto" or default_types or o.targets:
         calib = model.calibration
         params = {"calib": calib.identity if calib else None, "chunks": IMATRIX_CHUNKS, "outtype": outtype}
         imatrix = b.add("gguf.imatrix", "gguf.imatrix", NAME, "compute importance matrix",
@@ -77,6 +80,13 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
         inputs = {"model": convert.id}
         files: dict[str, str] = {}
         params = {"quant": quant, "outtype": outtype}
+        beside: tuple[str, ...] = ()  # the recipe, written beside the artifact
+        if o.recipe is not None:  # the rules are what matter: a comment edit changes nothing
+            from .recipes import load, recipe_name
+
+            params["recipe_sha256"] = load(Path(o.recipe)).sha256
+            files["recipe"] = o.recipe
+            beside = (recipe_name(final),)
         if (o.imatrix not in (None, NO_IMATRIX) and quant not in IMATRIX_IGNORED) or quant in default_types:
             if imatrix is not None:
                 inputs["imatrix"] = imatrix.id
@@ -84,13 +94,13 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                 files["imatrix"] = str(user_imatrix)
             params["imatrix_sha256"] = user_sha
         q = b.add(f"gguf.quantize:{quant}", "gguf.quantize", NAME, f"quantize {quant}",
-                  inputs=inputs, outputs=(final + ".partial",), params=params, files=files,
+                  inputs=inputs, outputs=(final + ".partial", *(r + ".partial" for r in beside)), params=params, files=files,
                   estimate=estimate("gguf.quantize", params, shape), threaded=True)
         params = {"quant": quant, "outtype": outtype}
         shards = -(-q.estimate.output_bytes // split_bytes(o.split_max_size))  # planned from the estimate
         v = b.add(f"gguf.validate:{quant}", "gguf.validate", NAME, f"validate {quant}",
                   inputs={"artifact": q.id, "source": convert.id},
-                  outputs=(f"{WORK}/{final}" if shards > 1 else final,), params=params,
+                  outputs=(f"{WORK}/{final}" if shards > 1 else final, *beside), params=params,
                   estimate=estimate("gguf.validate", params, shape), deliverable=shards == 1)
         readers: dict[str, str] = {}
         if model.evaluation is not None:
@@ -106,12 +116,78 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                     inputs={"artifact": v.id, "tokens": base.id}, params=params, files=model_file,
                     estimate=estimate("gguf.weights", params, shape), exclusive=EXCLUSIVE,
                     scratch=(REFERENCE_DIR,)).id
-        if shards > 1:  # after the measurements, which read the single file
-            params = {"quant": quant, "max_size": o.split_max_size}
-            b.add(f"gguf.split:{quant}", "gguf.split", NAME, f"split {quant} into {o.split_max_size} shards",
-                  inputs={"artifact": v.id, "quantized": q.id, **readers},
-                  outputs=(split_name(final, 1, shards),), params=params, scratch=(f"{WORK}/split-{quant}",),
-                  estimate=estimate("gguf.split", params, shape), deliverable=True)
+        _maybe_split(b, o, shape, quant, final, shards, {"artifact": v.id, "quantized": q.id, **readers})
+    if o.targets:
+        if imatrix is None or model.evaluation is None:
+            raise UsageError("a --target-* budget needs calibration text (its sensitivity) and the evaluation (its "
+                             "proof)", hint="Drop --no-eval, and pass --calib FILE where WikiText-2 is out of reach.")
+        base = base or _add_eval_base(b, convert, model, outtype)
+        _add_budgets(b, o, model, convert, imatrix, base, outtype)
+
+
+def _maybe_split(b: PlanBuilder, o: Options, shape: Shape, quant: str, final: str, shards: int,
+                 inputs: dict[str, str]) -> None:
+    if shards > 1:  # after the measurements, which read the single file
+        params = {"quant": quant, "max_size": o.split_max_size}
+        b.add(f"gguf.split:{quant}", "gguf.split", NAME, f"split {quant} into {o.split_max_size} shards",
+              inputs=inputs,
+              outputs=(split_name(final, 1, shards),), params=params, scratch=(f"{WORK}/split-{quant}",),
+              estimate=estimate("gguf.split", params, shape), deliverable=True)
+
+
+def _add_budgets(b: PlanBuilder, o: Options, model: ModelInfo, convert: Step, imatrix: Step, base: Step,
+                 outtype: str) -> None:
+    """Per budget: search a recipe (from the sensitivity measured once), quantize and measure
+    it, quantize and measure the stock type nearest its size, choose the one that ships, and
+    validate it under the budget's name."""
+    shape, name, ev = model.shape, model.source.name, model.evaluation
+    assert ev is not None and model.calibration is not None
+    calib = model.calibration
+    params: dict[str, Any] = {"calib": calib.identity, "outtype": outtype, "ctx": search.SENSITIVITY_CTX,
+                              "chunks": search.SENSITIVITY_CHUNKS, "bands": search.MAX_BANDS,
+                              "candidates": list(search.CANDIDATES), "probe": search.PROBE}
+    sens = b.add("gguf.sensitivity", "gguf.sensitivity", NAME, "measure each tensor group's sensitivity",
+                 inputs={"model": convert.id, "imatrix": imatrix.id}, outputs=(f"{WORK}/sensitivity.json",),
+                 params=params, files={"calib": calib.path} if calib.path else {},
+                 estimate=estimate("gguf.sensitivity", params, shape), threaded=True)
+    eval_params = {"ctx": ev.ctx, "chunks": ev.chunks, "outtype": outtype}
+    for target in (Target.from_key(k) for k in o.targets):
+        label, quant = target.label, base_quant(target, shape.parameters)
+        final = artifact_name(name, label)
+        params = {"target": target.key, "quant": quant, "outtype": outtype, "candidates": list(search.CANDIDATES)}
+        found = b.add(f"gguf.search:{label}", "gguf.search", NAME, f"search a recipe for {target.shown}",
+                      inputs={"model": convert.id, "imatrix": imatrix.id, "sensitivity": sens.id},
+                      outputs=(f"{WORK}/{final.removesuffix('.gguf')}.recipe",), params=params,
+                      estimate=estimate("gguf.search", params, shape))
+        params = {"quant": quant, "outtype": outtype, "target": target.key}
+        q = b.add(f"gguf.quantize:{label}", "gguf.quantize", NAME, f"quantize the searched recipe for {target.shown}",
+                  inputs={"model": convert.id, "imatrix": imatrix.id, "recipe": found.id},
+                  outputs=(f"{WORK}/{final.removesuffix('.gguf')}.searched.gguf",), params=params,
+                  estimate=estimate("gguf.quantize", params, shape), threaded=True)
+        params = {"quant": quant, "target": target.key, **eval_params}
+        measured = b.add(f"gguf.eval:{label}", "gguf.eval", NAME, f"measure the searched {label}",
+                         inputs={"artifact": q.id, "base": base.id}, params=params,
+                         estimate=estimate("gguf.eval", params, shape), threaded=True)
+        choose_inputs = {"search": found.id, "searched": q.id, "measured": measured.id}
+        if o.compare:
+            params = {"target": target.key, "quant": quant, **eval_params}
+            stock = b.add(f"gguf.compare:{label}", "gguf.compare", NAME,
+                          f"quantize and measure the stock type nearest {target.shown}",
+                          inputs={"model": convert.id, "imatrix": imatrix.id, "search": found.id, "base": base.id},
+                          outputs=(f"{WORK}/{final.removesuffix('.gguf')}.stock.gguf",), params=params,
+                          estimate=estimate("gguf.compare", params, shape), threaded=True)
+            choose_inputs["stock"] = stock.id
+        params = {"target": target.key, "quant": quant}
+        chosen = b.add(f"gguf.choose:{label}", "gguf.choose", NAME, f"ship the better file for {target.shown}",
+                       inputs=choose_inputs, outputs=(final + ".partial",), params=params,
+                       estimate=estimate("gguf.choose", params, shape))
+        params = {"quant": label, "target": target.key, "outtype": outtype}
+        shards = -(-chosen.estimate.output_bytes // split_bytes(o.split_max_size))
+        v = b.add(f"gguf.validate:{label}", "gguf.validate", NAME, f"validate {label}",
+                  inputs={"artifact": chosen.id, "source": convert.id},
+                  outputs=(f"{WORK}/{final}" if shards > 1 else final,), params=params,
+                  estimate=estimate("gguf.validate", {**params, "quant": quant}, shape), deliverable=shards == 1)
+        _maybe_split(b, o, shape, label, final, shards, {"artifact": v.id, "quantized": chosen.id, "quality": chosen.id})
 
 
 def _add_eval_base(b: PlanBuilder, convert: Step, model: ModelInfo, outtype: str) -> Step:
