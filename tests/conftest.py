@@ -28,6 +28,10 @@ from qwrap.journal import Journal, sha256_file  # noqa: E402
 from qwrap.toolchain import Toolchain, cache_root, find_toolchain  # noqa: E402
 
 REQUIRE = os.environ.get("QWRAP_REQUIRE_TOOLCHAIN") == "1" or os.environ.get("CI") == "true"
+# Every run computes its own calibration statistics (importance matrix, sensitivity), as on a
+# fresh machine: a test that kills a run at llama-imatrix must find llama-imatrix running. The
+# tests of the reuse point QWRAP_STATS_DIR at a folder of their own.
+os.environ["QWRAP_STATS_DIR"] = "none"
 
 try:  # for tests that run the converter's Python directly
     os.environ.setdefault("QWRAP_CONVERT_PYTHON", str(envs.find_env("convert").python))

@@ -40,6 +40,12 @@ def uploads(output: Path, result: RunResult) -> list[Upload]:
             if reason:
                 raise NotPublishableError(f"{a.name}: {reason}", hint="Run `qwrap run` again to remake it.")
             files += sorted(p for p in part.rglob("*") if p.is_file()) if part.is_dir() else [part]
+        if a.recipe is not None:  # the per-tensor recipe it was made with, written beside it
+            recipe = path.with_name(a.recipe.file)
+            if not recipe.is_file():
+                raise NotPublishableError(f"{a.name}: its recipe {recipe.name} is missing",
+                                          hint="Run `qwrap run` again to remake it.")
+            files.append(recipe)
     files += [output / "README.md", *(output / e for e in EXTRAS if (output / e).is_file())]
     listed = [Upload(p.relative_to(output).as_posix(), p, sha256_file(p), p.stat().st_size) for p in files]
     imatrix = output / IMATRIX[0]

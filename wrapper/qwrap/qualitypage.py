@@ -23,7 +23,7 @@ from . import envs
 from .children import run_checked
 from .errors import Interrupted, QwrapError, ToolchainMissingError
 from .quality import NOISE_SIGMAS, columns, figure, noise_neighbours
-from .results import Artifact, RunResult, labels
+from .results import BUDGET_COLUMNS, Artifact, RunResult, budget_rows, labels
 from .units import human_bytes
 
 PNG_NAME = "quality.png"
@@ -192,6 +192,19 @@ def _errors_note(result: RunResult, neighbours: dict[str, list[str]]) -> str:
     return f'<p class="sub">{html.escape(text)}</p>'
 
 
+def _budgets(result: RunResult) -> str:
+    """Each size budget's file beside the stock type nearest its size, measured on the same tokens."""
+    rows = budget_rows(result)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in BUDGET_COLUMNS)
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    why = "".join(f"<li><code>{html.escape(a.quant or '')}</code>: {html.escape(a.budget.reason)}</li>"
+                  for a in result.artifacts if a.budget is not None)
+    return (f'<h2>Size budgets</h2>\n<div class="table"><table id="budgets">\n<thead><tr>{head}</tr></thead>\n'
+            f"<tbody>\n{body}\n</tbody>\n</table></div>\n<ul class=\"sub\">{why}</ul>")
+
+
 def header() -> tuple[str, ...]:
     """The table's columns: the file's, then the figures of the column spec (quality.FIGURES)."""
     return ("file", "format", "type", "size", "bits/weight", *(f.title for f in columns("page")), "runtime", "gate")
@@ -243,6 +256,7 @@ def render(result: RunResult, output: Path, png: bytes | None, *, reference_byte
 </tbody>
 </table></div>
 {_errors_note(result, neighbours)}
+{_budgets(result)}
 </body>
 </html>
 """

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .quality import columns, noise_text
-from .results import RunResult, labels
+from .results import BUDGET_COLUMNS, RunResult, budget_rows, labels
 from .units import human_bytes
 
 
@@ -57,6 +57,17 @@ def render_table(result: RunResult, console: Console) -> None:
             human_bytes(a.peak_rss_bytes), a.path,
         )
     console.print(table)
+    budgets = budget_rows(result)
+    if budgets:
+        compared = Table(title="size budgets: the searched file beside the stock type nearest its size, same tokens")
+        for col in BUDGET_COLUMNS:
+            compared.add_column(col)
+        for row in budgets:
+            compared.add_row(*row)
+        console.print(compared)
+        for a in result.artifacts:
+            if a.budget is not None:
+                console.print(f"{a.quant}: shipped the {a.budget.chosen} file: {a.budget.reason}")
     line = noise_line(result)
     if line:
         console.print(line)

@@ -30,10 +30,11 @@ from .formats import FORMATS, producer_chain
 from .journal import checkpoint_dir
 from .model import ModelInfo, chat_template
 from .plan import Plan, StepState
-from .quality import Gates, Quality, SchemaError, parse_gates
+from .quality import Gates, Quality, SchemaError, figure, parse_gates, within_noise
 from .request import Request, safe_argv
 from .runner import StepSummary
 from .toolchain import read_pin
+from .units import human_bytes
 
 RESULT_SCHEMA = "qwrap.result/2"  # additions keep the number: every /2 key is still there
 RESULT_FILE = "result.json"
@@ -87,6 +88,113 @@ class Shard:
         return cls(_get(data, "path", str, where), _get(data, "bytes", int, where), _get(data, "sha256", str, where))
 
 
+def _opt(data: Mapping[str, Any], key: str, kind: type[T] | tuple[type, ...], where: str) -> Any:
+    """data[key] when present (None when absent or null), checked: for keys added to schema /2
+    after its first results, which still load."""
+    return _get(data, key, kind, where, optional=True) if isinstance(data, Mapping) and key in data else None
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if value is not None else None
+
+
+@dataclass(frozen=True)
+class RecipeRef:
+    """The per-tensor recipe an artifact was made with, written beside it (``file``, relative to
+    OUT): ``rules`` of them (0: the stock mix), ``sha256`` of the rules alone."""
+
+    file: str
+    sha256: str
+    rules: int
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> RecipeRef:
+        return cls(_get(data, "file", str, where), _get(data, "sha256", str, where), _get(data, "rules", int, where))
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A tensor llama-quantize gave another type than planned (its rows do not take the planned
+    type's blocks)."""
+
+    tensor: str
+    wanted: str
+    got: str
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Fallback:
+        return cls(_get(data, "tensor", str, where), _get(data, "wanted", str, where), _get(data, "got", str, where))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One file measured for a size budget: the searched recipe's, or the stock type's."""
+
+    quant: str
+    bytes: int
+    bits_per_weight: float | None
+    quality: Quality | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"quant": self.quant, "bytes": self.bytes, "bits_per_weight": self.bits_per_weight,
+                "quality": self.quality.to_json() if self.quality is not None else None}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Candidate:
+        quality = _get(data, "quality", Mapping, where, optional=True)
+        return cls(_get(data, "quant", str, where), _get(data, "bytes", int, where),
+                   _float(_opt(data, "bits_per_weight", (int, float), where)),
+                   Quality.from_json(quality, f"{where}.quality") if quality is not None else None)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A ``--target-*`` artifact: what was asked (``target`` as the user wrote it), the file the
+    search made and the stock type nearest its size, both measured on the same tokens, which of
+    them shipped (``chosen``: "searched" or "stock") and why."""
+
+    target: str
+    budget_bytes: int | None
+    kld_limit: float | None
+    chosen: str
+    reason: str
+    predicted_kld: float | None
+    searched: Candidate
+    stock: Candidate | None  # None with --no-compare
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "budget_bytes": self.budget_bytes, "kld_limit": self.kld_limit,
+                "chosen": self.chosen, "reason": self.reason, "predicted_kld": self.predicted_kld,
+                "searched": self.searched.to_json(), "stock": self.stock.to_json() if self.stock else None}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Budget:
+        stock = _get(data, "stock", Mapping, where, optional=True)
+        chosen = _get(data, "chosen", str, where)
+        if chosen not in ("searched", "stock"):
+            raise SchemaError(f"{where}.chosen is {chosen!r}, not searched or stock")
+        return cls(_get(data, "target", str, where), _get(data, "budget_bytes", int, where, optional=True),
+                   _float(_get(data, "kld_limit", (int, float), where, optional=True)), chosen,
+                   _get(data, "reason", str, where),
+                   _float(_get(data, "predicted_kld", (int, float), where, optional=True)),
+                   Candidate.from_json(_get(data, "searched", Mapping, where), f"{where}.searched"),
+                   Candidate.from_json(stock, f"{where}.stock") if stock is not None else None)
+
+    def difference(self) -> str:
+        """The searched file against the stock one, in words: its KLD change and whether the
+        measurement can tell them apart ("" when not compared)."""
+        if self.stock is None:
+            return ""
+        mine, theirs = self.searched.quality, self.stock.quality
+        a = mine.kld_mean if mine is not None else None
+        b = theirs.kld_mean if theirs is not None else None
+        if a is None or b is None or mine is None or theirs is None:
+            return ""
+        change = f"{(a - b) / b:+.0%} KLD" if b else f"KLD {a - b:+.3g}"
+        noise = "within noise" if within_noise(mine, theirs) else "beyond noise"
+        return f"{change} ({noise}), {self.searched.bytes - self.stock.bytes:+,} bytes"
+
+
 @dataclass(frozen=True)
 class Artifact:
     """One deliverable of the run, with what every renderer needs from its format."""
@@ -109,6 +217,10 @@ class Artifact:
     library: str  # the model card's library_name for it (its format's)
     usage: str  # how to use it, for the model card (its format's text, with its path in OUT)
     shards: tuple[Shard, ...] = ()  # a split set (--split-max-size): each shard, the first at `path`
+    recipe: RecipeRef | None = None  # the per-tensor recipe (--recipe, or a size budget's), beside the file
+    fallbacks: tuple[Fallback, ...] = ()  # tensors the quantizer could not give their planned type
+    planned_bits_per_weight: float | None = None  # before fallbacks (GGUF); None when not known
+    budget: Budget | None = None  # a --target-* artifact: the search, the stock comparison, the choice
 
     @property
     def name(self) -> str:
@@ -124,6 +236,9 @@ class Artifact:
         doc["quality"] = self.quality.to_json() if self.quality is not None else None
         doc["calibration"] = dict(self.calibration) if self.calibration is not None else None
         doc["shards"] = [dataclasses.asdict(s) for s in self.shards]
+        doc["recipe"] = dataclasses.asdict(self.recipe) if self.recipe is not None else None
+        doc["fallbacks"] = [dataclasses.asdict(f) for f in self.fallbacks]
+        doc["budget"] = self.budget.to_json() if self.budget is not None else None
         return doc
 
     @classmethod
@@ -131,6 +246,8 @@ class Artifact:
         num = (int, float)
         quality = _get(data, "quality", Mapping, where, optional=True)
         bpw = _get(data, "bits_per_weight", num, where, optional=True)
+        recipe = _opt(data, "recipe", Mapping, where)
+        budget = _opt(data, "budget", Mapping, where)
         return cls(
             format=_get(data, "format", str, where), quant=_get(data, "quant", str, where, optional=True),
             path=_get(data, "path", str, where), bytes=_get(data, "bytes", int, where, optional=True),
@@ -146,6 +263,11 @@ class Artifact:
             library=_get(data, "library", str, where), usage=_get(data, "usage", str, where),
             shards=tuple(Shard.from_json(s, f"{where}.shards[{i}]")
                          for i, s in enumerate(_get(data, "shards", list, where))),
+            recipe=RecipeRef.from_json(recipe, f"{where}.recipe") if recipe is not None else None,
+            fallbacks=tuple(Fallback.from_json(f, f"{where}.fallbacks[{i}]")
+                            for i, f in enumerate(_opt(data, "fallbacks", list, where) or ())),
+            planned_bits_per_weight=_float(_opt(data, "planned_bits_per_weight", num, where)),
+            budget=Budget.from_json(budget, f"{where}.budget") if budget is not None else None,
         )
 
 
@@ -266,7 +388,9 @@ class RunResult:
     def raise_for_gates(self) -> None:
         failed = self.failed_gates
         if failed:
-            raise QualityGateError(f"{', '.join(a.name for a in failed)} measured over the --max-kld limit",
+            limits = "its --target-kld" if all(a.budget and a.budget.kld_limit is not None for a in failed) else \
+                "the --max-kld limit"
+            raise QualityGateError(f"{', '.join(a.name for a in failed)} measured over {limits}",
                                    hint="The artifacts are kept and marked \"gate\": \"failed\" in the result and "
                                    "the model card; a higher-bit type, an --imatrix, or a looser limit would pass.")
 
@@ -370,12 +494,18 @@ def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: R
     quant = step.param("quant")
     bpw = own.get("bits_per_weight")
     q = Quality.from_json(quality, f"{step.id} quality") if quality is not None else None
+    recipe, budget = own.get("recipe"), own.get("budget")
+    found = Budget.from_json(budget, f"{step.id} budget") if budget is not None else None
+    verdict = gates.verdict(step.format, quant, q.kld_mean if q else None)
+    if found is not None and found.kld_limit is not None:  # --target-kld: checked on the measured figure
+        kld = q.kld_mean if q is not None else None
+        verdict = "failed" if kld is None or kld > found.kld_limit or verdict == "failed" else "passed"
     return Artifact(
         format=step.format, quant=quant, path=str(outcome.request.output / relative),
         bytes=own.get("bytes", out.get("bytes")), sha256=own.get("sha256", out.get("sha256")),
         bits_per_weight=float(bpw) if bpw is not None else None,
         validated=bool(summary.facts.get("validated")), quality=q,
-        gate=gates.verdict(step.format, quant, q.kld_mean if q else None),
+        gate=verdict,
         seconds=round(sum((p.record.seconds or 0.0) if p.record else 0.0 for p in parts), 3),
         peak_rss_bytes=max((p.record.peak_rss_bytes if p.record else 0) for p in parts),
         peak_gpu_bytes=max((p.record.peak_gpu_bytes if p.record else 0) for p in parts),
@@ -383,6 +513,10 @@ def _artifact(summary: StepSummary, by_id: Mapping[str, StepSummary], outcome: R
         trust_remote_code=bool(own.get("trust_remote_code")), library=fmt.LIBRARY,
         usage=fmt.card_usage([relative], chat=chat),
         shards=tuple(Shard(str(s["path"]), int(s["bytes"]), str(s["sha256"])) for s in own.get("shards") or ()),
+        recipe=RecipeRef.from_json(recipe, f"{step.id} recipe") if recipe is not None else None,
+        fallbacks=tuple(Fallback.from_json(f, f"{step.id} fallbacks") for f in own.get("fallbacks") or ()),
+        planned_bits_per_weight=_float(own.get("planned_bits_per_weight")),
+        budget=found,
     )
 
 
@@ -453,3 +587,29 @@ def labels(artifacts: Sequence[Artifact]) -> list[str]:
         formats.setdefault(label, set()).add(a.format)
     return [f"{a.format.upper()} {label}" if len(formats[label]) > 1 else label
             for label, a in zip(plain, artifacts, strict=True)]
+
+
+# -- size budgets, as every renderer shows them -------------------------------------------
+
+BUDGET_COLUMNS = ("budget", "searched: size", "KLD (mean)", "stock type", "its size", "its KLD (mean)",
+                  "searched vs stock", "shipped")
+
+
+def budget_rows(result: RunResult) -> list[tuple[str, ...]]:
+    """One row per ``--target-*`` artifact (``BUDGET_COLUMNS``): the searched file beside the
+    stock type nearest its size, measured on the same tokens, and which one shipped; the card,
+    the page and the terminal all show these."""
+    kld = figure("kld_mean")
+    rows: list[tuple[str, ...]] = []
+    for a in result.artifacts:
+        b = a.budget
+        if b is None:
+            continue
+        stock, mine = b.stock, b.searched
+        rows.append((b.target, human_bytes(mine.bytes), kld.text(mine.quality),
+                     stock.quant if stock else "not compared (--no-compare)",
+                     human_bytes(stock.bytes) if stock else "-", kld.text(stock.quality) if stock else "-",
+                     b.difference() or "-",
+                     "searched" + (f" ({a.recipe.rules} rules)" if a.recipe is not None else "") if b.chosen == "searched"
+                     else f"stock {stock.quant if stock else ''}".strip()))
+    return rows

@@ -31,6 +31,16 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "qwrap"
 
 
+def stats_dir() -> Path | None:
+    """Where calibration statistics are kept between runs and output folders (importance
+    matrices, sensitivities, keyed by their steps' fingerprints): $QWRAP_STATS_DIR, else the
+    cache's stats/; None (keep nothing, compute every time) when $QWRAP_STATS_DIR is "none"."""
+    value = os.environ.get("QWRAP_STATS_DIR")
+    if value and value.lower() == "none":
+        return None
+    return Path(value) if value else cache_root() / "stats"
+
+
 @dataclass(frozen=True)
 class Pin:
     commit: str

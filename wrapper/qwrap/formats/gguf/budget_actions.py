@@ -17,7 +17,6 @@ measured by ``gguf.eval``, as any other type."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -28,11 +27,12 @@ from ...context import Inputs, StepContext, StepOutcome
 from ...errors import UsageError, ValidationFailedError
 from ...ggufinfo import GGUFInfo, read_info
 from ...plan import Step
-from ...quality import parse_kld_summary
-from ...toolchain import Toolchain, cache_root, find_toolchain
-from . import search
+from ...quality import NOISE_SIGMAS, Quality, combined_se, parse_kld_summary, within_noise
+from ...toolchain import Toolchain, find_toolchain
+from . import search, stats
 from .budgets import Target, human_size
 from .ggmltypes import BY_ID, GGML_TYPES
+from .recipes import Recipe, parse, recipe_name
 
 PERPLEXITY_ATTEMPTS = 6
 # The stock mixes a budget is compared with (the nearest one at or under its size).
@@ -126,12 +126,6 @@ def _kld(tools: Toolchain, model: Path, base: Path, ctx_len: int, chunks: int, c
     raise AssertionError("unreachable")
 
 
-def _stats_path(step: Step) -> Path:
-    """Calibration statistics live in the cache, keyed by the step's fingerprint (which chains
-    the model's identity, the calibration text's, the pinned tools and the parameters)."""
-    return cache_root() / "stats" / f"{step.kind.split('.')[-1]}-{step.fingerprint}.json"
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -141,11 +135,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     out = ctx.path(step.outputs[0])
-    cached = _stats_path(step)
-    if cached.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cached, out)
-        ctx.warning(f"sensitivity reused from the cache ({cached}): same model, calibration text and tools")
+    if stats.reuse(step, out, ".json", "sensitivity", ctx):
         return StepOutcome((out,), {"reused_from_cache": True, **_summary(json.loads(out.read_text()))})
     tools = find_toolchain()
     model, imatrix = inputs["model"].path, inputs["imatrix"].path
@@ -193,8 +183,8 @@ def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
             "groups": [{"name": g.name, "kind": g.kind, "layers": list(g.layers),
                         "tensors": [[t.name, list(t.shape)] for t in g.tensors]} for g in groups],
             "probes": len(probes)}
-    _write_json(cached, data)
-    shutil.copyfile(cached, out)
+    _write_json(out, data)
+    stats.keep(step, out, ".json")
     shutil.rmtree(work, ignore_errors=True)
     return StepOutcome((out,), {"reused_from_cache": False, **_summary(data)})
 
@@ -293,16 +283,10 @@ def _compare(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
                                 "bits_per_weight": round(size * 8 / info.parameter_count, 3)})
 
 
-def _noise(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """Two standard errors of the difference of two mean KLDs (unpaired: conservative, as both
-    are measured on the same tokens)."""
-    sa, sb = a.get("kld_mean_se") or 0.0, b.get("kld_mean_se") or 0.0
-    return 2 * math.sqrt(sa * sa + sb * sb)
-
-
 def decide(target: Target, budget: int | None, searched: dict[str, Any], stock: dict[str, Any] | None) -> tuple[str, str]:
     """Which file ships under a budget ("searched" or "stock") and why, from the measured
-    figures: the searched file must fit its budget and beat the stock one beyond noise."""
+    figures: the searched file must fit its budget and beat the stock one beyond the noise of
+    the two measurements (``quality.within_noise``: two combined standard errors)."""
     kld = searched["quality"]["kld_mean"]
     if budget is not None and searched["bytes"] > budget:
         if stock is not None and stock["bytes"] <= budget:
@@ -316,16 +300,29 @@ def decide(target: Target, budget: int | None, searched: dict[str, Any], stock: 
         target.kind != "kld" or skld <= target.value)
     if not stock_fits:
         return "searched", f"the stock {stock['quant']} does not meet the budget"
-    if target.kind == "kld" and kld > target.value and skld <= target.value:
+    if target.kind == "kld" and kld > target.value:
         return "stock", f"the searched file measured KLD {kld:.4g}, over the limit; the stock {stock['quant']} is within it"
     if target.kind == "kld" and stock["bytes"] < searched["bytes"]:
         return "stock", f"the stock {stock['quant']} is smaller and within the limit"
-    noise = _noise(searched["quality"], stock["quality"])
-    if kld < skld - noise:
-        return "searched", (f"KLD {kld:.4g} vs {skld:.4g} for the stock {stock['quant']} "
-                            f"({(kld - skld) / skld:+.1%}, beyond the noise of ±{noise:.2g})")
+    mine, theirs = Quality.from_json(searched["quality"]), Quality.from_json(stock["quality"])
+    se = combined_se(mine, theirs)
+    noise = f"±{NOISE_SIGMAS * se:.2g}" if se is not None else "unknown (no standard errors)"
+    change = f"{(kld - skld) / skld:+.1%}" if skld else f"{kld - skld:+.3g}"
+    if kld < skld and se is not None and not within_noise(mine, theirs):
+        return "searched", (f"KLD {kld:.4g} vs {skld:.4g} for the stock {stock['quant']} ({change}, beyond the "
+                            f"noise of {noise})")
+    if target.kind == "kld" and stock["bytes"] > searched["bytes"]:  # no worse and smaller: the point of the limit
+        return "searched", (f"within the limit and {stock['bytes'] - searched['bytes']} bytes smaller than the stock "
+                            f"{stock['quant']} (KLD {kld:.4g} vs {skld:.4g})")
     return "stock", (f"the searched file (KLD {kld:.4g}) is not better than the stock {stock['quant']} ({skld:.4g}) "
-                     f"beyond the noise of ±{noise:.2g}")
+                     f"beyond the noise of {noise}")
+
+
+def _stock_recipe(target: Target, quant: str, why: str) -> str:
+    """The recipe written beside a budget's file when the stock mix ships: no rules (the stock
+    mix), and why."""
+    return (f"# qwrap: for {target.shown} the stock {quant} shipped, not the searched recipe: {why}.\n"
+            f"# No per-tensor rules: the stock mix. Made again with: qwrap run MODEL -f gguf -q {quant}\n")
 
 
 def _choose(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
@@ -333,11 +330,13 @@ def _choose(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     found = inputs["search"].facts
     budget = found.get("budget_bytes")
     searched_path = inputs["searched"].path
+    made = inputs["searched"].facts
     searched = {"quant": step.param("quant"), "bytes": searched_path.stat().st_size,
-                "quality": inputs["measured"].facts["quality"],
-                "bits_per_weight": inputs["searched"].facts.get("bits_per_weight")}
+                "quality": inputs["measured"].facts["quality"], "bits_per_weight": made.get("bits_per_weight")}
     stock = dict(inputs["stock"].facts) if "stock" in inputs else None
     chosen, why = decide(target, budget, searched, stock)
+    winner = searched if chosen == "searched" else stock
+    assert winner is not None
     source = searched_path if chosen == "searched" else inputs["stock"].path
     out = ctx.path(step.outputs[0])
     out.unlink(missing_ok=True)
@@ -345,13 +344,24 @@ def _choose(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         os.link(source, out)
     except OSError:
         shutil.copyfile(source, out)
-    winner = searched if chosen == "searched" else stock
-    assert winner is not None
+    # the recipe beside the file: the searched one, or an empty one naming the stock type
+    text = inputs["search"].path.read_text() if chosen == "searched" else _stock_recipe(target, winner["quant"], why)
+    name = recipe_name(Path(step.outputs[0]).name).removesuffix(".partial")
+    written = parse(text, name) if chosen == "searched" else Recipe((), name, text=text)
+    facts: dict[str, Any] = {
+        "target": target.key, "chosen": chosen, "reason": why, "quant": winner["quant"], "bytes": winner["bytes"],
+        "bits_per_weight": winner.get("bits_per_weight"), "quality": winner["quality"], "searched": searched,
+        "stock": stock, "budget_bytes": budget, "predicted_kld": found.get("predicted_kld"),
+        "predicted_bytes": found.get("predicted_bytes"),
+        "fallbacks": list(made.get("fallbacks") or ()) if chosen == "searched" else [],
+        "planned_bits_per_weight": made.get("planned_bits_per_weight") if chosen == "searched" else None,
+        "recipe": {"file": name, "sha256": written.sha256,
+                   "rules": len(written.rules)}}
+    outputs = [out]
+    if len(step.outputs) > 1:
+        beside = ctx.path(step.outputs[1])
+        beside.write_text(text)
+        outputs.append(beside)
     if chosen == "stock":
         ctx.warning(f"{target.shown}: shipping the stock {winner['quant']}: {why}")
-    facts = {"target": target.key, "chosen": chosen, "reason": why, "quant": winner["quant"],
-             "bytes": winner["bytes"], "bits_per_weight": winner.get("bits_per_weight"),
-             "quality": winner["quality"], "searched": searched, "stock": stock, "budget_bytes": budget,
-             "predicted_kld": found.get("predicted_kld"),
-             "recipe": found.get("recipe") if chosen == "searched" else None}
-    return StepOutcome((out,), facts)
+    return StepOutcome(tuple(outputs), facts)

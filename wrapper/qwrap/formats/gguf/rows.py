@@ -32,19 +32,36 @@ def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
 def result_fields(own: Mapping[str, Any], inputs: Mapping[str, Mapping[str, Any]],
                   readers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     # a split set's step reads the measurements and the quantization as inputs; a single file's are its readers
+    quantized = inputs.get("quantized", inputs.get("artifact", {}))
+    # a budget's file was chosen by gguf.choose, which carries its measurement and the comparison
+    chosen = quantized if "chosen" in quantized else None
     quality = readers.get("gguf.eval", inputs.get("quality", {})).get("quality")
+    if quality is None and chosen is not None:
+        quality = chosen.get("quality")
     if quality is not None:  # the weights view, scored in transformers (or why it is missing)
         weights = readers.get("gguf.weights", inputs.get("weights", {})).get("weights",
                                                                            {"unavailable": WEIGHTS_UNAVAILABLE})
         quality = {**quality, "weights": weights}
-    quantized = inputs.get("quantized", inputs.get("artifact", {}))
     fields = {"bits_per_weight": quantized.get("bits_per_weight"), "quality": quality, "calibration": None,
               # the per-tensor types asked for (--recipe, or a searched one) and what the tool could not give
               "recipe": quantized.get("recipe"), "fallbacks": list(quantized.get("fallbacks") or ()),
-              "planned_bits_per_weight": quantized.get("planned_bits_per_weight")}
+              "planned_bits_per_weight": quantized.get("planned_bits_per_weight"),
+              "budget": _budget(chosen) if chosen is not None else None}
     if own.get("shards"):  # a split set: its total size; each shard's size and hash are listed
         fields |= {"shards": own["shards"], "bytes": sum(s["bytes"] for s in own["shards"]), "sha256": None}
     return fields
+
+
+def _budget(chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """A budget's row: what was asked, what shipped and why, beside the stock file it was
+    measured against (results.Budget)."""
+    from .budgets import Target
+
+    target = Target.from_key(chosen["target"])
+    return {"target": target.shown, "budget_bytes": chosen.get("budget_bytes"),
+            "kld_limit": target.value if target.kind == "kld" else None, "chosen": chosen["chosen"],
+            "reason": chosen["reason"], "predicted_kld": chosen.get("predicted_kld"),
+            "searched": chosen["searched"], "stock": chosen.get("stock")}
 
 
 def publishable(path: Path) -> str | None:

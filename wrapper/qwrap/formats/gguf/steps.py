@@ -22,6 +22,7 @@ from .budgets import Target, base_quant
 from .declaration import NAME, NO_IMATRIX, WORK, Options, default_imatrix_types, split_bytes
 from .estimates import estimate, weights_estimate
 from .quants import IMATRIX_IGNORED, OUTTYPE_NAMES, normalize_quant
+from .recipes import recipe_name
 
 IMATRIX_CHUNKS = 128
 # Its base file holds llama.cpp's token ids of the evaluation chunks: other runtimes score those.
@@ -82,7 +83,7 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
         params = {"quant": quant, "outtype": outtype}
         beside: tuple[str, ...] = ()  # the recipe, written beside the artifact
         if o.recipe is not None:  # the rules are what matter: a comment edit changes nothing
-            from .recipes import load, recipe_name
+            from .recipes import load
 
             params["recipe_sha256"] = load(Path(o.recipe)).sha256
             files["recipe"] = o.recipe
@@ -179,13 +180,14 @@ def _add_budgets(b: PlanBuilder, o: Options, model: ModelInfo, convert: Step, im
             choose_inputs["stock"] = stock.id
         params = {"target": target.key, "quant": quant}
         chosen = b.add(f"gguf.choose:{label}", "gguf.choose", NAME, f"ship the better file for {target.shown}",
-                       inputs=choose_inputs, outputs=(final + ".partial",), params=params,
+                       inputs=choose_inputs, outputs=(final + ".partial", recipe_name(final) + ".partial"),
+                       params=params,
                        estimate=estimate("gguf.choose", params, shape))
         params = {"quant": label, "target": target.key, "outtype": outtype}
         shards = -(-chosen.estimate.output_bytes // split_bytes(o.split_max_size))
         v = b.add(f"gguf.validate:{label}", "gguf.validate", NAME, f"validate {label}",
                   inputs={"artifact": chosen.id, "source": convert.id},
-                  outputs=(f"{WORK}/{final}" if shards > 1 else final,), params=params,
+                  outputs=(f"{WORK}/{final}" if shards > 1 else final, recipe_name(final)), params=params,
                   estimate=estimate("gguf.validate", {**params, "quant": quant}, shape), deliverable=shards == 1)
         _maybe_split(b, o, shape, label, final, shards, {"artifact": v.id, "quantized": chosen.id, "quality": chosen.id})
 
