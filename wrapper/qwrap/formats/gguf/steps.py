@@ -18,9 +18,10 @@ from ...plan import PlanBuilder, Step
 from ...toolchain import gpu_present
 from ...worker_client import EXCLUSIVE, REFERENCE_DIR
 from . import search
-from .budgets import Target, base_quant
+from .budgets import Target, base_quant, human_size
 from .declaration import NAME, NO_IMATRIX, WORK, Options, default_imatrix_types, split_bytes
 from .estimates import estimate, weights_estimate
+from .ggmltypes import GGML_TYPES
 from .quants import IMATRIX_IGNORED, OUTTYPE_NAMES, normalize_quant
 from .recipes import recipe_name
 
@@ -152,8 +153,15 @@ def _add_budgets(b: PlanBuilder, o: Options, model: ModelInfo, convert: Step, im
                  params=params, files={"calib": calib.path} if calib.path else {},
                  estimate=estimate("gguf.sensitivity", params, shape), threaded=True)
     eval_params = {"ctx": ev.ctx, "chunks": ev.chunks, "outtype": outtype}
+    # the smallest file a search can make: every tensor at the smallest candidate type
+    smallest = int(shape.parameters * GGML_TYPES[search.CANDIDATES[0].lower()].bpw / 8) if shape.parameters else 0
     for target in (Target.from_key(k) for k in o.targets):
         label, quant = target.label, base_quant(target, shape.parameters)
+        budget = target.budget_bytes(shape.parameters)
+        if budget is not None and budget < smallest:
+            raise UsageError(f"{target.shown}: the smallest file a search can make of this model is about "
+                             f"{human_size(smallest)} bytes (every tensor at {search.CANDIDATES[0]})",
+                             hint="Raise the budget, or ask for a stock type with -q.")
         final = artifact_name(name, label)
         params = {"target": target.key, "quant": quant, "outtype": outtype, "candidates": list(search.CANDIDATES)}
         found = b.add(f"gguf.search:{label}", "gguf.search", NAME, f"search a recipe for {target.shown}",

@@ -1,0 +1,222 @@
+"""Size budgets end to end, with the real pinned llama.cpp: on the trained tiny Llama and on a
+tiny Mixtral (mixture of experts), a budget is met, the file that ships is not worse than the
+stock type nearest its size beyond the noise, the searched recipe lands in the GGUF's tensor
+types, the sensitivity and the importance matrix are reused across budgets, reruns and output
+folders (and the run says so), and bad budgets are refused before any work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import run_qwrap
+from qwrap.formats.gguf.recipes import parse
+from qwrap.ggufinfo import read_info
+from qwrap.toolchain import Toolchain, cache_root
+from test_quality import held_out_split
+
+pytestmark = pytest.mark.slow
+EVAL = ["--eval-tokens", "2048", "--eval-ctx", "256"]
+
+
+def texts(corpus: Path, folder: Path) -> list[str]:
+    calib, held_out = held_out_split(corpus, folder)
+    return ["--calib", str(calib), "--eval-text", str(held_out), *EVAL]
+
+
+def journal(out: Path) -> dict[str, dict[str, Any]]:
+    """Each step's last record in the run's journal."""
+    found: dict[str, dict[str, Any]] = {}
+    for line in (out / ".checkpoint" / "journal.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "step" in record:
+            found[record["step"]] = record
+    return found
+
+
+def checked(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def stats(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The calibration statistics kept between this module's runs (as the cache keeps them)."""
+    return tmp_path_factory.mktemp("stats")
+
+
+@pytest.fixture(scope="module")
+def budget_run(trained_model: Path, corpus: Path, stats: Path, tmp_path_factory: pytest.TempPathFactory,
+               toolchain: Toolchain) -> tuple[Path, dict[str, Any], subprocess.CompletedProcess[str]]:
+    """Two budgets in one run, beside a stock Q4_K_M: one sensitivity pass for both."""
+    root = tmp_path_factory.mktemp("budget")
+    out = root / "out"
+    proc = run_qwrap("run", str(trained_model), "-o", str(out), "-q", "Q4_K_M", "--target-bpw", "5",
+                     "--target-size", "2.2M", "--keep-intermediate", "--json", *texts(corpus, root),
+                     env={"QWRAP_STATS_DIR": str(stats)})
+    return out, checked(proc), proc
+
+
+def budgets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {a["quant"]: a for a in result["artifacts"] if a["budget"] is not None}
+
+
+def test_budgets_are_met_and_never_worse_than_stock(budget_run: tuple[Path, dict[str, Any], Any]) -> None:
+    out, result, _ = budget_run
+    rows = budgets(result)
+    assert set(rows) == {"bpw-5", "size-2.2M"}
+    params = read_info(next(out.glob("*-Q4_K_M.gguf"))).parameter_count
+    limits = {"bpw-5": int(5 * params / 8), "size-2.2M": 2_200_000}
+    for label, a in rows.items():
+        b = a["budget"]
+        path = Path(a["path"])
+        assert path.is_file() and path.stat().st_size == a["bytes"] <= limits[label] == b["budget_bytes"]
+        assert a["validated"] and a["quality"]["kld_mean"] is not None and a["quality"]["kld_mean_se"] > 0
+        stock, searched = b["stock"], b["searched"]
+        assert stock["bytes"] <= limits[label] and searched["bytes"] <= limits[label]
+        # the stock type compared is the largest stock mix within the budget
+        assert stock["quant"] in ("Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_XS", "Q3_K_M")
+        shipped = searched if b["chosen"] == "searched" else stock
+        assert a["bytes"] == shipped["bytes"] and a["quality"]["kld_mean"] == shipped["quality"]["kld_mean"]
+        # never worse than stock beyond the noise of the two measurements
+        noise = 2 * math.hypot(searched["quality"]["kld_mean_se"], stock["quality"]["kld_mean_se"])
+        assert a["quality"]["kld_mean"] <= stock["quality"]["kld_mean"] + noise, b
+        if b["chosen"] == "searched":  # it ships only when better beyond the noise
+            assert searched["quality"]["kld_mean"] < stock["quality"]["kld_mean"] - noise, b
+        # the recipe beside it, listed in the result; the terminal table shows the comparison
+        recipe = path.with_name(a["recipe"]["file"])
+        assert recipe.is_file() and (a["recipe"]["rules"] > 0) == (b["chosen"] == "searched")
+    card = (out / "README.md").read_text()
+    assert "## Size budgets" in card and "--target-bpw 5" in card and "--target-size 2.2M" in card
+    page = (out / "quality.html").read_text()
+    assert '<table id="budgets">' in page and "searched vs stock" in page
+
+
+def test_the_searched_recipe_lands_in_the_tensor_types(budget_run: tuple[Path, dict[str, Any], Any]) -> None:
+    out, result, _ = budget_run
+    for label in budgets(result):
+        stem = next(out.glob(f"*-{label}.gguf")).name.removesuffix(".gguf")
+        recipe = parse((out / ".checkpoint" / "work" / f"{stem}.recipe").read_text(), "searched")
+        info = read_info(out / ".checkpoint" / "work" / f"{stem}.searched.gguf")
+        assert info.metadata.get("qwrap.recipe.sha256") == recipe.sha256
+        governed = 0
+        for t in info.tensors:
+            rule = recipe.type_of(t.name)
+            if rule is not None:
+                governed += 1
+                assert t.ggml_type == rule.type.id, (t.name, rule.text)
+        assert governed >= 10  # every quantized group has its rule
+        # the sensitivity ran once for both budgets, before either search
+        steps = journal(out)
+        assert steps["gguf.sensitivity"]["state"] == "done"
+        assert steps["gguf.sensitivity"]["info"]["probes"] == steps["gguf.sensitivity"]["info"]["groups"] + 7
+
+
+def test_statistics_are_reused_by_another_budget_in_another_folder(
+        budget_run: tuple[Path, dict[str, Any], Any], trained_model: Path, corpus: Path, stats: Path,
+        tmp_path: Path) -> None:
+    """A rerun with another budget into another folder: the importance matrix and the
+    sensitivity come from the cache (and the run says so); a KLD budget is checked on the
+    measured figure, without a comparison (--no-compare)."""
+    first, _, _ = budget_run
+    assert sorted(p.name.split("-")[0] for p in stats.iterdir()) == ["imatrix", "sensitivity"]
+    proc = run_qwrap("run", str(trained_model), "-o", str(tmp_path / "again"), "--target-kld", "0.01",
+                     "--no-compare", "--keep-intermediate", "--json", *texts(corpus, tmp_path),
+                     env={"QWRAP_STATS_DIR": str(stats)})
+    assert proc.returncode in (0, 17), proc.stderr[-3000:]
+    assert "importance matrix reused from the cache" in proc.stderr
+    assert "sensitivity reused from the cache" in proc.stderr
+    steps = journal(tmp_path / "again")
+    assert steps["gguf.sensitivity"]["info"]["reused_from_cache"] is True
+    assert steps["gguf.imatrix"]["info"]["reused_from_cache"] is True
+    assert "gguf.compare:kld-0.01" not in steps
+    # the same statistics, byte for byte
+    for name in ("imatrix.gguf", "sensitivity.json"):
+        assert (tmp_path / "again" / ".checkpoint" / "work" / name).read_bytes() == \
+            (first / ".checkpoint" / "work" / name).read_bytes()
+    result = json.loads(proc.stdout)
+    (a,) = result["artifacts"]
+    assert a["budget"]["kld_limit"] == 0.01 and a["budget"]["stock"] is None
+    within = a["quality"]["kld_mean"] <= 0.01
+    assert a["gate"] == ("passed" if within else "failed") and proc.returncode == (0 if within else 17)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--target-size", "100K"], "the smallest file a search can make of this model is about"),
+    (["--target-bpw", "40"], "--target-bpw '40' is not a number between 1.5 and 16"),
+    (["--target-size", "3 apples"], "--target-size '3 apples' is not a size"),
+    (["--target-bpw", "5", "--no-eval"], "a --target-* budget needs calibration text"),
+    (["--target-bpw", "5", "--no-imatrix"], "--no-imatrix"),
+])
+def test_bad_budgets_are_refused_before_any_work(trained_model: Path, corpus: Path, tmp_path: Path,
+                                                 toolchain: Toolchain, args: list[str], words: str) -> None:
+    for command in ("plan", "run"):
+        out = tmp_path / command
+        proc = run_qwrap(command, str(trained_model), "-o", str(out), "--calib", str(corpus), *args)
+        assert proc.returncode == 2, proc.stderr
+        assert words in proc.stderr and "Traceback" not in proc.stderr
+        assert not (out / ".checkpoint" / "journal.jsonl").exists() or "gguf.convert" not in \
+            (out / ".checkpoint" / "journal.jsonl").read_text()
+
+
+# -- a mixture of experts --------------------------------------------------------------------------
+
+BUILD_MIXTRAL = r"""
+import shutil, sys
+from pathlib import Path
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+out, tokenizer = Path(sys.argv[1]), Path(sys.argv[2])
+torch.manual_seed(0)
+config = MixtralConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                       max_position_embeddings=2048, tie_word_embeddings=False, initializer_range=0.05)
+model = MixtralForCausalLM(config).to(torch.bfloat16)
+model.save_pretrained(out, safe_serialization=True)
+for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    if (tokenizer / name).exists():
+        shutil.copy(tokenizer / name, out / name)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tiny_model: Path, convert_python: Path) -> Path:
+    """A 2-layer Mixtral (4 experts, 2 active), random weights from a fixed seed, with the tiny
+    Llama's tokenizer; built once per machine."""
+    key = hashlib.sha256(BUILD_MIXTRAL.encode() + (tiny_model / "tokenizer.json").read_bytes()).hexdigest()[:16]
+    final = cache_root() / "test-models" / f"moe-{key}" / "tiny-mixtral"
+    if not final.is_dir():
+        tmp = final.with_name(".building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([str(convert_python), "-c", BUILD_MIXTRAL, str(tmp), str(tiny_model)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        tmp.rename(final)
+    return final
+
+
+def test_a_budget_on_a_mixture_of_experts(tiny_moe: Path, corpus: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+    """Routed experts, the router and attention are groups of their own; the budget is met and
+    the shipped file is not worse than the stock one beyond the noise."""
+    out = tmp_path / "moe"
+    result = checked(run_qwrap("run", str(tiny_moe), "-o", str(out), "--target-bpw", "5", "--keep-intermediate",
+                               "--json", *texts(corpus, tmp_path)))
+    (a,) = result["artifacts"]
+    b = a["budget"]
+    params = read_info(Path(a["path"])).parameter_count
+    assert a["bytes"] <= int(5 * params / 8) and a["validated"]
+    noise = 2 * math.hypot(b["searched"]["quality"]["kld_mean_se"], b["stock"]["quality"]["kld_mean_se"])
+    assert a["quality"]["kld_mean"] <= b["stock"]["quality"]["kld_mean"] + noise
+    work = out / ".checkpoint" / "work"
+    kinds = {g["kind"] for g in json.loads((work / "sensitivity.json").read_text())["groups"]}
+    assert {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "attn_q", "attn_v"} <= kinds, kinds
+    assert "ffn_gate_inp" not in kinds  # the router stays in float
+    searched = parse(next(work.glob("*-bpw-5.recipe")).read_text(), "searched")
+    assert {r.pattern.split("\\.")[-2].lstrip("^") for r in searched.rules} == kinds
