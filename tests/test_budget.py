@@ -9,14 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import run_qwrap
+from background import Lane, prefetch, prefetched
+from conftest import qwrap_argv, run_qwrap
+from moments import wait_for
 from qwrap.formats.gguf.recipes import parse
 from qwrap.ggufinfo import read_info
 from qwrap.toolchain import Toolchain, cache_root
@@ -24,11 +28,6 @@ from test_quality import held_out_split
 
 pytestmark = pytest.mark.slow
 EVAL = ["--eval-tokens", "2048", "--eval-ctx", "256"]
-
-
-def texts(corpus: Path, folder: Path) -> list[str]:
-    calib, held_out = held_out_split(corpus, folder)
-    return ["--calib", str(calib), "--eval-text", str(held_out), *EVAL]
 
 
 def journal(out: Path) -> dict[str, dict[str, Any]]:
@@ -46,22 +45,39 @@ def checked(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
-@pytest.fixture(scope="module")
-def stats(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The calibration statistics kept between this module's runs (as the cache keeps them)."""
-    return tmp_path_factory.mktemp("stats")
+def _budget_run(trained_model: Path, corpus: Path, _: Toolchain, on: Lane,
+                root: Path) -> tuple[Path, subprocess.CompletedProcess[str], list[str], Path]:
+    """Two budgets in one run, beside a stock Q4_K_M: one sensitivity pass for both (on the
+    session's lane, background.py). Its texts are every run's of this module (an importance
+    matrix records its calibration file's name), its kept statistics those the reruns reuse."""
+    (root / "texts").mkdir(parents=True, exist_ok=True)
+    calib, held_out = held_out_split(corpus, root / "texts")
+    texts = ["--calib", str(calib), "--eval-text", str(held_out), *EVAL]
+    stats, out = root / "stats", root / "out"
+    proc = on.qwrap("run", str(trained_model), "-o", str(out), "-q", "Q4_K_M", "--target-bpw", "5",
+                    "--target-size", "2.2M", "--keep-intermediate", "--json", *texts,
+                    env={"QWRAP_STATS_DIR": str(stats)})
+    return out, proc, texts, stats
+
+
+prefetch(__name__, "budget.run", _budget_run, ("trained_model", "corpus", "toolchain"), fixture="budget_run")
 
 
 @pytest.fixture(scope="module")
-def budget_run(trained_model: Path, corpus: Path, stats: Path, tmp_path_factory: pytest.TempPathFactory,
-               toolchain: Toolchain) -> tuple[Path, dict[str, Any], subprocess.CompletedProcess[str]]:
-    """Two budgets in one run, beside a stock Q4_K_M: one sensitivity pass for both."""
-    root = tmp_path_factory.mktemp("budget")
-    out = root / "out"
-    proc = run_qwrap("run", str(trained_model), "-o", str(out), "-q", "Q4_K_M", "--target-bpw", "5",
-                     "--target-size", "2.2M", "--keep-intermediate", "--json", *texts(corpus, root),
-                     env={"QWRAP_STATS_DIR": str(stats)})
+def budget_run(request: pytest.FixtureRequest) -> tuple[Path, dict[str, Any], subprocess.CompletedProcess[str]]:
+    out, proc, _, _ = prefetched(request, "budget.run")
     return out, checked(proc), proc
+
+
+@pytest.fixture(scope="module")
+def texts(request: pytest.FixtureRequest, budget_run: Any) -> list[str]:
+    return list(prefetched(request, "budget.run")[2])
+
+
+@pytest.fixture(scope="module")
+def stats(request: pytest.FixtureRequest, budget_run: Any) -> Path:
+    """The calibration statistics kept between this module's runs (as the cache keeps them)."""
+    return Path(prefetched(request, "budget.run")[3])
 
 
 def budgets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -120,7 +136,7 @@ def test_the_searched_recipe_lands_in_the_tensor_types(budget_run: tuple[Path, d
 
 
 def test_statistics_are_reused_by_another_budget_in_another_folder(
-        budget_run: tuple[Path, dict[str, Any], Any], trained_model: Path, corpus: Path, stats: Path,
+        budget_run: tuple[Path, dict[str, Any], Any], trained_model: Path, texts: list[str], stats: Path,
         tmp_path: Path) -> None:
     """A rerun with another budget into another folder: the importance matrix and the
     sensitivity come from the cache (and the run says so); a KLD budget is checked on the
@@ -128,7 +144,7 @@ def test_statistics_are_reused_by_another_budget_in_another_folder(
     first, _, _ = budget_run
     assert sorted(p.name.split("-")[0] for p in stats.iterdir()) == ["imatrix", "sensitivity"]
     proc = run_qwrap("run", str(trained_model), "-o", str(tmp_path / "again"), "--target-kld", "0.01",
-                     "--no-compare", "--keep-intermediate", "--json", *texts(corpus, tmp_path),
+                     "--no-compare", "--keep-intermediate", "--json", *texts,
                      env={"QWRAP_STATS_DIR": str(stats)})
     assert proc.returncode in (0, 17), proc.stderr[-3000:]
     assert "importance matrix reused from the cache" in proc.stderr
@@ -146,6 +162,36 @@ def test_statistics_are_reused_by_another_budget_in_another_folder(
     assert a["budget"]["kld_limit"] == 0.01 and a["budget"]["stock"] is None
     within = a["quality"]["kld_mean"] <= 0.01
     assert a["gate"] == ("passed" if within else "failed") and proc.returncode == (0 if within else 17)
+
+
+def test_a_sensitivity_killed_between_probes_resumes_at_the_next_probe(
+        budget_run: tuple[Path, dict[str, Any], Any], trained_model: Path, texts: list[str], tmp_path: Path) -> None:
+    """SIGKILL qwrap once the sensitivity has recorded its first probes; the rerun measures only
+    the probes left and ends with the same sensitivity, recipe and file as an uninterrupted run."""
+    first, result, _ = budget_run
+    out = tmp_path / "o"
+    args = ["run", str(trained_model), "-o", str(out), "--target-bpw", "5", "--keep-intermediate",
+            *texts]
+    proc = subprocess.Popen(qwrap_argv(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_for(out, "file:.checkpoint/work/sensitivity-*/probes.json", proc)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (exit {proc.returncode}): {err}"
+    done_before = json.loads(next((out / ".checkpoint" / "work").glob("sensitivity-*/probes.json")).read_text())
+    again = checked(run_qwrap(*args, "--json"))
+    log = (out / ".checkpoint" / "logs" / "gguf.sensitivity.log").read_text()
+    total = journal(out)["gguf.sensitivity"]["info"]["probes"]
+    assert 1 <= len(done_before) < total
+    # the step's log (both runs, appended): each probe quantized once, but the one the kill cut short
+    quantized = log.count("llama-quantize --pure --imatrix")
+    assert total <= quantized <= total + 1, (quantized, total)
+    work = out / ".checkpoint" / "work"
+    assert (work / "sensitivity.json").read_bytes() == (first / ".checkpoint" / "work" / "sensitivity.json").read_bytes()
+    (a,) = again["artifacts"]
+    assert a["sha256"] == budgets(result)["bpw-5"]["sha256"]
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -186,28 +232,43 @@ for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "spec
 """
 
 
-@pytest.fixture(scope="module")
 def tiny_moe(tiny_model: Path, convert_python: Path) -> Path:
     """A 2-layer Mixtral (4 experts, 2 active), random weights from a fixed seed, with the tiny
     Llama's tokenizer; built once per machine."""
     key = hashlib.sha256(BUILD_MIXTRAL.encode() + (tiny_model / "tokenizer.json").read_bytes()).hexdigest()[:16]
     final = cache_root() / "test-models" / f"moe-{key}" / "tiny-mixtral"
     if not final.is_dir():
-        tmp = final.with_name(".building")
+        tmp = final.with_name(f".building-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         proc = subprocess.run([str(convert_python), "-c", BUILD_MIXTRAL, str(tmp), str(tiny_model)],
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError:  # built at the same time elsewhere
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def test_a_budget_on_a_mixture_of_experts(tiny_moe: Path, corpus: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+def _moe_run(tiny_model: Path, convert_python: Path, corpus: Path, _: Toolchain, on: Lane,
+             root: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The tiny Mixtral to a 5-bit budget (on the session's lane, background.py)."""
+    calib, held_out = held_out_split(corpus, root)
+    out = root / "moe"
+    proc = on.qwrap("run", str(tiny_moe(tiny_model, convert_python)), "-o", str(out), "--target-bpw", "5",
+                    "--keep-intermediate", "--json", "--calib", str(calib), "--eval-text", str(held_out), *EVAL)
+    return out, proc
+
+
+prefetch(__name__, "budget.moe", _moe_run, ("tiny_model", "convert_python", "corpus", "toolchain"),
+         tests=("test_a_budget_on_a_mixture_of_experts",))
+
+
+def test_a_budget_on_a_mixture_of_experts(request: pytest.FixtureRequest) -> None:
     """Routed experts, the router and attention are groups of their own; the budget is met and
     the shipped file is not worse than the stock one beyond the noise."""
-    out = tmp_path / "moe"
-    result = checked(run_qwrap("run", str(tiny_moe), "-o", str(out), "--target-bpw", "5", "--keep-intermediate",
-                               "--json", *texts(corpus, tmp_path)))
+    out, proc = prefetched(request, "budget.moe")
+    result = checked(proc)
     (a,) = result["artifacts"]
     b = a["budget"]
     params = read_info(Path(a["path"])).parameter_count

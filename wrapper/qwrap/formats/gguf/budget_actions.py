@@ -296,21 +296,23 @@ def decide(target: Target, budget: int | None, searched: dict[str, Any], stock: 
     if stock is None:
         return "searched", "not compared (--no-compare)"
     skld = stock["quality"]["kld_mean"]
-    stock_fits = (budget is None or stock["bytes"] <= budget) and (
-        target.kind != "kld" or skld <= target.value)
-    if not stock_fits:
-        return "searched", f"the stock {stock['quant']} does not meet the budget"
-    if target.kind == "kld" and kld > target.value:
-        return "stock", f"the searched file measured KLD {kld:.4g}, over the limit; the stock {stock['quant']} is within it"
-    if target.kind == "kld" and stock["bytes"] < searched["bytes"]:
-        return "stock", f"the stock {stock['quant']} is smaller and within the limit"
     mine, theirs = Quality.from_json(searched["quality"]), Quality.from_json(stock["quality"])
     se = combined_se(mine, theirs)
     noise = f"±{NOISE_SIGMAS * se:.2g}" if se is not None else "unknown (no standard errors)"
     change = f"{(kld - skld) / skld:+.1%}" if skld else f"{kld - skld:+.3g}"
-    if kld < skld and se is not None and not within_noise(mine, theirs):
-        return "searched", (f"KLD {kld:.4g} vs {skld:.4g} for the stock {stock['quant']} ({change}, beyond the "
-                            f"noise of {noise})")
+    better = kld < skld and se is not None and not within_noise(mine, theirs)
+    compared = (f"KLD {kld:.4g} vs {skld:.4g} for the stock {stock['quant']} ({change}, "
+                f"{'beyond' if better else 'within'} the noise of {noise})")
+    if budget is not None and stock["bytes"] > budget:  # the nearest stock mix is (a header's bytes) over it
+        return "searched", f"{compared}; the stock file is {stock['bytes'] - budget} bytes over the budget"
+    if target.kind == "kld" and skld > target.value:
+        return "searched", f"{compared}; the stock file is over the KLD limit"
+    if target.kind == "kld" and kld > target.value:
+        return "stock", f"the searched file measured KLD {kld:.4g}, over the limit; the stock {stock['quant']} is within it"
+    if target.kind == "kld" and stock["bytes"] < searched["bytes"]:
+        return "stock", f"the stock {stock['quant']} is smaller and within the limit"
+    if better:
+        return "searched", compared
     if target.kind == "kld" and stock["bytes"] > searched["bytes"]:  # no worse and smaller: the point of the limit
         return "searched", (f"within the limit and {stock['bytes'] - searched['bytes']} bytes smaller than the stock "
                             f"{stock['quant']} (KLD {kld:.4g} vs {skld:.4g})")
