@@ -109,6 +109,13 @@ def test_budgets_are_met_and_never_worse_than_stock(budget_run: tuple[Path, dict
         # the recipe beside it, listed in the result; the terminal table shows the comparison
         recipe = path.with_name(a["recipe"]["file"])
         assert recipe.is_file() and (a["recipe"]["rules"] > 0) == (b["chosen"] == "searched")
+    # the stock sizes the search predicts (dry runs, the header's metadata) are the files' exact sizes
+    steps = journal(out)
+    q4 = next(a for a in result["artifacts"] if a["quant"] == "Q4_K_M")
+    for label in rows:
+        found, compared = steps[f"gguf.search:{label}"]["info"], steps[f"gguf.compare:{label}"]["info"]
+        assert found["stock_sizes"][compared["quant"]] == compared["bytes"]
+        assert found["stock_sizes"]["Q4_K_M"] == q4["bytes"]
     card = (out / "README.md").read_text()
     assert "## Size budgets" in card and "--target-bpw 5" in card and "--target-size 2.2M" in card
     page = (out / "quality.html").read_text()

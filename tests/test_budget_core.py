@@ -249,3 +249,23 @@ def test_artifact_with_a_budget_round_trips() -> None:
     assert Artifact.from_json(json.loads(json.dumps(art.to_json())), "a") == art
     old = {k: v for k, v in art.to_json().items() if k not in ("budget", "recipe", "fallbacks", "planned_bits_per_weight")}
     assert Artifact.from_json(old, "a").budget is None  # a result written before budgets still loads
+
+
+def test_push_uploads_the_recipe_beside_its_artifact(tmp_path: Any) -> None:
+    import dataclasses
+
+    from qwrap.errors import NotPublishableError
+    from qwrap.publish import uploads
+    from qwrap.results import RecipeRef
+
+    out = tmp_path
+    (out / "m-size-1M.gguf").write_bytes(b"GGUF")
+    (out / "README.md").write_text("card")
+    b = Budget.from_json(budget_doc(), "budget")
+    art = Artifact("gguf", "size-1M", str(out / "m-size-1M.gguf"), 4, None, 7.9, True, b.searched.quality, None, 1.0,
+                   0, 0, False, None, False, "gguf", "", recipe=RecipeRef("m-size-1M.recipe", "0" * 64, 12), budget=b)
+    result = dataclasses.replace(_result((art,)), request={"output": str(out)})
+    with pytest.raises(NotPublishableError, match="its recipe m-size-1M.recipe is missing"):
+        uploads(out, result)
+    (out / "m-size-1M.recipe").write_text("attn_v=q8_0\n")
+    assert [u.path_in_repo for u in uploads(out, result)] == ["m-size-1M.gguf", "m-size-1M.recipe", "README.md"]

@@ -36,6 +36,7 @@ class GGUFInfo:
     metadata: dict[str, Any]
     tensors: tuple[TensorInfo, ...]
     data_offset: int = 0  # where tensor data starts (tensor offsets are relative to it)
+    header_bytes: int = 0  # the header's own bytes (metadata and tensor infos), before the alignment padding
 
     @property
     def architecture(self) -> str | None:
@@ -133,7 +134,7 @@ def read_info(path: Path, *, keep_arrays: bool = False) -> GGUFInfo:
     alignment = metadata.get("general.alignment", 32)
     alignment = alignment if isinstance(alignment, int) and alignment > 0 else 32
     data_offset = -(-end // alignment) * alignment
-    return GGUFInfo(version, metadata, tuple(tensors), data_offset)
+    return GGUFInfo(version, metadata, tuple(tensors), data_offset, end)
 
 
 def tensor_data(path: Path, info: GGUFInfo) -> dict[str, bytes]:

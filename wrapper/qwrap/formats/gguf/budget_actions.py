@@ -89,14 +89,34 @@ def quantized_tensors(tools: Toolchain, model: Path, info: GGUFInfo, ctx: StepCo
                  if planned.get(t.name, "").lower() == "q8_0" and stored.get(t.name) != GGML_TYPES["q8_0"])
 
 
-def file_bytes(info: GGUFInfo, types: dict[str, str]) -> int:
+def file_bytes(info: GGUFInfo, types: dict[str, str], added_header: int = 0) -> int:
     """A file's exact size when its tensors take ``types`` (name -> ggml type name): the
-    16-bit file's header, then each tensor's data aligned to 32 bytes."""
-    total = info.data_offset
+    16-bit file's header with ``added_header`` bytes of metadata more, aligned, then each
+    tensor's data aligned to 32 bytes."""
+    total = search._aligned(info.header_bytes + added_header) if info.header_bytes else info.data_offset
     for t in info.tensors:
         gt = GGML_TYPES.get(types.get(t.name, "").lower()) or BY_ID[t.ggml_type]
         total += search._aligned(gt.tensor_bytes(t.shape))
     return total
+
+
+def _kv_bytes(key: str, value: str | int) -> int:
+    """One GGUF metadata entry: key (u64 length + bytes), type (u32), value (a string: u64
+    length + bytes; here an int32)."""
+    return 8 + len(key.encode()) + 4 + (8 + len(value.encode()) if isinstance(value, str) else 4)
+
+
+def imatrix_metadata_bytes(imatrix: Path, as_passed: str) -> int:
+    """The metadata llama-quantize adds to a file quantized with an importance matrix (passed to
+    it as ``as_passed``): its file name, its first dataset, its entry and chunk counts."""
+    info = read_info(imatrix, keep_arrays=True).metadata
+    datasets = info.get("imatrix.datasets") or []
+    added = _kv_bytes("quantize.imatrix.file", as_passed) + _kv_bytes("quantize.imatrix.entries_count", 0)
+    if datasets:
+        added += _kv_bytes("quantize.imatrix.dataset", str(datasets[0]))
+    if info.get("imatrix.chunk_count"):
+        added += _kv_bytes("quantize.imatrix.chunks_count", 0)
+    return added
 
 
 def _kld(tools: Toolchain, model: Path, base: Path, ctx_len: int, chunks: int, ctx: StepContext, what: str,
@@ -201,8 +221,16 @@ def _load(path: Path) -> tuple[tuple[search.Group, ...], search.Sensitivity]:
 
 
 def stock_sizes(tools: Toolchain, model: Path, imatrix: Path, info: GGUFInfo, ctx: StepContext) -> dict[str, int]:
-    """Each stock type's exact file size, from its dry run's tensor types."""
-    return {q: file_bytes(info, dry_run(tools, model, q, ctx, imatrix=imatrix)) for q in STOCK}
+    """Each stock type's exact file size, as gguf.compare (and a -q run) makes it: its dry run's
+    tensor types, and the importance matrix's metadata in its header."""
+    added = imatrix_metadata_bytes(imatrix, _relative(imatrix, ctx))
+    return {q: file_bytes(info, dry_run(tools, model, q, ctx, imatrix=imatrix), added) for q in STOCK}
+
+
+def _relative(path: Path, ctx: StepContext) -> str:
+    """A path as llama-quantize is given it (it runs in OUT and records the importance matrix's
+    path in the file, which must not depend on where the output folder is)."""
+    return os.path.relpath(path, ctx.output)
 
 
 def nearest_stock(target: Target, sizes: dict[str, int], budget: int | None, searched: int) -> str:
@@ -268,8 +296,8 @@ def _compare(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     out.unlink(missing_ok=True)
     tmp = out.with_name(out.name + ".partial")
     tmp.unlink(missing_ok=True)
-    ctx.run_tool([tools.tool("llama-quantize"), "--imatrix", inputs["imatrix"].path, inputs["model"].path, tmp, quant,
-                  str(ctx.threads)], what=f"llama-quantize {quant} (stock, to compare)")
+    ctx.run_tool([tools.tool("llama-quantize"), "--imatrix", _relative(inputs["imatrix"].path, ctx), inputs["model"].path,
+                  tmp, quant, str(ctx.threads)], what=f"llama-quantize {quant} (stock, to compare)", cwd=ctx.output)
     os.replace(tmp, out)
     base = inputs["base"]
     ctx_len = int(step.param("ctx"))
