@@ -88,6 +88,7 @@ bench: setup ## Benchmarks; results in bench/results/
 	$(PY) bench/scaling.py $(SCALING_ARGS)
 	$(PY) bench/help_time.py
 	$(PY) bench/eval_share.py
+	$(PY) bench/budget_search.py
 	$(PY) bench/soak.py
 
 lint: venv ## ruff + mypy
