@@ -100,6 +100,10 @@ def test_awq_and_gptq_end_to_end(hf_run: tuple[Path, dict], tiny_model: Path) ->
         assert 3 < art["bits_per_weight"] < 16
         calib = art["calibration"]
         assert calib["n_samples"] == 4 and calib["seq_len"] == 64 and "seed" in calib
+    # AWQ by default on gptqmodel, in the AutoAWQ-compatible layout vLLM and transformers load
+    awq = json.loads((Path(arts["awq"]["path"]) / "config.json").read_text())["quantization_config"]
+    assert awq["quant_method"] == "awq" and awq["version"] == "gemm", awq
+    assert result["request"]["format_options"]["awq"]["backend"] == "gptqmodel"
     assert not list(out.glob("*.partial"))
     assert not (out / ".checkpoint" / "layers").exists(), "layer checkpoints kept after success"
     # one AWQ/GPTQ worker at a time (each holds the model, and the GPU when there is one)

@@ -23,7 +23,7 @@ from . import envs
 from .children import run_checked
 from .errors import Interrupted, QwrapError, ToolchainMissingError
 from .quality import NOISE_SIGMAS, columns, figure, noise_neighbours
-from .results import BUDGET_COLUMNS, Artifact, RunResult, budget_rows, labels
+from .results import BUDGET_COLUMNS, COVERAGE_COLUMNS, Artifact, RunResult, budget_rows, labels
 from .units import human_bytes
 
 PNG_NAME = "quality.png"
@@ -205,6 +205,17 @@ def _budgets(result: RunResult) -> str:
             f"<tbody>\n{body}\n</tbody>\n</table></div>\n<ul class=\"sub\">{why}</ul>")
 
 
+def _coverage(result: RunResult) -> str:
+    c = result.expert_coverage
+    if c is None:
+        return ""
+    head = "".join(f"<th>{html.escape(x)}</th>" for x in COVERAGE_COLUMNS)
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in c.rows())
+    return (f"<h2>Expert coverage</h2>\n<p class=\"sub\">{html.escape(c.summary)} (counted by the "
+            f"{html.escape(c.source)}).</p>\n<div class=\"table\"><table id=\"coverage\">\n<thead><tr>{head}</tr></thead>"
+            f"\n<tbody>\n{body}\n</tbody>\n</table></div>")
+
+
 def header() -> tuple[str, ...]:
     """The table's columns: the file's, then the figures of the column spec (quality.FIGURES)."""
     return ("file", "format", "type", "size", "bits/weight", *(f.title for f in columns("page")), "runtime", "gate")
@@ -257,6 +268,7 @@ def render(result: RunResult, output: Path, png: bytes | None, *, reference_byte
 </table></div>
 {_errors_note(result, neighbours)}
 {_budgets(result)}
+{_coverage(result)}
 </body>
 </html>
 """

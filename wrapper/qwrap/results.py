@@ -352,6 +352,43 @@ class QualityReference:
 
 
 @dataclass(frozen=True)
+class ExpertCoverage:
+    """A mixture of experts' calibration coverage: per layer, the calibration tokens each expert
+    got (``layers``: (layer, tokens per expert)), counted by ``source`` (the importance matrix,
+    or the backend's per-module sample counts); ``below`` experts got fewer than ``min_tokens``."""
+
+    source: str
+    min_tokens: int
+    below: int
+    layers: tuple[tuple[int, tuple[int, ...]], ...]
+    summary: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "min_tokens": self.min_tokens, "below": self.below, "summary": self.summary,
+                "layers": [{"layer": layer, "tokens": list(tokens)} for layer, tokens in self.layers]}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> ExpertCoverage:
+        layers = tuple((int(_get(x, "layer", int, f"{where}.layers")), tuple(int(t) for t in _get(x, "tokens", list, where)))
+                       for x in _get(data, "layers", list, where))
+        return cls(_get(data, "source", str, where), _get(data, "min_tokens", int, where), _get(data, "below", int, where),
+                   layers, _get(data, "summary", str, where))
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """Per layer: experts, the least / median / most tokens an expert got, how many are short."""
+        out: list[tuple[str, ...]] = []
+        for layer, tokens in self.layers:
+            ordered = sorted(tokens)
+            short = sum(1 for t in tokens if t < self.min_tokens)
+            out.append((str(layer), str(len(tokens)), f"{ordered[0]:,}", f"{ordered[len(ordered) // 2]:,}",
+                        f"{ordered[-1]:,}", str(short)))
+        return out
+
+
+COVERAGE_COLUMNS = ("layer", "experts", "fewest tokens", "median", "most", "under the minimum")
+
+
+@dataclass(frozen=True)
 class RunResult:
     """The result of a run: the ``--json`` document (schema qwrap.result/2) and result.json."""
 
@@ -367,6 +404,7 @@ class RunResult:
     warnings: tuple[str, ...]
     complete: bool = True  # False for a --step run, which applies no gates
     push: Mapping[str, Any] | None = None  # what `--push-to` did (hub_upload.PushResult.to_json())
+    expert_coverage: ExpertCoverage | None = None  # a mixture of experts: calibration tokens per expert
 
     @property
     def base_model(self) -> str | None:
@@ -415,6 +453,7 @@ class RunResult:
             "warnings": list(self.warnings),
             "complete": self.complete,
             "push": dict(self.push) if self.push is not None else None,
+            "expert_coverage": self.expert_coverage.to_json() if self.expert_coverage is not None else None,
         }
 
     @classmethod
@@ -424,6 +463,7 @@ class RunResult:
         if schema != RESULT_SCHEMA:
             raise SchemaError(f"its schema is {schema!r}, and this qwrap reads {RESULT_SCHEMA!r}")
         ref = _get(data, "quality_reference", Mapping, "result", optional=True)
+        coverage = _opt(data, "expert_coverage", Mapping, "result")
         return cls(
             qwrap_version=_get(data, "qwrap_version", str, "result"),
             model=Source.from_json(_get(data, "model", Mapping, "result"), "model"),
@@ -438,6 +478,7 @@ class RunResult:
             warnings=tuple(str(w) for w in _get(data, "warnings", list, "result")),
             complete=_get(data, "complete", bool, "result"),
             push=_get(data, "push", Mapping, "result", optional=True),
+            expert_coverage=ExpertCoverage.from_json(coverage, "expert_coverage") if coverage is not None else None,
         )
 
 
@@ -576,6 +617,8 @@ def build_result(outcome: RunOutcome) -> RunResult:
                             s.record.peak_gpu_bytes if s.record else None) for s in outcome.summaries),
         warnings=tuple(outcome.warnings),
         complete=outcome.complete,
+        expert_coverage=next((ExpertCoverage.from_json(s.facts["expert_coverage"], s.step.id)
+                              for s in outcome.summaries if isinstance(s.facts.get("expert_coverage"), Mapping)), None),
     )
 
 

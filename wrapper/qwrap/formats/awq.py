@@ -1,11 +1,11 @@
-"""AWQ: activation-aware weight quantization by autoawq (default) or gptqmodel, in the
+"""AWQ: activation-aware weight quantization by gptqmodel (default) or autoawq, in the
 backend's own environment; the artifact is a standard Hugging Face folder."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import UsageError
 from ..options import Listing, Option
@@ -49,6 +49,7 @@ OPTIONS: tuple[Option, ...] = (
 
 @dataclass(frozen=True)
 class Options(Common):
+    FORMAT: ClassVar[str] = "awq"
     awq_version: str = "gemm"
     zero_point: bool = True
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import BackendUnavailableError, UsageError
 from ..options import Listing, Option
@@ -50,6 +50,7 @@ OPTIONS: tuple[Option, ...] = (
 
 @dataclass(frozen=True)
 class Options(Common):
+    FORMAT: ClassVar[str] = "gptq"
     act_order: bool = False
     sym: bool = True
     damp: float = 0.01

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ..options import Option
 
@@ -24,6 +24,7 @@ COMMON_OPTIONS = (
 class Common:
     """The options AWQ and GPTQ share; each format's Options extends it."""
 
+    FORMAT: ClassVar[str] = ""  # the format's name (each format's Options sets it)
     backend: str
     bits: int = 4
     group_size: int = 128

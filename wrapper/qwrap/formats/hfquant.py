@@ -45,7 +45,30 @@ def read_widths(config: Mapping[str, Any]) -> list[int]:
 
 
 def checks(o: Common, model: ModelInfo, *, thorough: bool) -> list[Check]:
-    return [_custom_code_check(o, model), _group_size_check(o, model)]
+    return [_custom_code_check(o, model), _support_check(o, model), _group_size_check(o, model)]
+
+
+def _support_check(o: Common, model: ModelInfo) -> Check:
+    """The backend's own model table and, for one that walks layers by its own names
+    (autoawq), that walk on a weightless skeleton of this model: before anything is loaded."""
+    from ..support import support
+    from ..workers.backends import backends_for
+
+    config_path = model.source.path / "config.json"
+    found = support(o.backend, dict(model.config), config_path)
+    if found is None:
+        return Check("backend support", True, f"not checked: the {o.backend} environment is not created yet")
+    if found.ok:
+        return Check("backend support", True, f"{o.backend} can quantize {found.model_type}"
+                     + (f" ({found.reason})" if found.probe_ok is not None and found.reason else ""))
+    able = [b for b in backends_for(o.FORMAT) if b != o.backend
+            and (other := support(b, dict(model.config), config_path)) is not None and other.ok]
+    hint = (f"Use --backend {able[0]} (it can quantize {found.model_type}); or GGUF (--format gguf)." if able
+            else f"No {o.FORMAT.upper()} backend here can; GGUF (--format gguf) needs no backend.")
+    can = f" (--backend {able[0]} can)" if able else ""
+    error = UnsupportedModelError(f"{o.backend} cannot quantize this {found.model_type} model for "
+                                  f"{o.FORMAT.upper()}{can}: {found.reason}", hint=hint)
+    return Check("backend support", False, error.message, error)
 
 
 def _group_size_check(o: Common, model: ModelInfo) -> Check:

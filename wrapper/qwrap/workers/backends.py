@@ -30,10 +30,10 @@ class Backend:
 # A new backend is its worker, its lock and one line here. The order matters: a format's
 # default backend is the first one declared for it.
 DECLARED_BACKENDS: tuple[Backend, ...] = (
-    Backend("autoawq", (("awq", "awq_autoawq"),), "autoawq.txt", ("torch", "transformers", "awq"),
-            ("transformers", "autoawq")),
     Backend("gptqmodel", (("awq", "awq_gptqmodel"), ("gptq", "gptq_gptqmodel")), "gptqmodel.txt",
             ("torch", "transformers", "gptqmodel"), ("transformers", "gptqmodel", "optimum")),
+    Backend("autoawq", (("awq", "awq_autoawq"),), "autoawq.txt", ("torch", "transformers", "awq"),
+            ("transformers", "autoawq")),
     Backend("auto-gptq", (("gptq", "gptq_autogptq"),), "auto-gptq.txt", ("torch", "transformers", "auto_gptq"),
             ("transformers", "auto-gptq")),
 )

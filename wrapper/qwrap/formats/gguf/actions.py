@@ -54,7 +54,7 @@ PERPLEXITY_ATTEMPTS = 6
 
 
 def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
-    actions = {"gguf.convert": _convert, "gguf.imatrix": _imatrix, "gguf.quantize": _quantize,
+    actions = {"gguf.convert": _convert, "gguf.imatrix": _imatrix, "gguf.coverage": _coverage, "gguf.quantize": _quantize,
                "gguf.validate": _validate, "gguf.split": _split, "gguf.eval-base": _eval_base, "gguf.eval": _eval,
                "gguf.weights": _weights}
     return actions[step.kind](step, inputs, ctx)
@@ -125,6 +125,23 @@ def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     os.replace(tmp, out)
     stats.keep(step, out, ".gguf")
     return StepOutcome((out,), {"reused_from_cache": False}, result.peak_rss_bytes)
+
+
+def _coverage(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    from .coverage import expert_coverage, summary
+
+    layers = expert_coverage(inputs["imatrix"].path)
+    minimum = int(step.param("min_expert_tokens"))
+    said = summary(layers, minimum)
+    short = sum(len(c.below(minimum)) for c in layers)
+    if short and step.param("strict"):
+        raise UsageError(f"expert coverage: {said}", hint="More or more varied --calib text routes tokens to every "
+                         "expert; or lower --min-expert-tokens, or drop --strict-coverage to warn instead.")
+    if short:
+        ctx.warning(f"expert coverage: {said}; their importance data is thin (--strict-coverage fails instead)")
+    facts = {"source": "importance matrix", "min_tokens": minimum, "below": short,
+             "layers": [c.to_json() for c in layers], "summary": said}
+    return StepOutcome((), {"expert_coverage": facts})
 
 
 def _quantize(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:

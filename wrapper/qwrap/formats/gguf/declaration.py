@@ -50,6 +50,10 @@ OPTIONS: tuple[Option, ...] = (
            "as --target-size.", metavar="BITS"),
     Option("target_kld", list[str], [], "GGUF quality budget, repeatable: the smallest recipe predicted to stay under "
            "this mean KLD; the measured KLD is checked against it (exit 17 when it is over).", metavar="KLD"),
+    Option("min_expert_tokens", int, 16, "MoE models: warn when an expert of a layer got fewer calibration tokens "
+           "than this (GGUF: counted by the importance matrix); its row of the result says which.", metavar="N"),
+    Option("strict_coverage", bool, False, "MoE models: with an expert under --min-expert-tokens, fail before any "
+           "quantization is written (instead of warning)."),
     Option("compare", bool, True, "GGUF budgets: also quantize and measure the stock type nearest each searched "
            "file's size on the same tokens (--no-compare skips it, and the never-worse check with it)."),
 )
@@ -65,6 +69,8 @@ class Options:
     recipe: str | None = None  # --recipe FILE (absolute), applied to every --quant type
     targets: tuple[str, ...] = ()  # budgets, normalized (budgets.Target.key): "size=4500000000", "bpw=4.8", "kld=0.01"
     compare: bool = True  # budgets are measured beside the stock type nearest their size
+    min_expert_tokens: int = 16  # MoE: an expert with fewer calibration tokens is reported
+    strict_coverage: bool = False  # ... and fails the run before quantizing
 
 
 def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
@@ -84,14 +90,16 @@ def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
     return Options(quants, values.get("outtype", "auto"), imatrix,
                    values.get("eval_weights", "auto"), str(values.get("split_max_size") or "48G").upper(),
                    str(Path(recipe).resolve()) if recipe else None, tuple(t.key for t in targets),
-                   bool(values.get("compare", True)))
+                   bool(values.get("compare", True)), int(values.get("min_expert_tokens", 16)),
+                   bool(values.get("strict_coverage", False)))
 
 
 def options_from_json(data: Mapping[str, Any]) -> Options:
     return Options(tuple(data.get("quants", ("Q4_K_M",))), data.get("outtype", "auto"), data.get("imatrix"),
                    eval_weights=data.get("eval_weights", "auto"), split_max_size=data.get("split_max_size", "48G"),
                    recipe=data.get("recipe"), targets=tuple(data.get("targets", ())),
-                   compare=bool(data.get("compare", True)))
+                   compare=bool(data.get("compare", True)), min_expert_tokens=int(data.get("min_expert_tokens", 16)),
+                   strict_coverage=bool(data.get("strict_coverage", False)))
 
 
 _SPLIT_SIZE = re.compile(r"^([1-9][0-9]*)([MG])$")

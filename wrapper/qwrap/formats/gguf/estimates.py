@@ -77,6 +77,8 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
         return weights_estimate(shape, params)
     if kind == "gguf.sensitivity":
         return _sensitivity_estimate(params, shape)
+    if kind == "gguf.coverage":  # reads the importance matrix's counts
+        return Estimate(0, TOOL_BASE_RAM, 0, 0.1)
     quant = params["quant"]
     size = gguf_bytes(shape, quant)
     if kind == "gguf.search":  # a dozen dry runs and a small recipe file

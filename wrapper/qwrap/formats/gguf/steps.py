@@ -74,6 +74,7 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                         inputs={"model": convert.id}, outputs=(f"{WORK}/imatrix.gguf",), params=params,
                         files={"calib": calib.path} if calib and calib.path else {},
                         estimate=estimate("gguf.imatrix", params, shape), threaded=True)
+    coverage = _add_coverage(b, o, model, imatrix) if imatrix is not None else None
     base: Step | None = None
     user_imatrix = o.imatrix if o.imatrix not in (None, "auto", NO_IMATRIX) else None
     user_sha = sha256_file(Path(user_imatrix)) if user_imatrix else None
@@ -92,6 +93,8 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
         if (o.imatrix not in (None, NO_IMATRIX) and quant not in IMATRIX_IGNORED) or quant in default_types:
             if imatrix is not None:
                 inputs["imatrix"] = imatrix.id
+                if coverage is not None and o.strict_coverage:  # nothing is quantized before it passes
+                    inputs["coverage"] = coverage.id
             else:
                 files["imatrix"] = str(user_imatrix)
             params["imatrix_sha256"] = user_sha
@@ -125,6 +128,27 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                              "proof)", hint="Drop --no-eval, and pass --calib FILE where WikiText-2 is out of reach.")
         base = base or _add_eval_base(b, convert, model, outtype)
         _add_budgets(b, o, model, convert, imatrix, base, outtype)
+
+
+def moe_experts(config: Mapping[str, Any]) -> int:
+    """How many routed experts a layer of this model has (0: not a mixture of experts)."""
+    text = config.get("text_config", config)
+    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        value = text.get(key) if isinstance(text, Mapping) else None
+        if isinstance(value, int) and value > 1:
+            return value
+    return 0
+
+
+def _add_coverage(b: PlanBuilder, o: Options, model: ModelInfo, imatrix: Step) -> Step | None:
+    """On a mixture of experts: how many calibration tokens each expert got (from the importance
+    matrix), reported; below --min-expert-tokens a warning, or with --strict-coverage a failure
+    before any quantization."""
+    if not moe_experts(model.config):
+        return None
+    params = {"min_expert_tokens": o.min_expert_tokens, "strict": o.strict_coverage}
+    return b.add("gguf.coverage", "gguf.coverage", NAME, "count each expert's calibration tokens",
+                 inputs={"imatrix": imatrix.id}, params=params, estimate=estimate("gguf.coverage", params, model.shape))
 
 
 def _maybe_split(b: PlanBuilder, o: Options, shape: Shape, quant: str, final: str, shards: int,

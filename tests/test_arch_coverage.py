@@ -1,0 +1,57 @@
+"""MoE expert coverage: how many calibration tokens each expert of each layer got, counted by
+the importance matrix, in the result and the card; a warning below --min-expert-tokens, a
+failure before any quantization with --strict-coverage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_qwrap
+from qwrap.toolchain import Toolchain
+from test_budget import tiny_moe
+
+pytestmark = pytest.mark.slow
+
+
+def steps_started(out: Path) -> set[str]:
+    lines = (out / ".checkpoint" / "journal.jsonl").read_text().splitlines()
+    return {r["step"] for r in map(json.loads, lines) if r.get("state") == "started"}
+
+
+def test_expert_coverage_is_counted_reported_and_enforced(tiny_model: Path, convert_python: Path, corpus: Path,
+                                                          tmp_path: Path, toolchain: Toolchain) -> None:
+    model = tiny_moe(tiny_model, convert_python)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(corpus.read_text()[:40000])  # a short importance matrix: the counts are what matter
+    common = ["-q", "Q4_K_M", "--calib", str(calib), "--no-eval", "--json"]
+    env = {"QWRAP_STATS_DIR": str(tmp_path / "stats")}  # one importance matrix for the three runs
+    out = tmp_path / "o"
+    plan = run_qwrap("plan", str(model), "-o", str(out), *common)
+    assert plan.returncode == 0, plan.stderr
+    assert "gguf.coverage" in [s["id"] for s in json.loads(plan.stdout)["steps"]]
+    proc = run_qwrap("run", str(model), "-o", str(out), *common, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    coverage = json.loads(proc.stdout)["expert_coverage"]
+    assert coverage["source"] == "importance matrix" and coverage["min_tokens"] == 16 and coverage["below"] == 0
+    assert [c["layer"] for c in coverage["layers"]] == [0, 1]
+    for layer in coverage["layers"]:  # 4 experts, 2 active: every token counted twice per layer
+        assert len(layer["tokens"]) == 4 and all(t > 0 for t in layer["tokens"])
+    assert len({sum(c["tokens"]) for c in coverage["layers"]}) == 1
+    card = (out / "README.md").read_text()
+    assert "## Expert coverage" in card and "| layer | experts | fewest tokens |" in card
+    # above what any expert got: a warning (the artifact is not made again), or a failure before quantizing
+    most = max(t for c in coverage["layers"] for t in c["tokens"])
+    warned = run_qwrap("run", str(model), "-o", str(out), "--min-expert-tokens", str(most + 1), *common, env=env)
+    assert warned.returncode == 0 and "expert coverage: 8 of 8 experts got fewer than" in warned.stderr
+    assert json.loads(warned.stdout)["expert_coverage"]["below"] == 8
+    done = {s["id"] for s in json.loads(warned.stdout)["steps"] if s["state"] == "done"}
+    assert "gguf.coverage" in done and "gguf.quantize:Q4_K_M" not in done
+    strict = run_qwrap("run", str(model), "-o", str(tmp_path / "s"), "--min-expert-tokens", str(most + 1),
+                       "--strict-coverage", *common, env=env)
+    assert strict.returncode == 2, strict.stderr[-3000:]
+    assert "expert coverage: 8 of 8 experts got fewer than" in strict.stderr and "Traceback" not in strict.stderr
+    assert "importance matrix reused from the cache" in strict.stderr
+    assert not list((tmp_path / "s").glob("*.gguf")) and "gguf.quantize:Q4_K_M" not in steps_started(tmp_path / "s")

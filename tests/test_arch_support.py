@@ -1,0 +1,98 @@
+"""Which backend can quantize which architecture, as the backend itself says (its own model
+table, and its own layer walk on a weightless skeleton of the model), checked in `plan` before
+any weights are loaded: the failures autoawq met after loading a Mixtral or a Qwen3-MoE model
+are refusals up front that name the backend that can."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import run_qwrap
+from qwrap.support import PROBES_DIR, TABLE_FILE, model_types, support
+from qwrap.toolchain import Toolchain
+
+pytestmark = pytest.mark.backend
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+              "intermediate_size": 512, "num_hidden_layers": 2, "vocab_size": 4096, "num_attention_heads": 4,
+              "num_key_value_heads": 2},
+    "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 256,
+                "intermediate_size": 512, "num_hidden_layers": 2, "vocab_size": 4096, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 256,
+                  "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 4096,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+                  "head_dim": 64},
+    "gemma3_text": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 256,
+                    "intermediate_size": 512, "num_hidden_layers": 2, "vocab_size": 4096, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 64},
+}
+
+
+def config_file(tmp_path: Path, name: str) -> tuple[dict[str, Any], Path]:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CONFIGS[name]))
+    return CONFIGS[name], folder / "config.json"
+
+
+def test_the_tables_are_the_backends_own(toolchain: Toolchain) -> None:
+    awq, gptq = model_types("autoawq"), model_types("gptqmodel")
+    assert {"llama", "mixtral", "qwen3_moe"} <= awq and "gemma3_text" not in awq
+    assert {"llama", "mixtral", "qwen3_moe", "gemma3_text", "deepseek_v3"} <= gptq
+    assert len(gptq) > len(awq) > 20  # read from the packages, not a list of ours
+
+
+@pytest.mark.parametrize(("name", "ok", "words"), [
+    ("llama", True, "walks its layers"),
+    ("mixtral", False, "'MixtralDecoderLayer' object has no attribute 'block_sparse_moe'"),
+    ("qwen3_moe", False, "'Qwen3MoeExperts' object is not iterable"),
+    ("gemma3_text", False, "autoawq's model table has no 'gemma3_text'"),
+])
+def test_autoawq_is_probed_on_the_models_skeleton(tmp_path: Path, toolchain: Toolchain, name: str, ok: bool,
+                                                  words: str) -> None:
+    config, path = config_file(tmp_path, name)
+    found = support("autoawq", config, path)
+    assert found is not None and found.ok is ok and words in found.reason, found
+
+
+def test_tables_and_probes_are_kept_beside_the_environment(tmp_path: Path, toolchain: Toolchain) -> None:
+    from qwrap.envs import find_env
+
+    config, path = config_file(tmp_path, "mixtral")
+    support("autoawq", config, path)
+    env = find_env("autoawq").path
+    assert (env / TABLE_FILE).is_file() and any((env / PROBES_DIR).iterdir())
+    found = support("gptqmodel", config, path)
+    assert found is not None and found.ok and found.probe_ok is True
+
+
+def test_plan_refuses_an_unsupported_pair_naming_the_backend_that_can(tmp_path: Path, toolchain: Toolchain,
+                                                                      tiny_model: Path) -> None:
+    """A Mixtral for AWQ with autoawq: refused in plan (exit 6), before anything is loaded,
+    with the backend that can; the default backend (gptqmodel) plans it."""
+    model = tmp_path / "mixtral"
+    model.mkdir()
+    for f in tiny_model.iterdir():  # the tiny model's weights' headers are read for sizes only
+        if f.is_file():
+            (model / f.name).symlink_to(f)
+    (model / "config.json").unlink()
+    (model / "config.json").write_text(json.dumps({**CONFIGS["mixtral"], "hidden_size": 256}))
+    planned = run_qwrap("plan", str(model), "-f", "awq", "--backend", "autoawq", "-o", str(tmp_path / "o"),
+                        "--calib", str(tiny_model / "config.json"))
+    assert planned.returncode == 0, planned.stderr  # plan shows every check
+    assert "FAIL backend support: autoawq cannot quantize this mixtral model for AWQ (--backend gptqmodel can)" \
+        in " ".join(planned.stdout.split())
+    refused = run_qwrap("run", str(model), "-f", "awq", "--backend", "autoawq", "-o", str(tmp_path / "o"),
+                        "--calib", str(tiny_model / "config.json"))
+    assert refused.returncode == 6, refused.stderr
+    assert "block_sparse_moe" in refused.stderr and "Use --backend gptqmodel" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "o" / ".checkpoint").exists()  # before any work
+    default = run_qwrap("plan", str(model), "-f", "awq", "-o", str(tmp_path / "o2"), "--calib",
+                        str(tiny_model / "config.json"))
+    assert "ok   backend support: gptqmodel can quantize mixtral" in default.stdout, default.stdout
