@@ -96,3 +96,56 @@ def test_plan_refuses_an_unsupported_pair_naming_the_backend_that_can(tmp_path: 
     default = run_qwrap("plan", str(model), "-f", "awq", "-o", str(tmp_path / "o2"), "--calib",
                         str(tiny_model / "config.json"))
     assert "ok   backend support: gptqmodel can quantize mixtral" in default.stdout, default.stdout
+
+
+def header_only_model(folder: Path, config: dict[str, Any], shapes: dict[str, list[int]]) -> Path:
+    """A model folder whose weights are a safetensors header over a hole: what `plan` reads."""
+    import struct
+
+    folder.mkdir(parents=True)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    with (folder / "model.safetensors").open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + offset)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_group_size_is_checked_on_the_weights_shapes(tmp_path: Path, toolchain: Toolchain, corpus: Path) -> None:
+    """An MLA model's low-rank projections are narrower than its hidden and intermediate sizes:
+    plan reads the input widths from the weights' headers and refuses the group size there,
+    naming the tensor, instead of the quantize step failing after the model is loaded."""
+    hidden, lora = 256, 96
+    shapes: dict[str, list[int]] = {"model.embed_tokens.weight": [512, hidden], "lm_head.weight": [512, hidden],
+                                    "model.norm.weight": [hidden]}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes |= {f"{p}self_attn.q_proj.weight": [4 * 64, hidden],
+                   f"{p}self_attn.kv_a_proj_with_mqa.weight": [lora + 32, hidden],
+                   f"{p}self_attn.kv_a_layernorm.weight": [lora],
+                   f"{p}self_attn.kv_b_proj.weight": [4 * 96, lora],
+                   f"{p}self_attn.o_proj.weight": [hidden, 4 * 64],
+                   f"{p}mlp.gate_proj.weight": [512, hidden], f"{p}mlp.up_proj.weight": [512, hidden],
+                   f"{p}mlp.down_proj.weight": [hidden, 512],
+                   f"{p}input_layernorm.weight": [hidden], f"{p}post_attention_layernorm.weight": [hidden]}
+    config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": hidden,
+              "intermediate_size": 512, "num_hidden_layers": 2, "vocab_size": 512, "num_attention_heads": 4,
+              "kv_lora_rank": lora, "q_lora_rank": None, "qk_rope_head_dim": 32, "qk_nope_head_dim": 32,
+              "v_head_dim": 64, "n_routed_experts": None, "first_k_dense_replace": 2}
+    model = header_only_model(tmp_path / "mla", config, shapes)
+    planned = run_qwrap("plan", str(model), "-f", "gptq", "-o", str(tmp_path / "o"), "--calib", str(corpus))
+    assert planned.returncode == 0, planned.stderr
+    shown = " ".join(planned.stdout.split())
+    assert ("FAIL group size: --group-size 128 does not divide the input width 96 of "
+            "model.layers.0.self_attn.kv_b_proj.weight") in shown, shown
+    refused = run_qwrap("run", str(model), "-f", "gptq", "-o", str(tmp_path / "o"), "--calib", str(corpus))
+    assert refused.returncode == 2 and "e.g. 32" in refused.stderr, refused.stderr
+    fits = run_qwrap("plan", str(model), "-f", "gptq", "--group-size", "32", "-o", str(tmp_path / "o"),
+                     "--calib", str(corpus))
+    assert "ok   group size: 32 divides the layer input widths [96, 256, 512]" in fits.stdout, fits.stdout

@@ -324,6 +324,35 @@ def parameter_counts(source: ModelSource, *, token: str | None = None) -> dict[s
     return {str(k): int(v) for k, v in meta.parameter_count.items()}
 
 
+def layer_inputs(source: ModelSource, *, token: str | None = None) -> dict[int, str]:
+    """The input widths of the decoder layers' matrices (a linear layer's weight is [out, in]),
+    each with the first tensor that has it, from the safetensors headers (local, or the Hub's
+    metadata for a model fetched without its weights); empty when there are none. What a
+    quantizer's group size must divide."""
+    names = [p.name for p in source.path.iterdir()]
+    shapes: dict[str, tuple[int, ...]] = {}
+    if any(n.endswith(".safetensors") for n in names):
+        from .modelfiles import read_header
+
+        for n in _weight_files(names, source.path, source.name):
+            shapes |= {k: t.shape for k, t in read_header(source.path / n).tensors.items()}
+    elif source.repo_id is not None:
+        with _hub_errors(source.repo_id, source.revision, token):
+            from huggingface_hub import HfApi
+            from huggingface_hub.errors import NotASafetensorsRepoError
+
+            try:
+                meta = HfApi(token=token).get_safetensors_metadata(source.repo_id, revision=source.revision)
+            except NotASafetensorsRepoError:
+                return {}
+        shapes = {k: tuple(t.shape) for f in meta.files_metadata.values() for k, t in f.tensors.items()}
+    found: dict[int, str] = {}
+    for name, shape in sorted(shapes.items()):
+        if ".layers." in name and name.endswith(".weight") and len(shape) == 2 and "norm" not in name:
+            found.setdefault(int(shape[1]), name)
+    return found
+
+
 def _header_counts(path: Path) -> dict[str, int]:
     from .modelfiles import read_header
 

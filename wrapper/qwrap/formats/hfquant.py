@@ -72,13 +72,31 @@ def _support_check(o: Common, model: ModelInfo) -> Check:
 
 
 def _group_size_check(o: Common, model: ModelInfo) -> Check:
-    widths = read_widths(model.config)
+    """The group size must divide the input width of every matrix the backend quantizes: read
+    from the weights' headers (a low-rank projection of an MLA model is narrower than the
+    config's hidden and intermediate sizes), else from the config."""
+    from ..hub import layer_inputs
+
+    inputs = layer_inputs(model.source) if o.group_size > 0 else {}
+    if not inputs:
+        inputs = {w: f"the config's {w}" for w in read_widths(model.config)}
+    widths = sorted(inputs)
     bad = [w for w in widths if o.group_size > 0 and w % o.group_size]
     if not bad:
-        return Check("group size", True, f"{o.group_size} divides the layer widths {widths}")
-    error = UsageError(f"--group-size {o.group_size} does not divide the model's layer width {bad[0]}",
-                       hint="Choose a group size that divides " + " and ".join(map(str, widths)) + ".")
+        return Check("group size", True, f"{o.group_size} divides the layer input widths {widths}")
+    error = UsageError(f"--group-size {o.group_size} does not divide the input width {bad[0]} of "
+                       f"{inputs[bad[0]]}",
+                       hint="Choose a group size that divides " + ", ".join(map(str, widths)) + " (e.g. "
+                       f"{_largest_divisor(widths)}).")
     return Check("group size", False, error.message, error)
+
+
+def _largest_divisor(widths: list[int]) -> int:
+    """The largest power of two up to 128 that divides every width (the usual group sizes)."""
+    for g in (128, 64, 32, 16, 8):
+        if all(w % g == 0 for w in widths):
+            return g
+    return 1
 
 
 def _custom_code_check(o: Common, model: ModelInfo) -> Check:
