@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 NAME = "awq"
 TITLE = PANEL
-SUMMARY = "a Hugging Face folder, 4-bit activation-aware quantization (autoawq or gptqmodel)"
+SUMMARY = "a Hugging Face folder, 4-bit activation-aware quantization (gptqmodel, or autoawq)"
 BACKENDS: tuple[str, ...] = backends_for(NAME)  # declared in workers/backends.py, the default first
 VERSIONS = ("gemm", "gemv")
 
