@@ -55,3 +55,24 @@ def test_expert_coverage_is_counted_reported_and_enforced(tiny_model: Path, conv
     assert "expert coverage: 8 of 8 experts got fewer than" in strict.stderr and "Traceback" not in strict.stderr
     assert "importance matrix reused from the cache" in strict.stderr
     assert not list((tmp_path / "s").glob("*.gguf")) and "gguf.quantize:Q4_K_M" not in steps_started(tmp_path / "s")
+
+
+@pytest.mark.backend
+def test_gptq_counts_each_experts_calibration_samples(tiny_model: Path, convert_python: Path, corpus: Path,
+                                                      tmp_path: Path, toolchain: Toolchain) -> None:
+    """GPTQ (gptqmodel): each expert's samples from the backend's per-module log; with
+    --strict-coverage an expert under the minimum fails the quantize step, nothing is delivered."""
+    model = tiny_moe(tiny_model, convert_python)
+    common = ["-f", "gptq", "--calib", str(corpus), "--calib-samples", "8", "--calib-seq-len", "128", "--no-eval"]
+    proc = run_qwrap("run", str(model), "-o", str(tmp_path / "o"), "--json", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    coverage = json.loads(proc.stdout)["expert_coverage"]
+    assert coverage["source"] == "gptqmodel per-module calibration samples" and coverage["below"] == 0
+    assert [c["layer"] for c in coverage["layers"]] == [0, 1]
+    for layer in coverage["layers"]:  # 8 x 128 tokens, 2 of 4 experts each
+        assert len(layer["tokens"]) == 4 and sum(layer["tokens"]) == 2 * 8 * 128, layer
+    strict = run_qwrap("run", str(model), "-o", str(tmp_path / "s"), "--min-expert-tokens", "100000",
+                       "--strict-coverage", *common)
+    assert strict.returncode == 2, strict.stderr[-3000:]
+    assert "expert coverage: 8 of 8 experts got fewer than 100000" in strict.stderr
+    assert not list((tmp_path / "s").glob("*GPTQ*"))

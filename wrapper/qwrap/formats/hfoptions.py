@@ -15,6 +15,9 @@ COMMON_OPTIONS = (
     Option("calib_samples", int, 128, "AWQ/GPTQ calibration samples."),
     Option("calib_seq_len", int, 512, "AWQ/GPTQ calibration sequence length (tokens)."),
     Option("device", str, "auto", "AWQ/GPTQ device: auto (CUDA when present), cpu or cuda."),
+    Option("min_expert_tokens", int, 16, "MoE models: warn when an expert of a layer got fewer calibration tokens "
+           "than this.", metavar="N"),
+    Option("strict_coverage", bool, False, "MoE models: fail when an expert got fewer than --min-expert-tokens."),
     Option("trust_remote_code", bool, False, "AWQ/GPTQ: run the model's own Python code (config.json auto_map, "
            "its modeling_*.py) in the backend workers. Off by default: only for models whose code you trust."),
 )
@@ -33,6 +36,8 @@ class Common:
     seed: int = 0
     device: str = "auto"
     trust_remote_code: bool = False
+    min_expert_tokens: int = 16  # MoE: an expert with fewer calibration samples is reported
+    strict_coverage: bool = False  # ... and fails the quantize step
 
 
 OptionsT = TypeVar("OptionsT", bound=Common)

@@ -18,6 +18,8 @@ from typing import Any
 
 from ..checks import Check
 from ..context import Inputs, StepContext, StepOutcome
+from ..coverage import facts as coverage_facts
+from ..coverage import from_module_samples, moe_experts
 from ..errors import UnsupportedModelError, UsageError, ValidationFailedError
 from ..evaltext import torch_seconds
 from ..hub import parameter_counts
@@ -162,6 +164,9 @@ def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Map
               "calib": calib.identity if calib else None, "calib_label": calib.label if calib else None,
               "calib_samples": o.calib_samples, "calib_seq_len": o.calib_seq_len, "seed": o.seed,
               "device": o.device, "trust_remote_code": o.trust_remote_code, "job": dict(own)}
+    if moe_experts(model.config):  # a mixture of experts: each expert's calibration samples are checked
+        params |= {"experts": moe_experts(model.config), "min_expert_tokens": o.min_expert_tokens,
+                   "strict_coverage": o.strict_coverage}
     # per-layer checkpoints, named by the step's fingerprint so other options never reuse them
     q = b.add(f"{fmt}.quantize", "hf.quantize", fmt, f"{fmt.upper()} quantize ({o.backend})",
               outputs=(final + ".partial",), params=params, files=files,
@@ -227,7 +232,28 @@ def _quantize(step: Step, ctx: StepContext) -> StepOutcome:
              "bits_per_weight": round(size * 8 / parameters, 3) if parameters else None,
              "layer_peaks": [{"index": e["index"], "peak_rss_bytes": e["peak_rss_bytes"],
                               "peak_gpu_bytes": e.get("peak_gpu_bytes")} for e in events.layers]}
+    if prm.get("experts"):
+        try:
+            facts["expert_coverage"] = _coverage(prm, facts["metadata"].get("quant_log") or [], ctx)
+        except UsageError:  # --strict-coverage: nothing of this quantization is delivered
+            shutil.rmtree(out, ignore_errors=True)
+            raise
     return StepOutcome((out,), facts, peak, _peak_gpu(events))
+
+
+def _coverage(prm: Mapping[str, Any], quant_log: list[Mapping[str, Any]], ctx: StepContext) -> dict[str, Any]:
+    """Each expert's calibration samples, from the backend's per-module log: a warning below
+    --min-expert-tokens, a failure with --strict-coverage."""
+    layers = from_module_samples(quant_log, int(prm["experts"]))
+    found = coverage_facts(layers, int(prm["min_expert_tokens"]), f"{prm['backend']} per-module calibration samples")
+    if not layers:
+        found["summary"] = f"{prm['backend']} reported no per-expert samples"
+    elif found["below"] and prm.get("strict_coverage"):
+        raise UsageError(f"expert coverage: {found['summary']}", hint="More or more varied --calib text (or more "
+                         "--calib-samples) routes tokens to every expert; or lower --min-expert-tokens.")
+    elif found["below"]:
+        ctx.warning(f"expert coverage: {found['summary']}; their calibration is thin (--strict-coverage fails instead)")
+    return found
 
 
 def _peak_gpu(events: Events) -> int:

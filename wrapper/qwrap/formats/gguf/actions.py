@@ -128,20 +128,19 @@ def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 
 def _coverage(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
-    from .coverage import expert_coverage, summary
+    from ...coverage import facts as coverage_facts
+    from .coverage import expert_coverage
 
     layers = expert_coverage(inputs["imatrix"].path)
     minimum = int(step.param("min_expert_tokens"))
-    said = summary(layers, minimum)
-    short = sum(len(c.below(minimum)) for c in layers)
+    found = coverage_facts(layers, minimum, "importance matrix")
+    said, short = found["summary"], found["below"]
     if short and step.param("strict"):
         raise UsageError(f"expert coverage: {said}", hint="More or more varied --calib text routes tokens to every "
                          "expert; or lower --min-expert-tokens, or drop --strict-coverage to warn instead.")
     if short:
         ctx.warning(f"expert coverage: {said}; their importance data is thin (--strict-coverage fails instead)")
-    facts = {"source": "importance matrix", "min_tokens": minimum, "below": short,
-             "layers": [c.to_json() for c in layers], "summary": said}
-    return StepOutcome((), {"expert_coverage": facts})
+    return StepOutcome((), {"expert_coverage": found})
 
 
 def _quantize(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:

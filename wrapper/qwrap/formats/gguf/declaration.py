@@ -51,7 +51,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("target_kld", list[str], [], "GGUF quality budget, repeatable: the smallest recipe predicted to stay under "
            "this mean KLD; the measured KLD is checked against it (exit 17 when it is over).", metavar="KLD"),
     Option("min_expert_tokens", int, 16, "MoE models: warn when an expert of a layer got fewer calibration tokens "
-           "than this (GGUF: counted by the importance matrix); its row of the result says which.", metavar="N"),
+           "than this (GGUF: the importance matrix's counts; AWQ/GPTQ: GPTQModel's per-module samples); the "
+           "result's expert_coverage says which.", metavar="N"),
     Option("strict_coverage", bool, False, "MoE models: with an expert under --min-expert-tokens, fail before any "
            "quantization is written (instead of warning)."),
     Option("compare", bool, True, "GGUF budgets: also quantize and measure the stock type nearest each searched "

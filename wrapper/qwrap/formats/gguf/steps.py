@@ -11,6 +11,7 @@ from typing import Any
 
 import psutil
 
+from ...coverage import moe_experts
 from ...errors import UsageError
 from ...journal import sha256_file
 from ...model import ModelInfo, Shape
@@ -128,16 +129,6 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                              "proof)", hint="Drop --no-eval, and pass --calib FILE where WikiText-2 is out of reach.")
         base = base or _add_eval_base(b, convert, model, outtype)
         _add_budgets(b, o, model, convert, imatrix, base, outtype)
-
-
-def moe_experts(config: Mapping[str, Any]) -> int:
-    """How many routed experts a layer of this model has (0: not a mixture of experts)."""
-    text = config.get("text_config", config)
-    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
-        value = text.get(key) if isinstance(text, Mapping) else None
-        if isinstance(value, int) and value > 1:
-            return value
-    return 0
 
 
 def _add_coverage(b: PlanBuilder, o: Options, model: ModelInfo, imatrix: Step) -> Step | None:
