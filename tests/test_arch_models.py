@@ -148,7 +148,7 @@ def test_a_qwen3_moe_gptq_run_killed_mid_run_resumes_byte_identically(corpus: Pa
     argv = qwrap_argv("run", str(model), "-o", str(out), *args)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     worker = running_child(out, "gptq.quantize", proc, timeout=600)
-    wait_for(out, "file:.checkpoint/layers/**/gptqmodel/CURRENT", proc, timeout=600)  # a layer committed
+    wait_for(out, "file:.checkpoint/layers/*/gptqmodel/CURRENT", proc, timeout=600)  # a layer committed
     worker.kill()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, err[-2000:]
