@@ -14,14 +14,20 @@ a skip or failure for a missing environment) reaches the tests that read it, not
   modules are collected, when one of its tests is selected; its fixtures read it with
   ``prefetched`` (which computes it then, if it was not started).
 
+A lane never makes a test wait for work queued behind other work: a test that asks for work
+its lane has not started yet takes it off the lane and does it itself (``Lane.result``), so
+registering work early costs nothing when the lane falls behind.
+
 Work on a lane never depends on the process environment of the test running beside it (tests
-monkeypatch HF_HOME and more): it runs children with the environment its lane was made with."""
+monkeypatch HF_HOME and more): it runs children with the environment its lane was made with
+(also when a test took it over)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -37,19 +43,45 @@ class Lane:
         """``home``: a temp folder for the children's HF_HOME (conftest's guard gives each test one)."""
         self.pool = ThreadPoolExecutor(max_workers=workers)
         self.futures: dict[tuple[Any, ...], Future[Any]] = {}
+        self.work: dict[tuple[Any, ...], tuple[Callable[..., Any], tuple[Any, ...]]] = {}
+        self.lock = threading.Lock()
+        self.cleanups: list[Callable[[], object]] = []  # run when the lane closes, last first
         # for the children of the work (see the module's docstring)
         self.env = {**os.environ, "HF_HOME": str(home / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
                     "HF_HUB_OFFLINE": "1"}
 
     def start(self, key: tuple[Any, ...], fn: Callable[..., Any], *args: Any) -> None:
-        if key not in self.futures:
-            self.futures[key] = self.pool.submit(fn, *args)
+        with self.lock:
+            if key not in self.futures:
+                self.work[key] = (fn, args)
+                self.futures[key] = self.pool.submit(fn, *args)
 
     def result(self, *key: Any) -> Any:
-        return self.futures[key].result()
+        """The work's value: waited for once the lane has started it; still queued (or
+        cancelled when the lane closed), done now by the thread that asks, in its place."""
+        with self.lock:
+            future = self.futures[key]
+            taken = future.cancel()  # true only for work not started
+            if taken:
+                future = self.futures[key] = Future()
+                future.set_running_or_notify_cancel()  # nobody else takes it
+                fn, args = self.work[key]
+        if taken:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # a skip or failure reaches every reader, as from the lane
+                future.set_exception(exc)
+        return future.result()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        while self.cleanups:
+            self.cleanups.pop()()
+
+    def cleanup(self, fn: Callable[[], object]) -> None:
+        """``fn()`` when the lane closes (the session lane: when the session ends), for what its
+        work started and keeps for later work (a Slurm cluster)."""
+        self.cleanups.append(fn)
 
     def run(self, argv: list[str], timeout: float = 1800, env: dict[str, str] | None = None,
             **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -78,12 +110,13 @@ def lane(home: Path, workers: int = 1) -> Iterator[Lane]:
 
 
 # Session-wide results (conftest's shared runs) by name: computed once, by the fixture that asks
-# first, or earlier on a module's lane (Lane.share).
-_SHARED: dict[str, Future[Any]] = {}
+# first, or earlier on a lane (share: the lane that has it).
+_SHARED: dict[str, Future[Any] | Lane] = {}
 
 
 def shared(name: str, compute: Callable[[], Any]) -> Any:
-    """The session's ``name``: what a lane started for it (``Lane.share``), else ``compute()``."""
+    """The session's ``name``: what a lane started for it (``share``; taken over when still
+    queued there), else ``compute()``."""
     if name not in _SHARED:
         done: Future[Any] = Future()
         try:
@@ -91,14 +124,15 @@ def shared(name: str, compute: Callable[[], Any]) -> Any:
         except BaseException as exc:
             done.set_exception(exc)
         _SHARED[name] = done
-    return _SHARED[name].result()
+    known = _SHARED[name]
+    return known.result("shared", name) if isinstance(known, Lane) else known.result()
 
 
 def share(on: Lane, name: str, compute: Callable[..., Any], *args: Any) -> None:
     """Start the session's ``name`` on ``on`` unless it is started or known already."""
     if name not in _SHARED:
         on.start(("shared", name), compute, *args)
-        _SHARED[name] = on.futures["shared", name]
+        _SHARED[name] = on
 
 
 @dataclass(frozen=True)
@@ -109,6 +143,7 @@ class Prefetch:
     module: str | None  # read by these tests of this module (all of them when ``tests`` is empty) ...
     tests: frozenset[str]
     fixture: str | None  # ... or by every test that uses this fixture
+    last: bool  # queued after all the other work (see prefetch)
 
     def read_by(self, item: pytest.Item) -> bool:
         if self.fixture is not None and self.fixture in getattr(item, "fixturenames", ()):
@@ -122,19 +157,24 @@ _PREFETCH: dict[str, Prefetch] = {}
 
 
 def prefetch(module: str | None, name: str, compute: Callable[..., Any], needs: tuple[str, ...] = (),
-             tests: tuple[str, ...] = (), fixture: str | None = None) -> None:
+             tests: tuple[str, ...] = (), fixture: str | None = None, last: bool = False) -> None:
     """Register ``compute(*needs, lane, folder)`` (``needs``: session-scoped fixtures by name)
     as the session's ``name``, for the session lane (see the module's docstring); it is read
     by the ``tests`` of ``module`` (all of them when none are named), or by the tests that use
-    ``fixture``."""
-    _PREFETCH[name] = Prefetch(name, compute, needs, module, frozenset(tests), fixture)
+    ``fixture``. ``last``: queued after every other work, so that its test (which would
+    otherwise wait for it behind the lane's earlier work) takes it over and does it itself
+    while the lane goes on with the work of the tests after it: for work read right after
+    other long work of the lane."""
+    _PREFETCH[name] = Prefetch(name, compute, needs, module, frozenset(tests), fixture, last)
 
 
 def start_prefetching(request: pytest.FixtureRequest, on: Lane, root: Path) -> None:
-    """Start every registered work a selected test reads, in the order the tests read them."""
+    """Start every registered work a selected test reads, in the order the tests read them
+    (``last`` work after the rest)."""
     items = request.session.items
     first = {p.name: next((i for i, item in enumerate(items) if p.read_by(item)), None) for p in _PREFETCH.values()}
-    for p in sorted((p for p in _PREFETCH.values() if first[p.name] is not None), key=lambda p: first[p.name] or 0):
+    for p in sorted((p for p in _PREFETCH.values() if first[p.name] is not None),
+                    key=lambda p: (p.last, first[p.name] or 0)):
         values = [fixture_or_outcome(request, n) for n in p.needs]
         share(on, p.name, needing(values, p.compute), on, folder(root / p.name))
 

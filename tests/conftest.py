@@ -206,6 +206,17 @@ def corpus() -> Path:
     return REPO / "tests" / "data" / "corpus.txt"
 
 
+def calibration_sample(corpus: Path, out: Path, chars: int) -> Path:
+    """``out``: the corpus' first whole documents, about ``chars`` characters (~4 a token), as
+    calibration text for a run that needs an importance matrix but is not about its quality:
+    llama-imatrix reads its whole text (up to 128 chunks of 512 tokens), and the whole corpus
+    (~62k tokens) costs seconds of both cores a run."""
+    text = corpus.read_text(encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text[:text.rfind("\n\n", 0, chars)].strip() + "\n", encoding="utf-8")
+    return out
+
+
 # -- qwrap as a real process --------------------------------------------------------------
 
 
@@ -332,7 +343,8 @@ class PlannedRun:
 
 def _imatrix_run(tiny_model: Path, corpus: Path, _: Toolchain, on: Lane, root: Path) -> PlannedRun:
     out = root / "o"
-    options = ("-q", "Q4_K_M", "-q", "Q8_0", "-q", "IQ2_XS", "--imatrix", "auto", "--calib", str(corpus))
+    calib = calibration_sample(corpus, root / "texts" / "calibration.txt", 8000)  # ~2,000 tokens
+    options = ("-q", "Q4_K_M", "-q", "Q8_0", "-q", "IQ2_XS", "--imatrix", "auto", "--calib", str(calib))
     planned = on.qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json")
     assert planned.returncode == 0, planned.stderr
     assert not out.exists(), "plan must not write"
@@ -349,5 +361,6 @@ prefetch(None, "imatrix_run", _imatrix_run, ("tiny_model", "corpus", "toolchain"
 @pytest.fixture(scope="session")
 def imatrix_run(request: pytest.FixtureRequest) -> PlannedRun:
     """The tiny model to Q4_K_M, Q8_0 and IQ2_XS with an importance matrix computed from the
-    corpus, planned before and after. (On the session's lane: background.py.)"""
+    corpus' first documents (``--calib`` in its options), planned before and after. (On the
+    session's lane: background.py.)"""
     return prefetched(request, "imatrix_run")

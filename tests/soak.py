@@ -76,12 +76,15 @@ def _tree(root: psutil.Process) -> list[psutil.Process]:
 
 
 def _orphans(tree: list[psutil.Process], out: Path) -> list[str]:
-    _, alive = psutil.wait_procs(tree, timeout=15)
-    left = [f"{_name(p)} (pid {p.pid})" for p in alive if _running(p)]
-    for p in psutil.process_iter(["cmdline", "pid"]):
-        if p.pid not in {q.pid for q in tree} and str(out) in " ".join(p.info["cmdline"] or ()) and _running(p):
-            left.append(f"{_name(p)} (pid {p.pid}, naming {out})")
-    return left
+    """The processes of the killed run still running once given 15 s to die: those of its tree
+    (as it was just before the kill) and any other naming OUT. A tool started between that
+    snapshot and the kill gets its parent-death signal with the others and needs the same
+    moment to die: checked at once, it was sometimes still running (a false orphan)."""
+    known = {p.pid for p in tree}
+    named = [p for p in psutil.process_iter(["cmdline", "pid"])
+             if p.pid not in known and str(out) in " ".join(p.info["cmdline"] or ())]
+    _, alive = psutil.wait_procs([*tree, *named], timeout=15)
+    return [f"{_name(p)} (pid {p.pid}{'' if p.pid in known else f', naming {out}'})" for p in alive if _running(p)]
 
 
 def _running(proc: psutil.Process) -> bool:
@@ -108,15 +111,18 @@ def _differs(got: dict[str, str], reference: dict[str, str]) -> list[str]:
     return sorted(name for name in {*got, *reference} if got.get(name) != reference.get(name))
 
 
-def _start(model: Path, out: Path, args: Sequence[str], work: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def _start(model: Path, out: Path, args: Sequence[str], work: Path,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     """qwrap writing its --json result and its log to files (a full pipe would stall it)."""
     result = work / "result.json"
     with result.open("wb") as stdout, (work / "qwrap.log").open("ab") as log:
-        return subprocess.Popen(_argv(model, out, args), stdout=stdout, stderr=log, stdin=subprocess.DEVNULL), result
+        return subprocess.Popen(_argv(model, out, args), stdout=stdout, stderr=log, stdin=subprocess.DEVNULL,
+                                env=env), result
 
 
-def _completed(model: Path, out: Path, args: Sequence[str], work: Path) -> tuple[int, str]:
-    proc, result = _start(model, out, args, work)
+def _completed(model: Path, out: Path, args: Sequence[str], work: Path,
+               env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc, result = _start(model, out, args, work, env)
     proc.wait(timeout=3600)
     return proc.returncode, result.read_text()
 
@@ -150,11 +156,12 @@ def _kill_at(proc: subprocess.Popen[bytes], number: int, moment: str, child: boo
 
 
 def soak(model: Path, work: Path, args: Sequence[str], *, kills: int, seed: int,
-         budget_s: float = 3600.0) -> dict[str, Any]:
-    """Up to ``kills`` kills within about ``budget_s``; the results document."""
+         budget_s: float = 3600.0, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Up to ``kills`` kills within about ``budget_s``; the results document. ``env``: qwrap's
+    environment (default ours)."""
     rng = random.Random(seed)
     started = time.monotonic()
-    code, text = _completed(model, work / "reference", args, work)
+    code, text = _completed(model, work / "reference", args, work, env)
     if code:
         raise RuntimeError(f"the uninterrupted run failed (exit {code}): see {work / 'qwrap.log'}")
     full_s = time.monotonic() - started
@@ -167,7 +174,7 @@ def soak(model: Path, work: Path, args: Sequence[str], *, kills: int, seed: int,
     while len(done) + len(pending) < kills and time.monotonic() - started < budget_s:
         moment, child = rng.choice(moments), rng.random() < 0.5
         since = journal_size(out)
-        proc, result = _start(model, out, args, work)
+        proc, result = _start(model, out, args, work, env)
         began = time.monotonic()
         kill = _kill_at(proc, len(done) + len(pending) + 1, moment, child and moment.startswith("child:"), began,
                         out, since, list(reference))
@@ -183,7 +190,7 @@ def soak(model: Path, work: Path, args: Sequence[str], *, kills: int, seed: int,
             completed += 1
             shutil.rmtree(out)  # the next round starts from nothing
     if pending:  # finish the last round without a kill
-        code, text = _completed(model, out, args, work)
+        code, text = _completed(model, out, args, work, env)
         differs = _differs(_shas(text), reference) if code == 0 else ["(the last run failed)"]
         for kill in pending:
             kill.identical, kill.differs = not differs, differs

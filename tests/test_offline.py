@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_qwrap
+from conftest import calibration_sample, run_qwrap
 from hubserver import HubServer
 from qwrap import reach
 from qwrap.texts import Note, warning_lines
@@ -178,8 +178,10 @@ def test_plan_step_and_run_agree_without_the_hub(tiny_model: Path, tmp_path: Pat
 
 
 def _wikitext(root: Path, corpus: Path, python: Path) -> Path:
-    """A small Salesforce/wikitext: the corpus' documents as the rows of real parquet files
-    (train: the first 80%, test: the rest), written with the converter environment's pyarrow."""
+    """A small Salesforce/wikitext: the corpus' first documents (~10k tokens: an importance
+    matrix of 16 chunks, an evaluation of its 2) as the rows of real parquet files (train: the
+    first 80%, test: the rest), written with the converter environment's pyarrow."""
+    corpus = calibration_sample(corpus, root.with_name(f"{root.name}-documents.txt"), 40_000)
     script = r"""
 import sys, pyarrow as pa, pyarrow.parquet as pq
 from pathlib import Path

@@ -31,7 +31,7 @@ def qargs(quants: tuple[str, ...] = QUANTS) -> list[str]:
     return [arg for q in quants for arg in ("-q", q)]
 
 
-def test_plan_is_what_run_executes(imatrix_run: PlannedRun, corpus: Path) -> None:
+def test_plan_is_what_run_executes(imatrix_run: PlannedRun) -> None:
     """...and with the default --jobs (0: every usable core) independent steps run at once."""
     plan, result, out = imatrix_run.plan, imatrix_run.result, imatrix_run.out
     assert plan["schema"] == "qwrap.plan/2"
@@ -42,7 +42,8 @@ def test_plan_is_what_run_executes(imatrix_run: PlannedRun, corpus: Path) -> Non
     steps = {s["id"]: s for s in plan["steps"]}
     assert steps["gguf.quantize:IQ2_XS"]["inputs"] == {"model": "gguf.convert", "imatrix": "gguf.imatrix"}
     assert "imatrix" not in steps["gguf.quantize:Q8_0"]["inputs"]  # Q8_0 ignores an imatrix
-    assert steps["gguf.imatrix"]["files"]["calib"] == str(corpus)
+    calib = imatrix_run.options[imatrix_run.options.index("--calib") + 1]
+    assert steps["gguf.imatrix"]["files"]["calib"] == calib and Path(calib).is_file()
     assert plan["totals"]["peak_disk_bytes"] == sum(s["estimates"]["peak_disk_bytes"] for s in plan["steps"])
     assert [(s["id"], s["fingerprint"]) for s in result["steps"]] == [(s["id"], s["fingerprint"]) for s in plan["steps"]]
     assert {s["state"] for s in result["steps"]} == {"done"}

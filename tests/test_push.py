@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from background import Lane, prefetch, prefetched
-from conftest import run_qwrap
+from conftest import calibration_sample, run_qwrap
 from hubserver import HubServer
 from qwrap.ggufinfo import read_info
 from qwrap.journal import Journal
@@ -31,18 +31,21 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
-def _chat_model_and_its_run(tiny_model: Path, corpus: Path, on: Lane, tmp: Path) -> tuple[Path, Path]:
+def _chat_model_and_its_run(tiny_model: Path, corpus: Path, on: Lane, tmp: Path) -> tuple[Path, Path, Path]:
     """The tiny model with a chat template in its tokenizer_config.json, and a real run of it:
-    the default GGUF type (with an importance matrix from --calib) and GPTQ."""
+    the default GGUF type (with an importance matrix from --calib: the corpus' first documents,
+    ~3k tokens, as corpus.txt) and GPTQ."""
     model = tmp / "chat" / tiny_model.name
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}, indent=2))
+    calib = calibration_sample(corpus, tmp / "texts" / "corpus.txt", 12_000)
     out = tmp / "run" / "out"
-    proc = on.qwrap("run", str(model), "-o", str(out), "-f", "gguf", "-f", "gptq", "--calib", str(corpus),
-                    "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--keep-intermediate")
+    proc = on.qwrap("run", str(model), "-o", str(out), "-f", "gguf", "-f", "gptq", "--calib", str(calib),
+                    "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--keep-intermediate",
+                    "--threads", "1")  # one thread a tool beside the other lanes' work
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return model, out
+    return model, out, calib
 
 
 prefetch(__name__, "push.finished", _chat_model_and_its_run, ("tiny_model", "corpus"))
@@ -58,6 +61,12 @@ def chat_model(request: pytest.FixtureRequest) -> Path:
 def finished(request: pytest.FixtureRequest) -> Path:
     """A real run of chat_model (on the session's lane, background.py)."""
     return prefetched(request, "push.finished")[1]
+
+
+@pytest.fixture(scope="module")
+def calib(request: pytest.FixtureRequest) -> Path:
+    """The calibration text of that run."""
+    return prefetched(request, "push.finished")[2]
 
 
 @pytest.fixture()
@@ -194,8 +203,8 @@ def test_refuses_a_folder_without_quantization_config(finished: Path, hub: HubSe
     assert not hub.requests, "nothing may reach the Hub"
 
 
-def test_run_push_to_is_the_journaled_last_step(finished: Path, hub: HubServer, chat_model: Path, corpus: Path) -> None:
-    proc = run_qwrap("run", str(chat_model), "-o", str(finished), "-f", "gguf", "-f", "gptq", "--calib", str(corpus),
+def test_run_push_to_is_the_journaled_last_step(finished: Path, hub: HubServer, chat_model: Path, calib: Path) -> None:
+    proc = run_qwrap("run", str(chat_model), "-o", str(finished), "-f", "gguf", "-f", "gptq", "--calib", str(calib),
                      "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--keep-intermediate",
                      "--push-to", "me/from-run", "--token", WRITER, "--json",
                      env={"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1"})

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from background import Lane, fixture_or_outcome, folder, lane, needing, selected
+from background import Lane, prefetch, prefetched
 from conftest import REPO, Run, run_qwrap
 from qwrap.errors import UsageError
 from qwrap.quality import gate, parse_base_ppl, parse_gates, parse_kld_summary
@@ -20,29 +20,8 @@ from qwrap.toolchain import Toolchain
 RECORDED = REPO / "tests" / "data" / "recorded"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def background(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lane]:
-    """The runs of the slow tests below but the first, started on a second lane (background.py)
-    when the module's first test starts, in the order the tests read them: they spend much of
-    their time in one thread (a converter, a worker, a model build)."""
-    names = selected(request)
-    root = tmp_path_factory.mktemp("background")
-
-    def job(fn: Callable[..., object], *fixtures: str) -> Callable[..., object]:
-        return needing([fixture_or_outcome(request, f) for f in fixtures], fn)
-
-    with lane(root) as on:
-        if "test_awq_gptq_scored_on_the_gguf_token_ids" in names:
-            on.start(("token ids",), job(_gptq_and_gguf, "tiny_model", "corpus", "toolchain"), on,
-                     folder(root / "token-ids"))
-        if "test_the_demo_model_is_built_once_with_separate_texts" in names:
-            on.start(("demo",), job(_demo_builds, "convert_python"), on, folder(root / "demo"))
-        if "test_the_ladder_is_sane_and_the_imatrix_helps" in names:
-            on.start(("ladder",), job(_ladder_runs, "trained_model", "corpus", "toolchain"), on,
-                     folder(root / "ladder"))
-        if "test_a_70b_model_on_a_cpu_is_told_what_the_evaluation_costs" in names:
-            on.start(("70b",), job(_plan_70b, "tiny_model", "corpus"), on, folder(root / "70b"))
-        yield on
+# The slow tests' runs are work on the session's lane (background.py: prefetch), read with
+# prefetched: they spend much of their time in one thread (a converter, a worker, a model build).
 
 
 def test_kld_summary_parsed_from_recorded_output() -> None:
@@ -79,38 +58,72 @@ def _perplexity(toolchain: Toolchain, *args: str, done: str) -> list[str]:
     raise AssertionError(f"llama-perplexity never printed {done!r}")
 
 
+@dataclass(frozen=True)
+class HandChecked:
+    out: Path
+    plan: subprocess.CompletedProcess[str]  # `qwrap plan --json`
+    run: subprocess.CompletedProcess[str]  # the run's --json
+    hand: dict[str, dict[str, float]]  # by quant: llama-perplexity run by hand on the artifact
+    gated: subprocess.CompletedProcess[str]  # the same run again with --max-kld Q2_K=0
+
+
+# one thread, in qwrap and by hand: llama.cpp's threads spin-wait for each other, slow beside
+# the other lanes' work
+HAND_OPTIONS = ("-q", "Q8_0", "-q", "Q2_K", "--eval-tokens", "2048", "--eval-ctx", "256", "--threads", "1",
+                "--keep-intermediate", "--eval-weights", "on")
+
+
+def _hand_checked(tiny_model: Path, corpus: Path, toolchain: Toolchain, on: Lane, root: Path) -> HandChecked:
+    """The tiny model to Q8_0 and Q2_K measured on the corpus, then llama-perplexity run by hand
+    on the same 16-bit file, text and chunking, then the run again with a gate (on the
+    session's lane: background.py)."""
+    out, options = root / "o", [*HAND_OPTIONS, "--eval-text", str(corpus)]
+    plan = on.qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json")
+    run = on.qwrap("run", str(tiny_model), "-o", str(out), *options, "--json")
+    hand: dict[str, dict[str, float]] = {}
+    if run.returncode == 0:
+        # the base once, then each artifact against it
+        base = root / "hand.kld"
+        sixteen = next((out / ".checkpoint" / "work").glob("*-BF16.gguf"))
+        common = ["-c", "256", "--chunks", "8", "-t", "1", "-b", "256"]
+        _perplexity(toolchain, "-m", str(sixteen), "-f", str(corpus), *common, "--kl-divergence-base", str(base),
+                    done="Final estimate")
+        for art in json.loads(run.stdout)["artifacts"]:
+            hand[art["quant"]] = parse_kld_summary(_perplexity(
+                toolchain, "-m", art["path"], *common, "--kl-divergence-base", str(base), "--kl-divergence",
+                done="Same top p:"))
+    gated = on.qwrap("run", str(tiny_model), "-o", str(out), *options, "--max-kld", "Q2_K=0", "--json")
+    return HandChecked(out, plan, run, hand, gated)
+
+
+prefetch(__name__, "quality.hand", _hand_checked, ("tiny_model", "corpus", "toolchain"),
+         tests=("test_gguf_figures_equal_hand_run_llama_perplexity",))
+
+
 @pytest.mark.slow
-def test_gguf_figures_equal_hand_run_llama_perplexity(tiny_model: Path, tmp_path: Path, corpus: Path,
-                                                      toolchain: Toolchain) -> None:
-    out = tmp_path / "o"
-    options = ["-q", "Q8_0", "-q", "Q2_K", "--eval-text", str(corpus), "--eval-tokens", "2048", "--eval-ctx", "256",
-               "--threads", "2", "--keep-intermediate", "--eval-weights", "on"]
-    plan = json.loads(run_qwrap("plan", str(tiny_model), "-o", str(out), *options, "--json").stdout)
-    steps = {s["id"]: s for s in plan["steps"]}
+def test_gguf_figures_equal_hand_run_llama_perplexity(request: pytest.FixtureRequest) -> None:
+    checked: HandChecked = prefetched(request, "quality.hand")
+    out = checked.out
+    assert checked.plan.returncode == 0, checked.plan.stderr
+    steps = {s["id"]: s for s in json.loads(checked.plan.stdout)["steps"]}
     assert steps["gguf.eval-base"]["params"]["chunks"] == 8 and steps["gguf.eval-base"]["estimates"]["output_bytes"] > 0
     assert steps["gguf.eval:Q2_K"]["inputs"] == {"artifact": "gguf.validate:Q2_K", "base": "gguf.eval-base"}
-    proc = run_qwrap("run", str(tiny_model), "-o", str(out), *options, "--json")
+    proc = checked.run
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["schema"] == "qwrap.result/2"
     ref = result["quality_reference"]
     assert ref["ctx"] == 256 and ref["chunks"] == 8 and ref["tokens_scored"] == 8 * 127
     by_quant = {a["quant"]: a for a in result["artifacts"]}
-    # llama-perplexity run by hand on the same 16-bit file, text and chunking: the base once
-    base = tmp_path / "hand.kld"
-    sixteen = next((out / ".checkpoint" / "work").glob("*-BF16.gguf"))
-    common = ["-c", "256", "--chunks", "8", "-t", "2", "-b", "256"]
-    _perplexity(toolchain, "-m", str(sixteen), "-f", str(corpus), *common, "--kl-divergence-base", str(base),
-                done="Final estimate")
+    assert set(checked.hand) == set(by_quant) == {"Q8_0", "Q2_K"}
     for quant, art in by_quant.items():
         q = art["quality"]
         assert q["runtime"] == "llama.cpp" and q["tokens"] == 8 * 127 and q["ctx"] == 256
         # the weights view: the same artifact dequantized into transformers, the same token ids
         w = q["weights"]
-        assert w["runtime"] == "transformers" and w["tokens"] == q["tokens"] and w["kld_mean"] >= 0, w
+        assert w["runtime"] == "transformers" and w["tokens"] == q["tokens"] and w["kld_mean"] > 0, w
         # the same figures as llama-perplexity run by hand on the same files, text and chunking
-        hand = parse_kld_summary(_perplexity(toolchain, "-m", art["path"], *common, "--kl-divergence-base", str(base),
-                                             "--kl-divergence", done="Same top p:"))
+        hand = checked.hand[quant]
         for key in ("kld_mean", "kld_p99", "ppl", "ppl_base", "top1_agreement"):
             assert abs(q[key] - hand[key]) <= 0.01 * abs(hand[key]) + 1e-6, (quant, key, q[key], hand[key])
     assert by_quant["Q2_K"]["quality"]["kld_mean"] > by_quant["Q8_0"]["quality"]["kld_mean"]
@@ -120,7 +133,7 @@ def test_gguf_figures_equal_hand_run_llama_perplexity(tiny_model: Path, tmp_path
     card = (out / "README.md").read_text()
     assert "KLD (mean)" in card and "scored tokens" in card
     # a gate over the limit fails the run with its own code, after everything is built and measured
-    gated = run_qwrap("run", str(tiny_model), "-o", str(out), *options, "--max-kld", "Q2_K=0", "--json")
+    gated = checked.gated
     assert gated.returncode == 17, gated.stderr
     rows = {a["quant"]: a for a in json.loads(gated.stdout)["artifacts"]}
     assert rows["Q2_K"]["gate"] == "failed" and rows["Q8_0"]["gate"] is None
@@ -175,20 +188,27 @@ def test_no_eval_and_no_text(tiny_model: Path, tmp_path: Path, gguf_run: Run) ->
 
 def _gptq_and_gguf(tiny_model: Path, corpus: Path, _: Toolchain, on: Lane,
                    tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """GPTQ and GGUF Q4_K_M measured on the same chunks (no importance matrix: the token ids
+    are what the test reads; one thread a tool beside the other lanes' work)."""
     out = tmp_path / "o"
     return on.qwrap("run", str(tiny_model), "-o", str(out), "-f", "gptq", "-f", "gguf", "-q", "Q4_K_M",
-                    "--calib", str(corpus), "--calib-samples", "4", "--calib-seq-len", "64", "--eval-text", str(corpus),
-                    "--eval-tokens", "1024", "--eval-ctx", "256", "--keep-intermediate", "--json"), out
+                    "--calib", str(corpus), "--calib-samples", "4", "--calib-seq-len", "64", "--no-imatrix", "--threads", "1",
+                    "--eval-text", str(corpus), "--eval-tokens", "1024", "--eval-ctx", "256", "--keep-intermediate",
+                    "--json"), out
+
+
+prefetch(__name__, "quality.token-ids", _gptq_and_gguf, ("tiny_model", "corpus", "toolchain"),
+         tests=("test_awq_gptq_scored_on_the_gguf_token_ids",))
 
 
 @pytest.mark.backend
-def test_awq_gptq_scored_on_the_gguf_token_ids(tiny_model: Path, background: Lane) -> None:
+def test_awq_gptq_scored_on_the_gguf_token_ids(tiny_model: Path, request: pytest.FixtureRequest) -> None:
     """GPTQ in transformers scores exactly the token ids llama.cpp scores for the GGUF rows, and
     the bridge row says how far the two runtimes' references differ."""
     import hashlib
     import struct
 
-    proc, out = background.result("token ids")  # GPTQ and GGUF Q4_K_M, measured on 4 chunks of 256 tokens
+    proc, out = prefetched(request, "quality.token-ids")  # GPTQ and GGUF Q4_K_M, measured on 4 chunks of 256 tokens
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     rows = {a["format"]: a for a in result["artifacts"]}
@@ -240,7 +260,7 @@ def test_qwrap_eval_measures_a_finished_run(tmp_path: Path, corpus: Path, gguf_r
     arts = json.loads(again.stdout)["artifacts"]
     assert len(arts) == 2
     for art in arts:
-        assert art["reused"] and art["quality"]["runtime"] == "llama.cpp" and art["quality"]["kld_mean"] >= 0
+        assert art["reused"] and art["quality"]["runtime"] == "llama.cpp" and art["quality"]["kld_mean"] > 0
         assert Path(art["path"]).parent == out
     assert {a["quant"]: a["sha256"] for a in arts} == gguf_run.shas()
 
@@ -283,13 +303,17 @@ def _demo_builds(convert_python: Path, on: Lane, tmp_path: Path) -> list[subproc
     return [build("--texts"), build("--texts"), build("--texts", "--seed", "1")]
 
 
+prefetch(__name__, "quality.demo", _demo_builds, ("convert_python",),
+         tests=("test_the_demo_model_is_built_once_with_separate_texts",))
+
+
 @pytest.mark.slow
-def test_the_demo_model_is_built_once_with_separate_texts(corpus: Path, background: Lane) -> None:
+def test_the_demo_model_is_built_once_with_separate_texts(corpus: Path, request: pytest.FixtureRequest) -> None:
     """make-tiny-model --cached (the demo's model) builds once per set of arguments; --texts
     gives a calibration text and an evaluation text that share no document."""
     from qwrap.workers.calib import read_documents
 
-    first, again, other = background.result("demo")
+    first, again, other = prefetched(request, "quality.demo")
     model = Path(first.stdout.strip())
     assert "building" in first.stderr and "building" not in again.stderr and again.stdout == first.stdout
     assert model.name == "tiny-llama" and Path(other.stdout.strip()) != model  # keyed by the arguments
@@ -304,7 +328,7 @@ def _ladder_runs(trained_model: Path, corpus: Path, _: Toolchain, on: Lane,
     """The trained model to every LADDER type without an importance matrix, then to Q4_K_M with
     the default one from the calibration part of the corpus; both measured on its held-out tail."""
     calib, held_out = held_out_split(corpus, tmp_path)
-    common = ["--eval-text", str(held_out), "--eval-tokens", "2048", "--eval-ctx", "256", "--json"]
+    common = ["--eval-text", str(held_out), "--eval-tokens", "2048", "--eval-ctx", "256", "--threads", "1", "--json"]
     plain = on.qwrap("run", str(trained_model), "-o", str(tmp_path / "plain"),
                      *[a for q in LADDER for a in ("-q", q)], "--no-imatrix", *common)
     tuned = on.qwrap("run", str(trained_model), "-o", str(tmp_path / "tuned"), "-q", "Q4_K_M",
@@ -312,12 +336,16 @@ def _ladder_runs(trained_model: Path, corpus: Path, _: Toolchain, on: Lane,
     return plain, tuned
 
 
+prefetch(__name__, "quality.ladder", _ladder_runs, ("trained_model", "corpus", "toolchain"),
+         tests=("test_the_ladder_is_sane_and_the_imatrix_helps",))
+
+
 @pytest.mark.slow
-def test_the_ladder_is_sane_and_the_imatrix_helps(background: Lane) -> None:
+def test_the_ladder_is_sane_and_the_imatrix_helps(request: pytest.FixtureRequest) -> None:
     """On a trained model, KLD rises monotonically from Q8_0 to Q2_K; the default importance
     matrix (from --calib) lowers the KLD of a low-bit type. Measured on the corpus' held-out
-    tail, which neither training nor calibration read."""
-    plain, tuned = background.result("ladder")
+    tail, which neither training nor calibration read. (On the session's lane: background.py.)"""
+    plain, tuned = prefetched(request, "quality.ladder")
     assert plain.returncode == 0, plain.stderr
     rows = json.loads(plain.stdout)["artifacts"]
     kld = {a["quant"]: a["quality"]["kld_mean"] for a in rows}
@@ -372,10 +400,14 @@ def _plan_70b(tiny_model: Path, corpus: Path, on: Lane, tmp_path: Path) -> subpr
     return on.qwrap("plan", str(big), "-o", str(tmp_path / "o"), "-q", "Q4_K_M", "--eval-text", str(corpus), "--json")
 
 
+prefetch(__name__, "quality.70b", _plan_70b, ("tiny_model", "corpus"),
+         tests=("test_a_70b_model_on_a_cpu_is_told_what_the_evaluation_costs",))
+
+
 @pytest.mark.slow
-def test_a_70b_model_on_a_cpu_is_told_what_the_evaluation_costs(background: Lane) -> None:
+def test_a_70b_model_on_a_cpu_is_told_what_the_evaluation_costs(request: pytest.FixtureRequest) -> None:
     """Even at its minimum, evaluating a 70B model on a CPU takes hours: `plan` says so."""
-    proc = background.result("70b")  # `qwrap plan` of a sparse Llama of 70B's shape, with the tiny tokenizer
+    proc = prefetched(request, "quality.70b")  # `qwrap plan` of a sparse Llama of 70B's shape, with the tiny tokenizer
     plan = json.loads(proc.stdout)
     assert plan["parameters"] > 60e9, plan["parameters"]
     assert {s["id"]: s for s in plan["steps"]}["gguf.eval-base"]["params"]["chunks"] == 2

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from background import Lane, fixture_or_outcome, lane, needing, selected
-from conftest import Run, qwrap_argv, run_qwrap
+from conftest import Run, calibration_sample, qwrap_argv, run_qwrap
 from moments import running_child, wait_for
 from qwrap.journal import Journal, sha256_file
 from qwrap.plan import StepState
@@ -36,24 +36,50 @@ def medium_model(named_model: Callable[[str], Path]) -> Path:
     return named_model("medium")
 
 
+MEDIUM_TESTS = {"test_interrupt_and_terminate", "test_sigkill_of_qwrap_while_several_children_run",
+                "test_sigkill_of_one_tool_while_others_run_then_resume_is_identical",
+                "test_second_qwrap_on_same_output_is_refused"}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def background(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lane]:
-    """The uninterrupted medium run (``reference``) and the GPTQ test's three runs, started on a
-    second lane (background.py) when the module's first test starts: the tests that kill GGUF
-    runs spend much of their time in one converter thread, the GPTQ worker runs on one thread.
-    (One lane, not two: llama.cpp's tools spin-wait for their threads, so two multi-threaded
-    runs beside the test's own are slower than one.)"""
+    """The medium model's conversion the medium runs start from (``converted``), its
+    uninterrupted run (``reference``), the runs of the test of what changes rerun, and the GPTQ
+    test's three runs, started on a second lane (background.py) when the module's first test
+    starts, in the order the tests read them: the tests that kill GGUF runs spend much of their
+    time in one thread, the GPTQ worker runs on one thread. (One lane, not two: llama.cpp's
+    tools spin-wait for their threads, so two multi-threaded runs beside the test's own are
+    slower than one.)"""
     names = selected(request)
     root = tmp_path_factory.mktemp("background")
     with lane(root) as on:
-        if names & {"test_interrupt_and_terminate", "test_sigkill_of_qwrap_while_several_children_run",
-                    "test_sigkill_of_one_tool_while_others_run_then_resume_is_identical"}:
+        if names & MEDIUM_TESTS:
             needs = [fixture_or_outcome(request, name) for name in ("medium_model", "toolchain")]
+            on.start(("converted",), needing(needs, _converted), on, root / "converted")
             on.start(("reference",), needing(needs, _reference), on, root / "reference")
+        if "test_changes_rerun_exactly_what_they_affect" in names:
+            needs = [fixture_or_outcome(request, name) for name in ("tiny_model", "corpus", "toolchain")]
+            on.start(("changes",), needing(needs, _changed_runs), on, root / "changes")
         if "test_ctrl_c_in_the_gptq_worker_and_sigterm_in_its_evaluation" in names:
             needs = [fixture_or_outcome(request, name) for name in ("tiny_model", "corpus")]
             on.start(("gptq",), needing(needs, _gptq_interrupted_twice), on, root / "gptq")
         yield on
+
+
+def _converted(model: Path, _: Toolchain, on: Lane, out: Path) -> Path:
+    """The medium plan's folder with its conversion done and nothing else (``run --step``)."""
+    proc = on.qwrap("run", str(model), "-o", str(out), *qargs(), "--step", "gguf.convert")
+    assert proc.returncode == 0, proc.stderr
+    assert {r["step"]: r["state"] for r in Journal(out).records() if "step" in r} == {"gguf.convert": "done"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(background: Lane) -> Path:
+    """The medium model converted (a folder to copy): each test that interrupts a medium run
+    starts it from a copy, so the run goes straight to its quantizations (several tools at
+    once, seconds each); the conversion itself is interrupted in the tiny model's tests."""
+    return Path(background.result("converted"))
 
 
 def _reference(model: Path, _: Toolchain, on: Lane, out: Path) -> dict[str, str]:
@@ -64,7 +90,7 @@ def _reference(model: Path, _: Toolchain, on: Lane, out: Path) -> dict[str, str]
 
 @pytest.fixture(scope="module")
 def reference(background: Lane) -> dict[str, str]:
-    """sha256 of each artifact from one uninterrupted run of the medium model."""
+    """sha256 of each artifact from one uninterrupted run of the medium model (from nothing)."""
     return background.result("reference")
 
 
@@ -72,7 +98,9 @@ def qargs(quants: tuple[str, ...] = QUANTS) -> list[str]:
     return [arg for q in quants for arg in ("-q", q)]
 
 
-def start(model: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+def start(model: Path, out: Path, converted: Path, *extra: str) -> subprocess.Popen[str]:
+    """The medium run, in a copy of ``converted``: its conversion done, its quantizations next."""
+    shutil.copytree(converted, out)
     return subprocess.Popen(qwrap_argv("run", str(model), "-o", str(out), *qargs(), *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
@@ -116,7 +144,6 @@ def test_sigkill_of_qwrap_leaves_no_orphan_and_resumes(tiny_model: Path, tmp_pat
     child.wait(timeout=10)  # died with its parent (PR_SET_PDEATHSIG), not left running
     assert Journal(out).states()["gguf.convert"].state == "started"
     result = finish_tiny(out, tiny_model, quants=quants)
-    assert Journal(out).history("gguf.convert").__next__()["state"] == "started"
     states = [r["state"] for r in Journal(out).history("gguf.convert")]
     assert states[:3] == ["started", "interrupted", "started"]
     assert shas(result) == gguf_run.shas()
@@ -124,9 +151,9 @@ def test_sigkill_of_qwrap_leaves_no_orphan_and_resumes(tiny_model: Path, tmp_pat
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_and_terminate(medium_model: Path, tmp_path: Path, signum: int, code: int,
-                                 reference: dict[str, str]) -> None:
+                                 converted: Path, reference: dict[str, str]) -> None:
     out = tmp_path / "o"
-    proc = start(medium_model, out)
+    proc = start(medium_model, out, converted)
     child = running_child(out, "gguf.quantize:Q4_K_M", proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
@@ -173,27 +200,38 @@ def finish_tiny(out: Path, model: Path, *extra: str, quants: tuple[str, ...] = (
     return json.loads(proc.stdout)
 
 
-def test_changes_rerun_exactly_what_they_affect(tiny_model: Path, tmp_path: Path, corpus: Path,
-                                                toolchain: Toolchain) -> None:
-    out = tmp_path / "o"
-    finish_tiny(out, tiny_model, "--keep-intermediate")
-    added = finish_tiny(out, tiny_model, "--keep-intermediate", quants=("Q4_K_M", "Q8_0", "Q6_K"))
+def _changed_runs(model: Path, corpus: Path, _: Toolchain, on: Lane, out: Path) -> list[dict]:
+    """The tiny model run, then run again in the same folder with one change at a time: a type
+    added, an importance matrix, another outtype (the --json of each)."""
+    two, kept = ("Q4_K_M", "Q8_0"), ("--keep-intermediate",)
+    calib = calibration_sample(corpus, out.with_name(f"{out.name}-calibration.txt"), 8000)
+    runs = [(two, kept), ((*two, "Q6_K"), kept),
+            (two, (*kept, "--imatrix", "auto", "--calib", str(calib), "--force", "--no-eval")),
+            (two, ("--outtype", "f32", "--force"))]
+    results = []
+    for quants, extra in runs:
+        proc = on.qwrap("run", str(model), "-o", str(out), *qargs(quants), "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        results.append(json.loads(proc.stdout))
+    return results
+
+
+def test_changes_rerun_exactly_what_they_affect(background: Lane) -> None:
+    first, added, imat, f32 = background.result("changes")  # (on the module's lane)
+    assert all(s["state"] == "done" for s in first["steps"])
     done = {s["id"] for s in added["steps"] if s["state"] == "done"}
     assert done == {"gguf.quantize:Q6_K", "gguf.validate:Q6_K"}
     # An imatrix re-quantizes only the types that use one (not Q8_0).
-    imat = finish_tiny(out, tiny_model, "--keep-intermediate", "--imatrix", "auto", "--calib", str(corpus),
-                       "--force", "--no-eval")
     done = {s["id"] for s in imat["steps"] if s["state"] == "done"}
     assert done == {"gguf.imatrix", "gguf.quantize:Q4_K_M", "gguf.validate:Q4_K_M"}
     # Another outtype re-converts, so everything downstream runs again.
-    f32 = finish_tiny(out, tiny_model, "--outtype", "f32", "--force")
     assert all(s["state"] == "done" for s in f32["steps"])
 
 
-def test_second_qwrap_on_same_output_is_refused(medium_model: Path, tmp_path: Path, toolchain: Toolchain) -> None:
+def test_second_qwrap_on_same_output_is_refused(medium_model: Path, tmp_path: Path, converted: Path) -> None:
     out = tmp_path / "o"
-    proc = start(medium_model, out)
-    running_child(out, "gguf.convert", proc)
+    proc = start(medium_model, out, converted)
+    running_child(out, "gguf.quantize:Q4_K_M", proc)  # the first run's quantizations are running
     second = run_qwrap("run", str(medium_model), "-o", str(out), *qargs())
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
@@ -315,11 +353,11 @@ def running_children(out: Path, at_least: int, timeout: float = 120) -> list[psu
     raise AssertionError(f"never saw {at_least} steps running at once")
 
 
-def test_sigkill_of_qwrap_while_several_children_run(medium_model: Path, tmp_path: Path,
+def test_sigkill_of_qwrap_while_several_children_run(medium_model: Path, tmp_path: Path, converted: Path,
                                                       reference: dict[str, str]) -> None:
     """Each child is started from its step's own thread; all of them die with qwrap."""
     out = tmp_path / "o"
-    proc = start(medium_model, out)
+    proc = start(medium_model, out, converted)
     children = running_children(out, 2)
     proc.kill()
     proc.communicate()
@@ -331,12 +369,13 @@ def test_sigkill_of_qwrap_while_several_children_run(medium_model: Path, tmp_pat
 
 @pytest.mark.parametrize("victim", ["child:gguf.quantize:Q5_K_S", "child:gguf.validate:"])
 def test_sigkill_of_one_tool_while_others_run_then_resume_is_identical(medium_model: Path, tmp_path: Path,
-                                                                      reference: dict[str, str], victim: str) -> None:
+                                                                      converted: Path, reference: dict[str, str],
+                                                                      victim: str) -> None:
     """SIGKILL the tool of a step (a quantization beside another, the first validation) as soon
     as the journal records it: exit 10 saying so and to run again; the steps running beside it
     finish and are kept, nothing new starts; the rerun reuses them and is identical."""
     out = tmp_path / "o"
-    proc = start(medium_model, out)
+    proc = start(medium_model, out, converted)
     rec = wait_for(out, victim, proc)
     assert isinstance(rec, dict)
     step = rec["step_ref"]

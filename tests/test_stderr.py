@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from background import Lane, prefetch, prefetched
 from conftest import REPO, _missing, run_qwrap
 from qwrap import evaltext, modelcard, quality, qualitypage, report, results
 from qwrap.quality import (
@@ -218,16 +219,24 @@ def test_torch_errors_are_the_statistics_of_the_scored_tokens(trained_model: Pat
 # -- end to end: llama.cpp and transformers, the table, the card, the page ---------------------------
 
 
-@pytest.fixture(scope="module")
-def measured_run(trained_model: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The trained tiny Llama to Q4_K_M and Q4_K_S (close in quality), measured in llama.cpp
-    and in transformers (the weights view) on the same 1,016 tokens."""
-    out = tmp_path_factory.mktemp("stderr-run") / "o"
-    proc = run_qwrap("run", str(trained_model), "-o", str(out), "-q", "Q4_K_M", "-q", "Q4_K_S", "--no-imatrix",
-                     "--eval-text", str(corpus), "--eval-tokens", "2048", "--eval-ctx", "256", "--threads", "2",
-                     "--eval-weights", "on")
+def _measured_run(trained_model: Path, corpus: Path, on: Lane, root: Path) -> Path:
+    out = root / "o"
+    proc = on.qwrap("run", str(trained_model), "-o", str(out), "-q", "Q4_K_M", "-q", "Q4_K_S", "--no-imatrix",
+                    "--eval-text", str(corpus), "--eval-tokens", "2048", "--eval-ctx", "256", "--threads", "1",
+                    "--eval-weights", "on")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+prefetch(__name__, "stderr.measured", _measured_run, ("trained_model", "corpus"), fixture="measured_run")
+
+
+@pytest.fixture(scope="module")
+def measured_run(request: pytest.FixtureRequest) -> Path:
+    """The trained tiny Llama to Q4_K_M and Q4_K_S (close in quality), measured in llama.cpp
+    and in transformers (the weights view) on the same 1,016 tokens. (On the session's lane:
+    background.py.)"""
+    return prefetched(request, "stderr.measured")
 
 
 @pytest.mark.slow

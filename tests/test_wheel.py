@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from background import Lane, folder, prefetch, prefetched
+from background import Lane, folder, prefetch, prefetched, shared
 from conftest import REPO, _missing
 from qwrap import __version__, envs
 from qwrap.errors import ToolchainMissingError
@@ -86,16 +86,32 @@ def installed(request: pytest.FixtureRequest) -> Path:
     return prefetched(request, "wheel.installed")[1]
 
 
-def user(venv: Path, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def user(venv: Path, *args: str, cwd: Path, timeout: float = 600,
+         environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The installed console script, from a folder that is not the checkout, with nothing
-    pointing back at the checkout."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "QWRAP_LLAMA_LOCK", "VIRTUAL_ENV")}
+    pointing back at the checkout (in ``environ``, default ours)."""
+    env = {k: v for k, v in (os.environ if environ is None else environ).items()
+           if k not in ("PYTHONPATH", "QWRAP_LLAMA_LOCK", "VIRTUAL_ENV")}
     return subprocess.run([str(venv / "bin" / "qwrap"), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def test_installed_wheel_runs_outside_the_checkout(installed: Path, tiny_model: Path, corpus: Path, tmp_path: Path,
-                                                   toolchain: Toolchain) -> None:
+def _run_by_the_user(tiny_model: Path, corpus: Path, on: Lane, tmp: Path) -> subprocess.CompletedProcess[str]:
+    """One run of the installed wheel from a folder outside the checkout, both kinds of work:
+    llama.cpp tools and a backend worker (its PYTHONPATH holds only qwrap's worker code). On
+    the session's lane after the wheel's own work (background.py), one thread a tool."""
+    venv = shared("wheel.installed", lambda: _built_and_installed(on, folder(tmp / "wheel")))[1]
+    return user(venv, "run", str(tiny_model), "-o", str(tmp / "out"), "-f", "gguf", "-q", "Q8_0", "-f", "gptq",
+                "--calib", str(corpus), "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--threads", "1",
+                "--json", cwd=folder(tmp / "elsewhere"), environ=on.env)
+
+
+prefetch(__name__, "wheel.run", _run_by_the_user, ("tiny_model", "corpus"),
+         tests=("test_installed_wheel_runs_outside_the_checkout",))
+
+
+def test_installed_wheel_runs_outside_the_checkout(installed: Path, tmp_path: Path, toolchain: Toolchain,
+                                                   request: pytest.FixtureRequest) -> None:
     try:
         gptqmodel = envs.find_env("gptqmodel")
     except ToolchainMissingError:
@@ -122,9 +138,7 @@ def test_installed_wheel_runs_outside_the_checkout(installed: Path, tiny_model: 
     assert info["environments"]["gptqmodel"]["path"] == str(gptqmodel.path)
 
     # one run, both kinds: llama.cpp tools and a backend worker (its PYTHONPATH holds only qwrap's worker code)
-    proc = user(installed, "run", str(tiny_model), "-o", str(tmp_path / "out"), "-f", "gguf", "-q", "Q8_0", "-f", "gptq",
-                "--calib", str(corpus), "--calib-samples", "4", "--calib-seq-len", "64", "--no-eval", "--json",
-                cwd=elsewhere)
+    proc = prefetched(request, "wheel.run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     artifacts = json.loads(proc.stdout)["artifacts"]
     assert sorted(a["format"] for a in artifacts) == ["gguf", "gptq"]
