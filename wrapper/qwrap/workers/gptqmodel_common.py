@@ -1,11 +1,20 @@
 """GPTQModel 7.6 plumbing shared by ``gptq_gptqmodel`` and ``awq_gptqmodel``.
 
 GPTQModel drives the layer loop itself and has a pickle-free checkpoint store (content-
-addressed safetensors + JSON, published atomically, resumed automatically; llama and
-qwen3_moe only). qwrap uses it as is and listens: the model's layer/subset callbacks say
-when a layer starts, and a wrapper around the store's boundary hook says when a layer's
-checkpoint is committed (it has no public commit hook), which is when ``layer_done`` is
-reported. Without a checkpoint, ``layer_done`` follows the layer's finalization.
+addressed safetensors + JSON, published atomically, resumed automatically). qwrap uses it as
+is and listens: the model's layer/subset callbacks say when a layer starts, and a wrapper
+around the store's boundary hook says when a layer's checkpoint is committed (it has no
+public commit hook), which is when ``layer_done`` is reported. Without a checkpoint,
+``layer_done`` follows the layer's finalization.
+
+GPTQModel 7.6 allows its checkpoint for the model types it tested (llama, qwen3_moe), but
+its state adapter knows no architecture: at a layer boundary it records every packed module,
+every materialized dense tensor, each processor's state (the cached inputs of the next layer
+with their replay kwargs, logs, results), the loop's shared key/value dict and the RNGs, and
+restores them after replaying calibration capture (checked against the checkpoint's hash).
+What it cannot hold is state a model definition keeps in its own code between layers, so
+qwrap admits other model types when GPTQModel's definition replays layers with the generic
+loop only (``resume_refusal``), and keeps every other refusal GPTQModel makes.
 """
 
 from __future__ import annotations
@@ -24,6 +33,10 @@ from qwrap.workers.runtime import LayerMeter, WorkerError, check_group_size, res
 
 CHECKPOINT_SUBDIR = "gptqmodel"
 CHECKPOINT_MODEL_TYPES = ("llama", "qwen3_moe")  # gptq_checkpoint.validate_checkpoint_support
+# BaseQModel hooks a definition may override that run between or around layers of the loop,
+# with state of their own that a layer checkpoint does not describe.
+LAYER_HOOKS = ("pre_quantize", "post_quantize", "prepare_layer_replay_kwargs",
+               "update_layer_replay_kwargs_from_output", "after_quantize")
 
 
 def prepare_environment() -> None:
@@ -61,11 +74,11 @@ def quantize(job: p.QuantizeJob, *, settings: dict[str, Any], metadata: dict[str
     check_group_size(model.model, job.group_size)
     p.emit(p.Progress(stage="load", done=1, total=1, unit="model"))
     total = int(model.model.config.num_hidden_layers)
-    checkpoint = _checkpoint_config(job, model.model.config.model_type)
+    checkpoint = _checkpoint_config(job, model)
     listener = Listener(total, LayerMeter(cuda=device == "cuda"), checkpointed=checkpoint is not None)
     model.layer_callback = listener
     model.subset_callback = listener
-    with _reporting_commits(listener), _checkpoint_errors():
+    with _admitting(model), _reporting_commits(listener), _checkpoint_errors():
         model.quantize(_calibration(samples.as_lists()), batch_size=1, backend=_backend(settings, device),
                        checkpoint=checkpoint)
     out = Path(job.output_dir)
@@ -102,16 +115,64 @@ def _calibration(rows: list[list[int]]) -> list[dict[str, list[int]]]:
     return [{"input_ids": row, "attention_mask": [1] * len(row)} for row in rows]
 
 
-def _checkpoint_config(job: p.QuantizeJob, model_type: str) -> Any:
+def _checkpoint_config(job: p.QuantizeJob, model: Any) -> Any:
     if job.checkpoint_dir is None:
         return None
-    if model_type not in CHECKPOINT_MODEL_TYPES:
-        warn(f"gptqmodel checkpoints support {', '.join(CHECKPOINT_MODEL_TYPES)}, not {model_type}: "
+    model_type = model.model.config.model_type
+    refusal = resume_refusal(type(model), model_type, model.model)
+    if refusal is not None:
+        warn(f"gptqmodel cannot resume {model_type} at a layer: {refusal}; "
              "an interrupted run restarts from the first layer")
         return None
     from gptqmodel.looper.checkpoint_store import CheckpointConfig
 
     return CheckpointConfig(path=str(Path(job.checkpoint_dir) / CHECKPOINT_SUBDIR), interval="layer:1")
+
+
+def resume_refusal(definition: type, model_type: str, module: Any = None) -> str | None:
+    """Why GPTQModel's layer checkpoint would not restore a run of ``definition`` (a GPTQModel
+    model definition class) exactly, or None. ``module``: the loaded transformers model."""
+    if model_type in CHECKPOINT_MODEL_TYPES:
+        return None
+    from gptqmodel.models.base import BaseQModel
+    from gptqmodel.nn_modules.converter import MODULE_CONVERTER_MAP
+
+    if BaseQModel not in definition.__mro__[1:]:
+        return f"{definition.__name__} is not a GPTQModel model definition"
+    own = definition.__mro__[:definition.__mro__.index(BaseQModel)]  # the definition and its bases below BaseQModel
+    hooks = sorted({name for cls in own for name in vars(cls) if name in LAYER_HOOKS})
+    if hooks:
+        return (f"GPTQModel's {definition.__name__} runs its own code between layers ({', '.join(hooks)}), "
+                "whose state a layer checkpoint does not hold")
+    if getattr(definition, "write_shared_kv_cache", False) or (
+            module is not None and any(getattr(m, "reuse_kv", False) for m in module.modules())):
+        return "its layers pass key/value state to later layers outside their inputs"
+    if model_type in MODULE_CONVERTER_MAP:
+        return "GPTQModel converts its layers while quantizing, and a resumed run skips that for the restored ones"
+    return None
+
+
+@contextmanager
+def _admitting(model: Any) -> Iterator[None]:
+    """GPTQModel's own checkpoint refusals, all but its model-type list, for a model type
+    that ``resume_refusal`` admits."""
+    from types import SimpleNamespace
+
+    from gptqmodel.looper import gptq_checkpoint
+
+    validate = gptq_checkpoint.validate_checkpoint_support
+
+    def admitted(qmodel: Any, **kwargs: Any) -> None:
+        stand_in = SimpleNamespace(quantize_config=qmodel.quantize_config,
+                                   model=SimpleNamespace(config=SimpleNamespace(model_type=CHECKPOINT_MODEL_TYPES[0])))
+        validate(stand_in, **kwargs)
+
+    if model.model.config.model_type not in CHECKPOINT_MODEL_TYPES:
+        gptq_checkpoint.validate_checkpoint_support = admitted
+    try:
+        yield
+    finally:
+        gptq_checkpoint.validate_checkpoint_support = validate
 
 
 class Listener:
@@ -151,11 +212,24 @@ def _reporting_commits(listener: Listener) -> Iterator[None]:
     on_start, on_boundary = CheckpointExtension.on_start, CheckpointExtension.on_boundary
 
     def start(self: Any, context: Any) -> Any:
-        cursor = on_start(self, context)
+        try:
+            cursor = on_start(self, context)
+        except TypeError as exc:  # its codec cannot store a layer input of this model (before any layer)
+            warn(f"gptqmodel's checkpoint cannot hold this model's layer inputs ({exc}): "
+                 "an interrupted run restarts from the first layer")
+            self.qwrap_off = True
+            listener.checkpointed = False
+            return 0
         listener.resumed([s.index for s in context.plan.steps[:cursor] if s.kind == "layer"])
         return cursor
 
     def boundary(self: Any, loop_boundary: Any) -> None:
+        if getattr(self, "qwrap_off", False):
+            if self._stop_requested:  # SIGINT/SIGTERM, caught by gptqmodel's checkpoint session
+                from gptqmodel.looper.checkpoint import CheckpointStopped
+
+                raise CheckpointStopped("stopped at a layer boundary, without a checkpoint")
+            return
         on_boundary(self, loop_boundary)
         if loop_boundary.step.kind == "layer":
             listener.committed(loop_boundary.step.index, self.store.root)
