@@ -54,6 +54,8 @@ META_PATTERNS = (
     "vocab.txt",
     "merges.txt",
     "chat_template*",
+    "preprocessor_config.json",  # a vision model's image settings: its projector (mmproj) carries them
+    "processor_config.json",
     "*.py",  # a model's own code (auto_map): refused unless --trust-remote-code, never run by qwrap itself
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",

@@ -29,8 +29,13 @@ from .progress import NinjaProgress
 from .toolchain import Pin, cache_root, read_pin, source_dir
 
 Say = Callable[[str], None]
-TARGETS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-simple",
-           "llama-completion")
+# The build folder's key names these targets (as scripts/build-llama keyed it); targets added
+# since (EXTRA_TARGETS) extend a finished build of the same key in place instead of a new folder.
+KEY_TARGETS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-simple",
+               "llama-completion")
+# llama-mtmd-cli: a vision model's projector (mmproj) is validated by loading it with the text model.
+EXTRA_TARGETS = ("llama-mtmd-cli",)
+TARGETS = KEY_TARGETS + EXTRA_TARGETS
 BASE_ENVS = ("convert", "report")
 # What the build does not need (models, docs, web UI, git metadata): ~55 MB remain.
 _SKIP = ("models", "docs", "tools/ui", ".git")
@@ -79,7 +84,7 @@ class BuildConfig:
 
     @property
     def key(self) -> str:
-        text = "".join(f"{part}\n" for part in (self.pin.commit, *self.flags, *TARGETS))
+        text = "".join(f"{part}\n" for part in (self.pin.commit, *self.flags, *KEY_TARGETS))
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     @property
@@ -166,7 +171,9 @@ def _extract(archive: Path, pin: Pin, src: Path) -> None:
 def build(config: BuildConfig, src: Path, say: Say) -> Path:
     """The build folder of ``config`` (built now if it is not yet)."""
     out = config.folder
-    if (out / "qwrap-build.json").is_file() and os.access(out / "bin" / "llama-quantize", os.X_OK):
+    finished = (out / "qwrap-build.json").is_file() and os.access(out / "bin" / "llama-quantize", os.X_OK)
+    missing = [t for t in TARGETS if not os.access(out / "bin" / t, os.X_OK)]
+    if finished and not missing:
         return out
     cmake = shutil.which("cmake")
     if cmake is None or shutil.which("ninja") is None:
@@ -179,17 +186,23 @@ def build(config: BuildConfig, src: Path, say: Say) -> Path:
         env["CCACHE_DIR"] = os.environ.get("CCACHE_DIR", str(cache_root() / "ccache"))
         launcher = ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
         launcher += ["-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"] if config.cuda else []
-    (out / "qwrap-build.json").unlink(missing_ok=True)
-    say(f"llama.cpp: configuring the {config.variant} build in {out}")
-    _tool([cmake, "-S", src, "-B", out, *config.flags, *launcher], "configuring llama.cpp", env)
-    say(f"llama.cpp: building {len(TARGETS)} tools (about 10 minutes cold on 2 cores; seconds with a warm ccache)")
-    _tool([cmake, "--build", out, "--target", *TARGETS, "-j", str(os.cpu_count() or 1)], "building llama.cpp", env,
+    if finished:  # a build of this key from before a target was added: build only what is missing,
+        # in place (its marker stays: the tools it has remain usable meanwhile)
+        say(f"llama.cpp: adding {', '.join(missing)} to the build in {out}")
+        targets = missing
+    else:
+        (out / "qwrap-build.json").unlink(missing_ok=True)
+        say(f"llama.cpp: configuring the {config.variant} build in {out}")
+        _tool([cmake, "-S", src, "-B", out, *config.flags, *launcher], "configuring llama.cpp", env)
+        say(f"llama.cpp: building {len(TARGETS)} tools (about 10 minutes cold on 2 cores; seconds with a warm ccache)")
+        targets = list(TARGETS)
+    _tool([cmake, "--build", out, "--target", *targets, "-j", str(os.cpu_count() or 1)], "building llama.cpp", env,
           on_line=_ninja_reporter(say))
     missing = [t for t in TARGETS if not os.access(out / "bin" / t, os.X_OK)]
     if missing:
         raise ToolchainMissingError(f"{', '.join(missing)} missing after the llama.cpp build", hint=f"See {_log('build')}.")
     meta = {"commit": config.pin.commit, "variant": config.variant, "native": config.native, "key": config.key,
-            "source": str(src), "flags": " ".join(config.flags)}
+            "source": str(src), "flags": " ".join(config.flags), "targets": list(TARGETS)}
     staging = out / "qwrap-build.json.tmp"
     staging.write_text(json.dumps(meta) + "\n")
     os.replace(staging, out / "qwrap-build.json")

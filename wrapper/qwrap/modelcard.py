@@ -24,7 +24,8 @@ def _front_matter(result: RunResult) -> str:
     base = result.base_model
     lines = ["---", *([f"base_model: {base}", "base_model_relation: quantized"] if base else []),
              *([f"library_name: {libraries[0]}"] if len(libraries) == 1 else []),
-             "tags:", *[f"- {t}" for t in tags], "quantized_by: qwrap", "pipeline_tag: text-generation", "---"]
+             "tags:", *[f"- {t}" for t in tags], "quantized_by: qwrap",
+             f"pipeline_tag: {'image-text-to-text' if result.projector is not None else 'text-generation'}", "---"]
     return "\n".join(lines)
 
 
@@ -53,7 +54,25 @@ def _artifact_table(result: RunResult, output: Path) -> str:
         more = f" (+{len(a.shards) - 1} more shards: load the first)" if len(a.shards) > 1 else ""
         rows.append(f"| `{rel}`{more} | {a.format} | {a.quant} | {human_bytes(a.bytes)} | {bpw} | "
                     f"{'yes' if a.validated else 'no'} | " + " | ".join(cells) + " |")
+    p = result.projector
+    if p is not None:
+        rows.append(f"| `{os.path.relpath(p.path, result.output)}` | {p.format} | vision projector {p.type} | "
+                    f"{human_bytes(p.bytes)} | - | {'yes' if p.validated else 'no'} | " + " | ".join("-" for _ in figures)
+                    + " |")
     return "\n".join(rows)
+
+
+def _projector(result: RunResult) -> str:
+    """A vision model: its projector file, what it holds and how it was validated."""
+    p = result.projector
+    if p is None:
+        return ""
+    kind = f" ({p.projector_type})" if p.projector_type else ""
+    return (f"\n\n`{os.path.relpath(p.path, result.output)}` is the vision projector: the vision tower and its "
+            f"projection{kind} in {p.type} (the text files' types do not apply to it), for use beside any of the "
+            "text files above. It was "
+            f"loaded with `{p.validated_with}` in llama.cpp's `llama-mtmd-cli` and encoded an image before it was "
+            "published.")
 
 
 def _budgets(result: RunResult) -> str:
@@ -105,6 +124,8 @@ def _usage(result: RunResult) -> str:
         if a.format not in seen and a.usage and a.usage not in parts:
             parts.append(a.usage)
         seen.add(a.format)
+    if result.projector is not None and result.projector.usage:
+        parts.append(result.projector.usage)
     return "\n\n".join(parts)
 
 
@@ -153,7 +174,8 @@ def render(result: RunResult) -> str:
         "## Files\n\n" + _artifact_table(result, result.output),
         f"Every file was loaded and run before it was published (`validated`).\n\n"
         f"Calibration data: {_calibration_line(result)}."
-        + _quality_line(result) + _remote_code_line(result) + _recipes(result) + _budgets(result) + _coverage(result),
+        + _quality_line(result) + _remote_code_line(result) + _projector(result) + _recipes(result) + _budgets(result)
+        + _coverage(result),
         "## How it was made\n\n```sh\n" + command + "\n```",
         "## Usage\n\n" + _usage(result),
     ]) + "\n"

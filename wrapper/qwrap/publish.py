@@ -46,6 +46,15 @@ def uploads(output: Path, result: RunResult) -> list[Upload]:
                 raise NotPublishableError(f"{a.name}: its recipe {recipe.name} is missing",
                                           hint="Run `qwrap run` again to remake it.")
             files.append(recipe)
+    if result.projector is not None:  # a vision model's projector goes with its text files
+        p = result.projector
+        path = output / Path(p.path).relative_to(result.output)
+        if not p.validated:
+            raise NotPublishableError(f"the projector {path.name} was not validated", hint="Run `qwrap run` again.")
+        reason = FORMATS[p.format].publishable(path) if p.format in FORMATS else "an unknown format"
+        if reason:
+            raise NotPublishableError(f"the projector: {reason}", hint="Run `qwrap run` again to remake it.")
+        files.append(path)
     files += [output / "README.md", *(output / e for e in EXTRAS if (output / e).is_file())]
     listed = [Upload(p.relative_to(output).as_posix(), p, sha256_file(p), p.stat().st_size) for p in files]
     imatrix = output / IMATRIX[0]

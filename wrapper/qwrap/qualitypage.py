@@ -216,6 +216,17 @@ def _coverage(result: RunResult) -> str:
             f"\n<tbody>\n{body}\n</tbody>\n</table></div>")
 
 
+def _projector(result: RunResult) -> str:
+    """A vision model's projector: not measured here (the figures are the text model's)."""
+    p = result.projector
+    if p is None:
+        return ""
+    name = html.escape(os.path.relpath(p.path, result.output))
+    return (f"<p class=\"sub\">Vision projector: <code>{name}</code> ({html.escape(p.type)}, "
+            f"{html.escape(human_bytes(p.bytes))}), loaded with <code>{html.escape(p.validated_with)}</code> in "
+            "llama-mtmd-cli on an image; the figures above are the text model's.</p>")
+
+
 def header() -> tuple[str, ...]:
     """The table's columns: the file's, then the figures of the column spec (quality.FIGURES)."""
     return ("file", "format", "type", "size", "bits/weight", *(f.title for f in columns("page")), "runtime", "gate")
@@ -267,6 +278,7 @@ def render(result: RunResult, output: Path, png: bytes | None, *, reference_byte
 </tbody>
 </table></div>
 {_errors_note(result, neighbours)}
+{_projector(result)}
 {_budgets(result)}
 {_coverage(result)}
 </body>

@@ -56,6 +56,10 @@ def render_table(result: RunResult, console: Console) -> None:
             f"{a.seconds:.1f}s" + (" (reused)" if a.reused else ""),
             human_bytes(a.peak_rss_bytes), a.path,
         )
+    p = result.projector
+    if p is not None:  # a vision model's projector, beside the text files
+        table.add_row(p.format, f"mmproj {p.type}", human_bytes(p.bytes), "-", "yes" if p.validated else "NO",
+                      *("-" for _ in figures), "-", "-", p.path)
     console.print(table)
     budgets = budget_rows(result)
     if budgets:

@@ -271,6 +271,34 @@ class Artifact:
         )
 
 
+PROJECTOR = "projector"  # what the step that validates a vision model's projector provides
+
+
+@dataclass(frozen=True)
+class Projector:
+    """A vision model's projector (llama.cpp's ``mmproj``), beside the text files: the vision
+    tower and its projection in ``type`` (F16, Q8_0), loaded with the text file
+    ``validated_with`` on an image before it was published. ``projector_type`` is what
+    llama.cpp calls its projection (``clip.projector_type``)."""
+
+    format: str
+    path: str  # absolute, in the output folder as it was at the end of the run
+    type: str
+    bytes: int
+    sha256: str
+    validated: bool
+    validated_with: str
+    projector_type: str | None
+    usage: str  # how to use it with the text files, for the model card
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Projector:
+        return cls(_get(data, "format", str, where), _get(data, "path", str, where), _get(data, "type", str, where),
+                   _get(data, "bytes", int, where), _get(data, "sha256", str, where),
+                   _get(data, "validated", bool, where), _get(data, "validated_with", str, where),
+                   _get(data, "projector_type", str, where, optional=True), _get(data, "usage", str, where))
+
+
 @dataclass(frozen=True)
 class StepRow:
     id: str
@@ -405,6 +433,7 @@ class RunResult:
     complete: bool = True  # False for a --step run, which applies no gates
     push: Mapping[str, Any] | None = None  # what `--push-to` did (hub_upload.PushResult.to_json())
     expert_coverage: ExpertCoverage | None = None  # a mixture of experts: calibration tokens per expert
+    projector: Projector | None = None  # a vision model's projector file (mmproj), beside the text files
 
     @property
     def base_model(self) -> str | None:
@@ -454,6 +483,7 @@ class RunResult:
             "complete": self.complete,
             "push": dict(self.push) if self.push is not None else None,
             "expert_coverage": self.expert_coverage.to_json() if self.expert_coverage is not None else None,
+            "projector": dataclasses.asdict(self.projector) if self.projector is not None else None,
         }
 
     @classmethod
@@ -464,6 +494,7 @@ class RunResult:
             raise SchemaError(f"its schema is {schema!r}, and this qwrap reads {RESULT_SCHEMA!r}")
         ref = _get(data, "quality_reference", Mapping, "result", optional=True)
         coverage = _opt(data, "expert_coverage", Mapping, "result")
+        projector = _opt(data, "projector", Mapping, "result")
         return cls(
             qwrap_version=_get(data, "qwrap_version", str, "result"),
             model=Source.from_json(_get(data, "model", Mapping, "result"), "model"),
@@ -479,6 +510,7 @@ class RunResult:
             complete=_get(data, "complete", bool, "result"),
             push=_get(data, "push", Mapping, "result", optional=True),
             expert_coverage=ExpertCoverage.from_json(coverage, "expert_coverage") if coverage is not None else None,
+            projector=Projector.from_json(projector, "projector") if projector is not None else None,
         )
 
 
@@ -600,8 +632,9 @@ def build_result(outcome: RunOutcome) -> RunResult:
     chat = chat_template(src.path) is not None
     gates = parse_gates(outcome.request.max_kld)
     # a --step run reports the deliverables that are done; the others are other processes' business
-    artifacts = tuple(_artifact(s, by_id, outcome, chat, gates) for s in outcome.summaries
-                      if s.step.deliverable and s.record is not None and s.record.state is StepState.DONE)
+    done = [s for s in outcome.summaries
+            if s.step.deliverable and s.record is not None and s.record.state is StepState.DONE]
+    artifacts = tuple(_artifact(s, by_id, outcome, chat, gates) for s in done if PROJECTOR not in s.step.provides)
     return RunResult(
         qwrap_version=__version__,
         model=Source(outcome.request.model, src.name, str(src.path), src.repo_id, src.revision, chat),
@@ -619,7 +652,21 @@ def build_result(outcome: RunOutcome) -> RunResult:
         complete=outcome.complete,
         expert_coverage=next((ExpertCoverage.from_json(s.facts["expert_coverage"], s.step.id)
                               for s in outcome.summaries if isinstance(s.facts.get("expert_coverage"), Mapping)), None),
+        projector=next((_projector(s, outcome) for s in done if PROJECTOR in s.step.provides), None),
     )
+
+
+def _projector(summary: StepSummary, outcome: RunOutcome) -> Projector:
+    """The projector's row: its step's facts (file, type, the text file it was loaded with, the
+    usage text) and the file as the journal recorded it."""
+    facts = summary.facts.get(PROJECTOR) or {}
+    record = summary.record
+    out: Mapping[str, Any] = record.outputs[0] if record and record.outputs else {}
+    relative = str(out.get("path", summary.step.outputs[0]))
+    return Projector(format=summary.step.format, path=str(outcome.request.output / relative),
+                     type=str(facts.get("type", "")), bytes=int(out.get("bytes", 0)), sha256=str(out.get("sha256", "")),
+                     validated=bool(summary.facts.get("validated")), validated_with=str(facts.get("validated_with", "")),
+                     projector_type=facts.get("projector_type"), usage=str(facts.get("usage", "")))
 
 
 def labels(artifacts: Sequence[Artifact]) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import ToolchainMissingError
 
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-simple")
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-simple", "llama-mtmd-cli")
 SETUP_HINT = "Run `qwrap setup` (fetches and builds the pinned llama.cpp into the cache; `make llama` does the same)."
 
 
@@ -131,7 +131,10 @@ def _from_cache(pin: Pin) -> Toolchain | None:
     if not builds:
         return None
     want = "cuda" if gpu_present() else "cpu"
-    builds.sort(key=lambda b: (b[1].get("variant") == want, b[0].stat().st_mtime))
+    # the variant this machine wants, then a build with every tool (one from before a tool was
+    # added lacks it until `qwrap setup` extends it), then the newest
+    builds.sort(key=lambda b: (b[1].get("variant") == want, all((b[0] / "bin" / t).exists() for t in TOOLS),
+                               b[0].stat().st_mtime))
     path, meta = builds[-1]
     src = Path(str(meta.get("source", source_dir(pin))))
     return Toolchain(path / "bin", src, pin.commit, str(meta.get("variant")), "cache")
@@ -168,17 +171,32 @@ def find_toolchain() -> Toolchain:
 
 
 _REGISTER = re.compile(r"@ModelBase\.register\(([^)]*)\)")
+_MMPROJ_MAP = re.compile(r"^MMPROJ_MODEL_MAP\b[^{]*\{(.*?)^\}", re.MULTILINE | re.DOTALL)
+
+
+def _converter_source() -> Path:
+    source = source_dir(read_pin())
+    try:
+        return find_toolchain().source_dir or source
+    except ToolchainMissingError:
+        return source
+
+
+def mmproj_architectures(source: Path | None = None) -> set[str]:
+    """Architectures whose vision projector the pinned converter writes (``--mmproj``): the keys
+    of its ``MMPROJ_MODEL_MAP``, read from its source (no import); empty when it has none."""
+    source = source or _converter_source()
+    try:
+        text = (source / "conversion" / "__init__.py").read_text()
+    except OSError:
+        return set()
+    found = _MMPROJ_MAP.search(text)
+    return set(re.findall(r"^\s*[\"']([A-Za-z0-9_]+)[\"']\s*:", found[1], re.MULTILINE)) if found else set()
 
 
 def supported_architectures(source: Path | None = None) -> set[str]:
     """Architectures the pinned converter registers, read from its source (no import)."""
-    if source is None:
-        source = source_dir(read_pin())
-        try:
-            found = find_toolchain().source_dir
-            source = found or source
-        except ToolchainMissingError:
-            pass
+    source = source or _converter_source()
     files = [source / "convert_hf_to_gguf.py", *sorted((source / "conversion").glob("*.py"))]
     names: set[str] = set()
     for path in files:

@@ -47,7 +47,49 @@ def read_widths(config: Mapping[str, Any]) -> list[int]:
 
 
 def checks(o: Common, model: ModelInfo, *, thorough: bool) -> list[Check]:
-    return [_custom_code_check(o, model), _support_check(o, model), _group_size_check(o, model)]
+    found = [_custom_code_check(o, model), _support_check(o, model), _group_size_check(o, model)]
+    if isinstance(model.config.get("vision_config"), Mapping):
+        found.append(_vision_check(o))
+    return found
+
+
+def _vision_check(o: Common) -> Check:
+    """A vision-language model: the backends quantize the language model's layers and keep the
+    vision tower unquantized; they load the checkpoint with its processor, whose image and
+    video processors need torchvision in the backend's environment."""
+    found = _has_torchvision(o.backend)
+    if found is None:
+        return Check("vision tower", True, f"not checked: the {o.backend} environment is not created yet")
+    if found:
+        return Check("vision tower", True, f"a vision model: {o.backend} quantizes the language model's layers; the "
+                     "vision tower is kept unquantized, as in the source")
+    error = UnsupportedModelError(
+        f"a vision model: {o.backend} loads it with its processor, whose image and video processors need "
+        f"torchvision, and the {o.backend} environment has none; the vision tower would be kept unquantized",
+        hint="Use --format gguf: the text model quantized and the vision tower as its projector "
+        "(mmproj-<model>-F16.gguf) beside it.")
+    return Check("vision tower", False, error.message, error)
+
+
+def _has_torchvision(backend: str) -> bool | None:
+    """Whether the backend's environment holds torchvision (its site-packages and the shared
+    ones its .pth files add), from the files alone; None when the environment is not created."""
+    from ..envs import find_env
+    from ..errors import QwrapError
+
+    try:
+        env = find_env(backend)
+    except QwrapError:
+        return None
+    places = list(env.path.glob("lib/python*/site-packages"))
+    for site in list(places):
+        for pth in site.glob("*.pth"):
+            try:
+                lines = pth.read_text().splitlines()
+            except OSError:
+                continue
+            places += [Path(x) for x in lines if x.strip() and not x.startswith(("#", "import"))]
+    return any((p / "torchvision").is_dir() for p in places)
 
 
 def _support_check(o: Common, model: ModelInfo) -> Check:

@@ -43,6 +43,7 @@ from .declaration import WORK
 from .ggmltypes import ALIGNMENT, BY_ID, GGML_TYPES, aligned
 from .quants import QUANT_TYPES
 from .recipes import Recipe
+from .rows import projector_usage
 from .steps import split_name
 
 VALIDATE_PROMPT = "Once upon a time"
@@ -56,7 +57,7 @@ PERPLEXITY_ATTEMPTS = 6
 def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     actions = {"gguf.convert": _convert, "gguf.imatrix": _imatrix, "gguf.coverage": _coverage, "gguf.quantize": _quantize,
                "gguf.validate": _validate, "gguf.split": _split, "gguf.eval-base": _eval_base, "gguf.eval": _eval,
-               "gguf.weights": _weights}
+               "gguf.weights": _weights, "gguf.mmproj": _mmproj, "gguf.mmproj-validate": _mmproj_validate}
     return actions[step.kind](step, inputs, ctx)
 
 
@@ -457,3 +458,99 @@ def _weights(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         return StepOutcome((), {"weights": {"unavailable": exc.message}})
     assert events.result is not None
     return StepOutcome((), {"weights": events.result.get("metadata", {}).get("eval")}, peak)
+
+
+# -- a vision model's projector ---------------------------------------------------------------
+
+MMPROJ_TYPE_KEY = "general.type"  # "mmproj" in a projector file
+PROJECTOR_TYPE_KEY = "clip.projector_type"
+MMPROJ_FTYPES = {"f16": 1, "q8_0": 7}  # llama.cpp's file types (LLAMA_FTYPE_MOSTLY_*)
+VALIDATE_IMAGE = "mmproj-check.ppm"  # written beside the step's log, removed after
+MTMD_PROMPT = "Describe the image."
+
+
+def _mmproj(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    """The pinned converter's ``--mmproj``: the vision tower and its projector alone, in the
+    asked type, written as ``<final>.partial`` (renamed by the validation)."""
+    tools = find_toolchain()
+    out = ctx.path(step.outputs[0])
+    out.unlink(missing_ok=True)
+    kind = step.param("mmproj_type")
+    argv: list[str | os.PathLike[str]] = [find_env("convert").python, tools.converter, Path(step.file("model")),
+                                          "--mmproj", "--outfile", out, "--outtype", kind]
+    try:
+        result = ctx.run_tool(argv, what="convert_hf_to_gguf.py --mmproj", parser=ConvertProgress(None),
+                              env={"PYTHONUNBUFFERED": "1"})
+        info = _read_header(out, "the converter's projector")
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    if info.metadata.get(MMPROJ_TYPE_KEY) != "mmproj":
+        raise ValidationFailedError(f"the converter's --mmproj output is not a projector file "
+                                    f"({MMPROJ_TYPE_KEY} is {info.metadata.get(MMPROJ_TYPE_KEY)!r})")
+    if info.file_type != MMPROJ_FTYPES[kind]:
+        raise ValidationFailedError(f"the projector's file type is {info.file_type}, not {kind.upper()}'s "
+                                    f"{MMPROJ_FTYPES[kind]}")
+    projector = info.metadata.get(PROJECTOR_TYPE_KEY)
+    facts = {"architecture": info.architecture, "tensor_count": len(info.tensors), "file_type": info.file_type,
+             "projector_type": projector if isinstance(projector, str) else None, "bytes": out.stat().st_size}
+    return StepOutcome((out,), facts, result.peak_rss_bytes)
+
+
+def write_image(path: Path, width: int = 64, height: int = 48) -> None:
+    """A small colour gradient as a binary PPM (P6), which llama.cpp's image reader (stb_image) reads."""
+    pixels = bytearray()
+    for y in range(height):
+        for x in range(width):
+            pixels += bytes((x * 255 // (width - 1), y * 255 // (height - 1), (x + y) * 255 // (width + height - 2)))
+    path.write_bytes(b"P6\n%d %d\n255\n" % (width, height) + bytes(pixels))
+
+
+class _MtmdLines:
+    """llama-mtmd-cli's lines: whether the projector encoded the image (the tool exits 1 when
+    the text model cannot decode its embeddings or generate)."""
+
+    def __init__(self) -> None:
+        self.encoded = False
+
+    def feed(self, line: str) -> None:
+        self.encoded = self.encoded or "mtmd batch encoding done in" in line or "slice encoded in" in line
+
+
+def _mmproj_validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
+    """The real load: llama-mtmd-cli reads a validated text file and the projector, encodes a
+    small image with the vision tower, feeds it to the text model and generates a few tokens;
+    only then the projector is renamed to its final name."""
+    tools = find_toolchain()
+    partial, text = inputs["projector"].path, inputs["model"].path
+    final = ctx.path(step.outputs[0])
+    image = ctx.log_path.with_name(VALIDATE_IMAGE)
+    image.parent.mkdir(parents=True, exist_ok=True)
+    write_image(image)
+    lines = _MtmdLines()
+    argv: list[str | os.PathLike[str]] = [
+        tools.tool("llama-mtmd-cli"), "-m", text, "--mmproj", partial, "--image", image, "-p", MTMD_PROMPT,
+        "-n", "8", "-c", "2048", "--temp", "0", "--seed", "0", "-t", str(ctx.threads),
+        # no warm-up: it encodes an image of the largest size the projector takes, which on a CPU
+        # costs more than the whole check; the small image is scaled up to the smallest it takes
+        "--no-warmup", *_offload(tools)]
+    what = f"{partial.name.removesuffix('.partial')} with {text.name}"
+    try:
+        result = ctx.run_tool(argv, what=f"loading {what} in llama-mtmd-cli", parser=lines)
+    except ToolKilledError:
+        raise
+    except (StepFailedError, ModelFilesError) as exc:  # the projector is what failed, not a tool
+        raise ValidationFailedError(f"llama-mtmd-cli cannot load {what}: {exc.message}",
+                                    hint=exc.hint, log_path=exc.log_path) from None
+    finally:
+        image.unlink(missing_ok=True)
+    if not lines.encoded:
+        raise ValidationFailedError(f"llama-mtmd-cli loaded {what} but did not encode the image",
+                                    hint=f"See {result.log_path}.")
+    ctx.check_final(final)
+    made = inputs["projector"].facts
+    facts = {"validated": True, "projector": {
+        "file": final.name, "type": str(step.param("mmproj_type")).upper(), "projector_type": made.get("projector_type"),
+        "validated_with": text.name, "usage": projector_usage(text.name, final.name)}}
+    return StepOutcome((), facts, result.peak_rss_bytes, renames=((partial, final),))
+

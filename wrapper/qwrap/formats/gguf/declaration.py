@@ -22,6 +22,7 @@ WORK = ".checkpoint/work"  # intermediates, removed after a successful run unles
 OUTTYPES = ("auto", "f16", "bf16", "f32")
 NO_IMATRIX = "none"
 WEIGHTS_CHOICES = ("auto", "on", "off")
+MMPROJ_TYPES = ("f16", "q8_0")  # the converter's --outtype for a vision model's projector
 
 OPTIONS: tuple[Option, ...] = (
     Option("quant", list[str], [], "GGUF type, repeatable, case-insensitive (see `qwrap formats`). Default: "
@@ -57,6 +58,11 @@ OPTIONS: tuple[Option, ...] = (
            "quantization is written (instead of warning)."),
     Option("compare", bool, True, "GGUF budgets: also quantize and measure the stock type nearest each searched "
            "file's size on the same tokens (--no-compare skips it, and the never-worse check with it)."),
+    Option("mmproj", bool, True, "GGUF vision models (config.json has a vision_config): also write the vision "
+           "projector mmproj-<model>-<TYPE>.gguf beside the text files, validated by loading it with a text file in "
+           "llama-mtmd-cli on an image (--no-mmproj: the text model only)."),
+    Option("mmproj_type", str, "f16", "GGUF vision models: the projector's type, f16 (default) or q8_0.",
+           metavar="TYPE"),
 )
 
 
@@ -72,6 +78,8 @@ class Options:
     compare: bool = True  # budgets are measured beside the stock type nearest their size
     min_expert_tokens: int = 16  # MoE: an expert with fewer calibration tokens is reported
     strict_coverage: bool = False  # ... and fails the run before quantizing
+    mmproj: bool = True  # a vision model's projector is written beside the text files
+    mmproj_type: str = "f16"  # its type (MMPROJ_TYPES)
 
 
 def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
@@ -92,7 +100,8 @@ def make_options(values: Mapping[str, Any], backend: str | None) -> Options:
                    values.get("eval_weights", "auto"), str(values.get("split_max_size") or "48G").upper(),
                    str(Path(recipe).resolve()) if recipe else None, tuple(t.key for t in targets),
                    bool(values.get("compare", True)), int(values.get("min_expert_tokens", 16)),
-                   bool(values.get("strict_coverage", False)))
+                   bool(values.get("strict_coverage", False)), bool(values.get("mmproj", True)),
+                   str(values.get("mmproj_type") or "f16").lower())
 
 
 def options_from_json(data: Mapping[str, Any]) -> Options:
@@ -100,7 +109,8 @@ def options_from_json(data: Mapping[str, Any]) -> Options:
                    eval_weights=data.get("eval_weights", "auto"), split_max_size=data.get("split_max_size", "48G"),
                    recipe=data.get("recipe"), targets=tuple(data.get("targets", ())),
                    compare=bool(data.get("compare", True)), min_expert_tokens=int(data.get("min_expert_tokens", 16)),
-                   strict_coverage=bool(data.get("strict_coverage", False)))
+                   strict_coverage=bool(data.get("strict_coverage", False)), mmproj=bool(data.get("mmproj", True)),
+                   mmproj_type=str(data.get("mmproj_type", "f16")))
 
 
 _SPLIT_SIZE = re.compile(r"^([1-9][0-9]*)([MG])$")
@@ -141,6 +151,8 @@ def validate(o: Options) -> None:
     if o.imatrix not in (None, "auto", NO_IMATRIX) and not Path(o.imatrix).is_file():
         raise UsageError(f"--imatrix file {o.imatrix} does not exist")
     split_bytes(o.split_max_size)
+    if o.mmproj_type not in MMPROJ_TYPES:
+        raise UsageError(f"unknown --mmproj-type {o.mmproj_type!r}", hint=f"Choose from: {', '.join(MMPROJ_TYPES)}.")
 
 
 def default_imatrix_types(o: Options) -> list[str]:

@@ -79,6 +79,8 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
         return _sensitivity_estimate(params, shape)
     if kind == "gguf.coverage":  # reads the importance matrix's counts
         return Estimate(0, TOOL_BASE_RAM, 0, 0.1)
+    if kind in ("gguf.mmproj", "gguf.mmproj-validate"):
+        return _mmproj_estimate(kind, params, shape)
     quant = params["quant"]
     size = gguf_bytes(shape, quant)
     if kind == "gguf.search":  # a dozen dry runs and a small recipe file
@@ -100,6 +102,29 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
         return Estimate(size, ram, size, per * shape.parameters / 1e8 if per is not None else None)
     repacked = 0.55 * size if quant in REPACKED else 0  # gguf.validate: loads it, renames it
     return Estimate(size, LOADER_BASE_RAM + size + int(repacked), 0, VALIDATE_STARTUP_S + size / VALIDATE_BYTES_PER_S)
+
+
+MMPROJ_BPW = {"f16": 16.0, "q8_0": 8.5}
+MTMD_IMAGE_RAM = 256 * MiB  # llama-mtmd-cli's image encoder buffers on the validation image
+
+
+def mmproj_bytes(params: Mapping[str, Any]) -> int:
+    return int(int(params.get("vision_parameters") or 0) * MMPROJ_BPW.get(params.get("mmproj_type", "f16"), 16.0) / 8) \
+        + 64 * 1024
+
+
+def _mmproj_estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
+    """The projector: the converter reads only the vision tower's tensors; its validation loads
+    one text file and the projector in llama-mtmd-cli and encodes one small image."""
+    size = mmproj_bytes(params)
+    vision = int(params.get("vision_parameters") or 0)
+    if kind == "gguf.mmproj":
+        return Estimate(size, CONVERT_BASE_RAM + 8 * min(shape.largest_tensor, vision or shape.largest_tensor), size,
+                        CONVERT_STARTUP_S + vision * 2 / CONVERT_BYTES_PER_S)
+    text = str(params.get("text"))
+    model = gguf_bytes(shape, text) if text in QUANT_TYPES else intermediate_bytes(shape, "f16")
+    return Estimate(size, LOADER_BASE_RAM + MTMD_IMAGE_RAM + model + size, 0,
+                    2 * VALIDATE_STARTUP_S + (model + size) / VALIDATE_BYTES_PER_S)
 
 
 # What a model of the usual layout has: 7 per-layer kinds (attention q, k, v, output; ffn gate,

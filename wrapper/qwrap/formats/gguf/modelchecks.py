@@ -16,7 +16,7 @@ from ...children import run_checked
 from ...envs import find_env
 from ...errors import QwrapError, ToolchainMissingError, UnsupportedModelError, ValidationFailedError
 from ...model import ModelInfo
-from ...toolchain import cache_root, find_toolchain, supported_architectures
+from ...toolchain import cache_root, find_toolchain, mmproj_architectures, supported_architectures
 from .declaration import NO_IMATRIX, Options
 from .quants import IMATRIX_BY_DEFAULT, IMATRIX_IGNORED, QUANT_TYPES, normalize_quant
 
@@ -33,7 +33,37 @@ def checks(o: Options, model: ModelInfo, *, thorough: bool) -> list[Check]:
         found.append(_tokenizer_check(model))
     if o.recipe is not None and found[0].ok:  # `run` too: a bad recipe is refused before converting
         found.append(_recipe_check(o, model))
+    if o.mmproj and found[0].ok:
+        from .steps import vision_tower
+
+        if vision_tower(model.config):
+            found.append(_projector_check(o, model))
     return found
+
+
+def _projector_check(o: Options, model: ModelInfo) -> Check:
+    """A vision model: the pinned converter writes its projector (``--mmproj``) and the build has
+    llama-mtmd-cli to validate it; else the run is refused before any work (``--no-mmproj``
+    makes the text model alone)."""
+    arch = model.architecture
+    if arch not in mmproj_architectures():
+        return Check("vision projector", False, f"{arch} has a vision tower, and the pinned converter cannot write its "
+                     "projector (mmproj)", UnsupportedModelError(
+                         f"the pinned llama.cpp converter writes no vision projector (mmproj) for {arch}",
+                         hint="Pass --no-mmproj to make the text model alone."))
+    folder = model.source.path
+    if not any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        error = UnsupportedModelError(f"{arch} has a vision tower, and {folder} has no preprocessor_config.json (its "
+                                      "image size, mean and deviation go into the projector)",
+                                      hint="Fetch it with the model (the Hub repo has it), or pass --no-mmproj to make "
+                                      "the text model alone.")
+        return Check("vision projector", False, error.message, error)
+    try:
+        find_toolchain().tool("llama-mtmd-cli")
+    except ToolchainMissingError as exc:
+        return Check("vision projector", False, f"{exc.message} ({exc.hint})", exc)
+    return Check("vision projector", True, f"a vision model: mmproj-{model.source.name}-{o.mmproj_type.upper()}.gguf "
+                 "is written beside the text files and validated with one of them in llama-mtmd-cli")
 
 
 def _unsupported(arch: str | None) -> UnsupportedModelError:

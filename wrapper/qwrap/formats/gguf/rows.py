@@ -17,6 +17,10 @@ WEIGHTS_UNAVAILABLE = ("not measured: the weights view runs where a CUDA GPU is 
 
 
 def plan_artifact(step: Step, plan: Plan) -> dict[str, Any]:
+    if step.kind == "gguf.mmproj-validate":  # a vision model's projector, beside the text files
+        return {"format": NAME, "quant": f"mmproj {str(step.param('mmproj_type')).upper()}",
+                "name": Path(step.outputs[0]).name, "expected_bytes": step.estimate.output_bytes,
+                "bits_per_weight": None, "projector": True}
     quant = step.param("quant")
     if step.param("target") is not None:  # a budget: its bytes are what the search will fill
         from .budgets import Target
@@ -74,6 +78,13 @@ def card_usage(paths: list[str], *, chat: bool) -> str:
         return (f"llama.cpp (the chat template is in the file, `--jinja` applies it):\n\n```sh\n"
                 f"llama-cli -m {name} --jinja -cnv\nllama-server -m {name} --jinja\n```")
     return f"llama.cpp:\n\n```sh\nllama-cli -m {name} -p \"Hello\"\nllama-server -m {name}\n```"
+
+
+def projector_usage(model_file: str, mmproj_file: str) -> str:
+    """How a vision model's text file and its projector are used together, for the model card."""
+    return (f"llama.cpp, with images (the projector `{mmproj_file}` beside any of the text files):\n\n```sh\n"
+            f"llama-mtmd-cli -m {model_file} --mmproj {mmproj_file} --image photo.jpg -p \"Describe the image.\"\n"
+            f"llama-server -m {model_file} --mmproj {mmproj_file}\n```")
 
 
 def listing() -> Listing:

@@ -1,10 +1,12 @@
 """GGUF's steps for a request: ``gguf.convert`` -> [``gguf.imatrix``] -> ``gguf.quantize:<T>`` ->
 ``gguf.validate:<T>`` [-> ``gguf.split:<T>`` when the file is planned over --split-max-size],
-and with the evaluation ``gguf.eval-base``, ``gguf.eval:<T>`` [and ``gguf.weights:<T>``]. Each
+and with the evaluation ``gguf.eval-base``, ``gguf.eval:<T>`` [and ``gguf.weights:<T>``]; for a
+vision model ``gguf.mmproj`` -> ``gguf.mmproj-validate`` (with the first validated text file). Each
 step is a complete value: its params are everything that determines its outputs."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from ...coverage import moe_experts
 from ...errors import UsageError
 from ...journal import sha256_file
 from ...model import ModelInfo, Shape
+from ...modelfiles import read_header
 from ...plan import PlanBuilder, Step
 from ...toolchain import gpu_present
 from ...worker_client import EXCLUSIVE, REFERENCE_DIR
@@ -57,7 +60,60 @@ def weights_view(o: Options, shape: Shape) -> bool:
     return wanted and weights_estimate(shape).peak_ram_bytes <= psutil.virtual_memory().total * 0.8
 
 
+def vision_tower(config: Mapping[str, Any]) -> bool:
+    """The checkpoint has a vision tower: config.json has a ``vision_config``."""
+    return isinstance(config.get("vision_config"), Mapping)
+
+
+def mmproj_name(model_name: str, mmproj_type: str) -> str:
+    """The projector file, as llama.cpp's converter names it: mmproj-<model>-<TYPE>.gguf."""
+    return f"mmproj-{model_name}-{OUTTYPE_NAMES.get(mmproj_type, mmproj_type.upper())}.gguf"
+
+
+# Tensor names of a vision tower and its projector in the checkpoints the converter reads
+# (Qwen2-VL's visual.*, LLaVA's vision_tower.* and multi_modal_projector.*, Idefics3's vision_model.*...)
+_VISION_TENSOR = re.compile(r"(^|\.)(visual|vision_tower|vision_model|vision_encoder|vision_embed_tokens|"
+                            r"multi_modal_projector|mm_projector|connector|vision)\.")
+
+
+def vision_parameters(model: ModelInfo) -> int:
+    """The vision tower's and projector's parameters, from the safetensors headers (the
+    projector file's size estimate)."""
+    total = 0
+    for path in sorted(model.source.path.glob("*.safetensors")):
+        try:
+            header = read_header(path)
+        except (OSError, ValueError):
+            continue
+        total += sum(t.elements for n, t in header.tensors.items() if _VISION_TENSOR.search(n))
+    return total
+
+
 def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
+    validated = _add_text_steps(b, o, model)
+    if o.mmproj and vision_tower(model.config) and validated:
+        _add_projector(b, o, model, validated[0])
+
+
+def _add_projector(b: PlanBuilder, o: Options, model: ModelInfo, text: Step) -> None:
+    """A vision model: its projector converted (``--mmproj``) into ``<final>.partial``, then
+    loaded beside one validated text file in llama-mtmd-cli on an image, and renamed only then.
+    The validation is a deliverable that provides the run's ``projector``."""
+    final = mmproj_name(model.source.name, o.mmproj_type)
+    params: dict[str, Any] = {"mmproj_type": o.mmproj_type, "vision_parameters": vision_parameters(model)}
+    made = b.add("gguf.mmproj", "gguf.mmproj", NAME, f"convert the vision projector to {o.mmproj_type.upper()}",
+                 outputs=(final + ".partial",), params=params, files={"model": str(model.source.path)},
+                 estimate=estimate("gguf.mmproj", params, model.shape))
+    params = {**params, "text": text.param("quant")}
+    b.add("gguf.mmproj-validate", "gguf.mmproj-validate", NAME,
+          f"validate the projector with {text.param('quant')} in llama-mtmd-cli",
+          inputs={"projector": made.id, "model": text.id}, outputs=(final,), params=params,
+          estimate=estimate("gguf.mmproj-validate", params, model.shape), deliverable=True, provides=("projector",))
+
+
+def _add_text_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> list[Step]:
+    """The text model's steps; returns its validate steps (the files a projector can be loaded with)."""
+    validated: list[Step] = []
     shape, name = model.shape, model.source.name
     outtype = source_outtype(o, shape, model.config)
     intermediate = f"{WORK}/{name}-{OUTTYPE_NAMES[outtype]}.gguf"
@@ -108,6 +164,7 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
                   inputs={"artifact": q.id, "source": convert.id},
                   outputs=(f"{WORK}/{final}" if shards > 1 else final, *beside), params=params,
                   estimate=estimate("gguf.validate", params, shape), deliverable=shards == 1)
+        validated.append(v)
         readers: dict[str, str] = {}
         if model.evaluation is not None:
             base = base or _add_eval_base(b, convert, model, outtype)
@@ -128,7 +185,8 @@ def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
             raise UsageError("a --target-* budget needs calibration text (its sensitivity) and the evaluation (its "
                              "proof)", hint="Drop --no-eval, and pass --calib FILE where WikiText-2 is out of reach.")
         base = base or _add_eval_base(b, convert, model, outtype)
-        _add_budgets(b, o, model, convert, imatrix, base, outtype)
+        validated += _add_budgets(b, o, model, convert, imatrix, base, outtype)
+    return validated
 
 
 def _add_coverage(b: PlanBuilder, o: Options, model: ModelInfo, imatrix: Step) -> Step | None:
@@ -153,7 +211,7 @@ def _maybe_split(b: PlanBuilder, o: Options, shape: Shape, quant: str, final: st
 
 
 def _add_budgets(b: PlanBuilder, o: Options, model: ModelInfo, convert: Step, imatrix: Step, base: Step,
-                 outtype: str) -> None:
+                 outtype: str) -> list[Step]:
     """Per budget: search a recipe (from the sensitivity measured once), quantize and measure
     it, quantize and measure the stock type nearest its size, choose the one that ships, and
     validate it under the budget's name."""
@@ -170,6 +228,7 @@ def _add_budgets(b: PlanBuilder, o: Options, model: ModelInfo, convert: Step, im
     eval_params = {"ctx": ev.ctx, "chunks": ev.chunks, "outtype": outtype}
     # the smallest file a search can make: every tensor at the smallest candidate type
     smallest = int(shape.parameters * GGML_TYPES[search.CANDIDATES[0].lower()].bpw / 8) if shape.parameters else 0
+    validated: list[Step] = []
     for target in (Target.from_key(k) for k in o.targets):
         label, quant = target.label, base_quant(target, shape.parameters)
         budget = target.budget_bytes(shape.parameters)
@@ -212,7 +271,9 @@ def _add_budgets(b: PlanBuilder, o: Options, model: ModelInfo, convert: Step, im
                   inputs={"artifact": chosen.id, "source": convert.id},
                   outputs=(f"{WORK}/{final}" if shards > 1 else final, recipe_name(final)), params=params,
                   estimate=estimate("gguf.validate", {**params, "quant": quant}, shape), deliverable=shards == 1)
+        validated.append(v)
         _maybe_split(b, o, shape, label, final, shards, {"artifact": v.id, "quantized": chosen.id, "quality": chosen.id})
+    return validated
 
 
 def _add_eval_base(b: PlanBuilder, convert: Step, model: ModelInfo, outtype: str) -> Step:
