@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_qwrap
+from conftest import calibration_sample, run_qwrap
 from qwrap.toolchain import Toolchain
 from test_budget import tiny_moe
 
@@ -25,7 +25,7 @@ def test_expert_coverage_is_counted_reported_and_enforced(tiny_model: Path, conv
                                                           tmp_path: Path, toolchain: Toolchain) -> None:
     model = tiny_moe(tiny_model, convert_python)
     calib = tmp_path / "calib.txt"
-    calib.write_text(corpus.read_text()[:40000])  # a short importance matrix: the counts are what matter
+    calibration_sample(corpus, calib, 8000)  # a short importance matrix (~2,000 tokens): the counts are what matter
     common = ["-q", "Q4_K_M", "--calib", str(calib), "--no-eval", "--json"]
     env = {"QWRAP_STATS_DIR": str(tmp_path / "stats")}  # one importance matrix for the three runs
     out = tmp_path / "o"
@@ -60,19 +60,26 @@ def test_expert_coverage_is_counted_reported_and_enforced(tiny_model: Path, conv
 @pytest.mark.backend
 def test_gptq_counts_each_experts_calibration_samples(tiny_model: Path, convert_python: Path, corpus: Path,
                                                       tmp_path: Path, toolchain: Toolchain) -> None:
-    """GPTQ (gptqmodel): each expert's samples from the backend's per-module log; with
-    --strict-coverage an expert under the minimum fails the quantize step, nothing is delivered."""
+    """GPTQ (gptqmodel): each expert's samples from the backend's per-module log. With
+    --moe-routing all (GPTQModel's routing override) every expert gets every calibration token;
+    routed as the model routes, with --strict-coverage, an expert under the minimum fails the
+    quantize step and nothing is delivered."""
     model = tiny_moe(tiny_model, convert_python)
-    common = ["-f", "gptq", "--calib", str(corpus), "--calib-samples", "8", "--calib-seq-len", "128", "--no-eval"]
-    proc = run_qwrap("run", str(model), "-o", str(tmp_path / "o"), "--json", *common)
+    common = ["-f", "gptq", "--calib", str(corpus), "--calib-samples", "8", "--calib-seq-len", "64", "--no-eval"]
+    plan = run_qwrap("plan", str(model), "-o", str(tmp_path / "o"), "--moe-routing", "all", *common)
+    assert plan.returncode == 0 and "every calibration token goes through each of the 4 experts" in plan.stdout
+    proc = run_qwrap("run", str(model), "-o", str(tmp_path / "o"), "--json", "--moe-routing", "all", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     coverage = json.loads(proc.stdout)["expert_coverage"]
     assert coverage["source"] == "gptqmodel per-module calibration samples" and coverage["below"] == 0
     assert [c["layer"] for c in coverage["layers"]] == [0, 1]
-    for layer in coverage["layers"]:  # 8 x 128 tokens, 2 of 4 experts each
-        assert len(layer["tokens"]) == 4 and sum(layer["tokens"]) == 2 * 8 * 128, layer
+    for layer in coverage["layers"]:  # 8 x 64 tokens through each of the 4 experts
+        assert layer["tokens"] == [8 * 64] * 4, layer
     strict = run_qwrap("run", str(model), "-o", str(tmp_path / "s"), "--min-expert-tokens", "100000",
                        "--strict-coverage", *common)
     assert strict.returncode == 2, strict.stderr[-3000:]
     assert "expert coverage: 8 of 8 experts got fewer than 100000" in strict.stderr
     assert not list((tmp_path / "s").glob("*GPTQ*"))
+    refused = run_qwrap("plan", str(model), "-o", str(tmp_path / "a"), "--moe-routing", "all", "--backend",
+                        "autoawq", "-f", "awq", "--calib", str(corpus))
+    assert "FAIL moe routing: --moe-routing all needs the gptqmodel backend, not autoawq" in refused.stdout

@@ -1,17 +1,23 @@
-"""Current architectures through every format, on tiny models built offline: a dense Qwen3 with
-a real byte-level BPE tokenizer (Qwen2's, from the vocab-only GGUF in the pinned llama.cpp source
-archive, turned back into a Hugging Face tokenizer by transformers' GGUF loader) is converted
-(the converter's pre-tokenizer check passes), quantized to GGUF, AWQ and GPTQ, and every
-artifact is validated and measured."""
+"""Current architectures through every format, on tiny models built offline with a real
+byte-level BPE tokenizer (Qwen2's, from the vocab-only GGUF in the pinned llama.cpp source
+archive, turned back into a Hugging Face tokenizer by transformers' GGUF loader; the converter's
+pre-tokenizer check passes): a dense Qwen3, two mixture-of-experts layouts (Qwen3-MoE, Mixtral)
+and an MLA model (DeepSeek-V3's layout), each quantized to GGUF, AWQ and GPTQ in one run, every
+artifact validated and measured, or refused with a clear error; a GPTQ and an AWQ run killed
+mid-run on non-Llama architectures resume byte-identically. (The vision-language model is in
+test_multimodal.py.)"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,27 +68,62 @@ def qwen3_bpe() -> Path:
     return final
 
 
-def _every_format(corpus: Path, _: Toolchain, on: Lane, root: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    calib, held_out = held_out_split(corpus, root)
-    model = qwen3_bpe()
-    proc = on.qwrap("run", str(model), "-o", str(root / "out"), "-f", "gguf", "-f", "awq", "-f", "gptq",
-                    "--calib", str(calib), "--calib-samples", "8", "--calib-seq-len", "64", "--eval-text",
-                    str(held_out), "--eval-tokens", "512", "--eval-ctx", "128", "--json")
-    return model, proc
+def _built(name: str, script: str, *args: Path, key: bytes = b"") -> Path:
+    """A tiny model built once per machine by ``script`` (run with the gptqmodel environment's
+    Python, given ``args`` and the folder to write)."""
+    digest = hashlib.sha256(script.encode() + key).hexdigest()[:16]
+    final = cache_root() / "test-models" / f"bpe-{name}-{digest}" / f"tiny-{name}"
+    if not final.is_dir():
+        tmp = final.with_name(f".building-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([str(find_env("gptqmodel").python), "-c", script, *map(str, args), str(tmp)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        try:
+            tmp.rename(final)
+        except OSError:  # built at the same time elsewhere
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
-prefetch(__name__, "arch_models.qwen3_bpe", _every_format, ("corpus", "toolchain"))
+# What every run of the matrix shares: AWQ/GPTQ calibrate on 8 samples of 64 tokens, GGUF's
+# importance matrix reads ~2,000 tokens (the whole text: a short one, the subject is the
+# architecture), all are measured on the same 512 held-out tokens.
+CALIB = ("--calib-samples", "8", "--calib-seq-len", "64")
+EVAL = ("--eval-tokens", "512", "--eval-ctx", "128")
+
+
+def matrix_texts(corpus: Path, root: Path) -> tuple[Path, Path]:
+    from conftest import calibration_sample
+
+    _, held_out = held_out_split(corpus, root)
+    return calibration_sample(corpus, root / "calib.txt", 8000), held_out
+
+
+def _formats(model: Callable[[], Path], formats: tuple[str, ...]) -> Callable[..., Any]:
+    def run(corpus: Path, _: Toolchain, on: Lane, root: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+        calib, held_out = matrix_texts(corpus, root)
+        folder = model()
+        proc = on.qwrap("run", str(folder), "-o", str(root / "out"), *(a for f in formats for a in ("-f", f)),
+                        "--calib", str(calib), *CALIB, "--eval-text", str(held_out), *EVAL, "--json")
+        return folder, proc
+    return run
+
+
+def measured(proc: subprocess.CompletedProcess[str], formats: set[str]) -> dict[str, dict[str, Any]]:
+    """The run's artifacts by format, each validated and measured with a standard error."""
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    arts = {a["format"]: a for a in json.loads(proc.stdout)["artifacts"]}
+    assert set(arts) == formats
+    for fmt, a in arts.items():
+        assert a["validated"] and a["quality"]["kld_mean"] > 0 and a["quality"]["kld_mean_se"] > 0, fmt
+    return arts
 
 
 def test_a_bpe_tokenizer_model_through_every_format(request: pytest.FixtureRequest) -> None:
-    model, proc = prefetched(request, "arch_models.qwen3_bpe")
+    model, proc = prefetched(request, "arch_models.qwen3")
     assert json.loads((model / "config.json").read_text())["vocab_size"] > 150_000  # the real vocabulary
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout)
-    arts = {a["format"]: a for a in result["artifacts"]}
-    assert set(arts) == {"gguf", "awq", "gptq"}
-    for fmt, a in arts.items():
-        assert a["validated"] and a["quality"]["kld_mean"] is not None and a["quality"]["kld_mean_se"] > 0, fmt
+    arts = measured(proc, {"gguf", "awq", "gptq"})
     assert arts["gguf"]["quality"]["runtime"] == "llama.cpp"
     assert arts["awq"]["quality"]["runtime"] == arts["gptq"]["quality"]["runtime"] == "transformers"
     # scored on llama.cpp's token ids of the same chunks: the BPE tokenizer agrees across runtimes
@@ -90,74 +131,139 @@ def test_a_bpe_tokenizer_model_through_every_format(request: pytest.FixtureReque
     assert "pre-tokenizer" not in proc.stderr
 
 
-# A Qwen3-MoE layout (4 experts, 2 active) with the same tokenizer: run with the gptqmodel
-# environment's Python, given the BPE model's folder for its tokenizer.
-BUILD_QWEN3_MOE = r"""
+# Mixture-of-experts and MLA layouts with the same tokenizer (run with the gptqmodel
+# environment's Python, given the BPE model's folder for its tokenizer, then the folder to write).
+BUILD_PREFIX = r"""
 import sys
 from pathlib import Path
 import torch
-from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+import transformers
+from transformers import AutoTokenizer
 tokenizer, out = Path(sys.argv[1]), Path(sys.argv[2])
 tok = AutoTokenizer.from_pretrained(tokenizer)
 torch.manual_seed(0)
-config = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, tie_word_embeddings=True,
-                        max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+common = dict(vocab_size=len(tok), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+              tie_word_embeddings=True, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+              eos_token_id=tok.eos_token_id)
+"""
+BUILD_SUFFIX = r"""
+getattr(transformers, NAME + "ForCausalLM")(config).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
 tok.save_pretrained(out)
 """
+LAYOUTS = {
+    # Qwen3-MoE: 4 experts, 2 active, in every layer
+    "qwen3-moe": r"""NAME = "Qwen3Moe"
+config = transformers.Qwen3MoeConfig(**common, intermediate_size=256, moe_intermediate_size=128, num_key_value_heads=1,
+                                     head_dim=64, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)""",
+    # Mixtral: 4 experts (w1/w2/w3), 2 active
+    "mixtral": r"""NAME = "Mixtral"
+config = transformers.MixtralConfig(**common, intermediate_size=256, num_key_value_heads=1, head_dim=64,
+                                    num_local_experts=4, num_experts_per_tok=2)""",
+    # DeepSeek-V3: multi-head latent attention (low-rank q and kv projections, a decoupled rotary
+    # part), a dense first layer, then routed experts beside a shared one
+    "deepseek-v3": r"""NAME = "DeepseekV3"
+config = transformers.DeepseekV3Config(**common, intermediate_size=256, moe_intermediate_size=128, num_key_value_heads=2,
+                                       first_k_dense_replace=1, n_shared_experts=1, n_routed_experts=4,
+                                       num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=128,
+                                       kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+                                       rope_scaling=None)""",
+}
+
+
+def layout(name: str) -> Path:
+    tokenizer = qwen3_bpe()
+    script = BUILD_PREFIX + LAYOUTS[name] + BUILD_SUFFIX
+    return _built(name, script, tokenizer, key=(tokenizer / "tokenizer.json").read_bytes())
 
 
 def qwen3_moe() -> Path:
-    tokenizer = qwen3_bpe()
-    key = hashlib.sha256(BUILD_QWEN3_MOE.encode() + (tokenizer / "tokenizer.json").read_bytes()).hexdigest()[:16]
-    final = cache_root() / "test-models" / f"bpe-moe-{key}" / "tiny-qwen3-moe"
-    if not final.is_dir():
-        tmp = final.with_name(f".building-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        proc = subprocess.run([str(find_env("gptqmodel").python), "-c", BUILD_QWEN3_MOE, str(tokenizer), str(tmp)],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        try:
-            tmp.rename(final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return layout("qwen3-moe")
 
 
-def test_a_qwen3_moe_gptq_run_killed_mid_run_resumes_byte_identically(corpus: Path, tmp_path: Path,
-                                                                     toolchain: Toolchain) -> None:
-    """GPTQ (gptqmodel) on a non-Llama architecture: the worker SIGKILLed once a layer is
-    checkpointed, the same command again resumes at the next layer and makes the folder an
-    uninterrupted run makes, byte for byte; each expert's calibration samples are reported."""
+def mixtral() -> Path:
+    return layout("mixtral")
+
+
+def deepseek_v3() -> Path:
+    return layout("deepseek-v3")
+
+
+prefetch(__name__, "arch_models.qwen3", _formats(qwen3_bpe, ("gguf", "awq", "gptq")), ("corpus", "toolchain"))
+prefetch(__name__, "arch_models.qwen3-moe", _formats(qwen3_moe, ("gguf", "awq", "gptq")), ("corpus", "toolchain"))
+prefetch(__name__, "arch_models.mixtral", _formats(mixtral, ("gguf", "awq", "gptq")), ("corpus", "toolchain"))
+prefetch(__name__, "arch_models.deepseek-v3", _formats(deepseek_v3, ("gguf", "gptq")), ("corpus", "toolchain"))
+
+
+@pytest.mark.parametrize(("name", "experts"), [("qwen3-moe", 4), ("mixtral", 4)])
+def test_mixture_of_experts_layouts_through_every_format(request: pytest.FixtureRequest, name: str,
+                                                         experts: int) -> None:
+    """Each artifact validated and measured; the expert coverage counted for every layer and
+    expert (from the importance matrix: the result keeps the first format's counts)."""
+    _, proc = prefetched(request, f"arch_models.{name}")
+    arts = measured(proc, {"gguf", "awq", "gptq"})
+    coverage = json.loads(proc.stdout)["expert_coverage"]
+    assert [len(c["tokens"]) for c in coverage["layers"]] == [experts, experts]
+    assert coverage["below"] == 0 and all(t > 0 for c in coverage["layers"] for t in c["tokens"])
+    header = (Path(arts["gptq"]["path"]) / "model.safetensors").read_bytes()
+    names = json.loads(header[8:8 + int.from_bytes(header[:8], "little")])
+    assert sum(n.endswith(".qweight") and ".experts." in n for n in names) == 2 * experts * 3  # every expert
+
+
+def test_an_mla_model_through_gguf_and_gptq_and_awqs_refusal(request: pytest.FixtureRequest, tmp_path: Path,
+                                                             corpus: Path) -> None:
+    """DeepSeek-V3's layout: GGUF and GPTQ validated and measured. GPTQModel's AWQ fails on
+    its MoE layer (its own assertion, after the model is loaded): the run stops with a clear
+    error naming the backend's failing check and the formats that can, nothing delivered."""
+    from conftest import run_qwrap
+
+    model, proc = prefetched(request, "arch_models.deepseek-v3")
+    measured(proc, {"gguf", "gptq"})
+    calib, _ = matrix_texts(corpus, tmp_path)
+    awq = run_qwrap("run", str(model), "-o", str(tmp_path / "awq"), "-f", "awq", "--calib", str(calib), *CALIB,
+                    "--no-eval")
+    assert awq.returncode == 10, awq.stderr[-3000:]
+    assert "gptqmodel" in awq.stderr and "assert " in awq.stderr and "Traceback" not in awq.stderr
+    assert "another --format" in awq.stderr
+    assert not list((tmp_path / "awq").glob("*AWQ*"))
+
+
+def killed_then_resumed(model: Path, fmt: str, corpus: Path, tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """A ``fmt`` run of ``model`` (the matrix's calibration) whose worker is SIGKILLed once
+    a layer's checkpoint is committed, then the same command again: its artifact and journal."""
     from conftest import qwrap_argv, run_qwrap
     from moments import running_child, wait_for
 
-    model = qwen3_moe()
-    calib = tmp_path / "calib.txt"
-    calib.write_text(corpus.read_text()[:60000])
-    args = ["-f", "gptq", "--calib", str(calib), "--calib-samples", "8", "--calib-seq-len", "64", "--no-eval",
-            "--json"]
-    reference = run_qwrap("run", str(model), "-o", str(tmp_path / "ref"), *args)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    (art,) = json.loads(reference.stdout)["artifacts"]
-    coverage = json.loads(reference.stdout)["expert_coverage"]
-    assert [len(c["tokens"]) for c in coverage["layers"]] == [4, 4]
+    calib, _ = matrix_texts(corpus, tmp_path)
+    args = ["-f", fmt, "--calib", str(calib), *CALIB, "--no-eval", "--json"]
     out = tmp_path / "o"
-    argv = qwrap_argv("run", str(model), "-o", str(out), *args)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    worker = running_child(out, "gptq.quantize", proc, timeout=600)
+    proc = subprocess.Popen(qwrap_argv("run", str(model), "-o", str(out), *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    worker = running_child(out, f"{fmt}.quantize", proc, timeout=600)
     wait_for(out, "file:.checkpoint/layers/*/gptqmodel/CURRENT", proc, timeout=600)  # a layer committed
     worker.kill()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, err[-2000:]
     resumed = run_qwrap("run", str(model), "-o", str(out), *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = (out / ".checkpoint" / "journal.jsonl").read_text()
-    assert '"resumed_layers": 1' in log or '"resumed_layers": 2' in log, "no layer was restored from its checkpoint"
+    log = (out / ".checkpoint" / "logs" / f"{fmt}.quantize.log").read_text()
+    assert "resuming from gptqmodel checkpoint: layers 0-" in log and "restarts from the first layer" not in log
     (again,) = json.loads(resumed.stdout)["artifacts"]
-    assert again["sha256"] == art["sha256"] or _tree(Path(again["path"])) == _tree(Path(art["path"]))
+    return again, (out / ".checkpoint" / "journal.jsonl").read_text()
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("qwen3", "gptq"), ("mixtral", "awq")])
+def test_a_run_killed_mid_run_resumes_at_the_next_layer_byte_identically(request: pytest.FixtureRequest,
+                                                                         corpus: Path, tmp_path: Path, name: str,
+                                                                         fmt: str) -> None:
+    """gptqmodel beyond GPTQModel's own model-type list (llama, qwen3_moe): a dense Qwen3
+    (GPTQ) and a Mixtral (AWQ) resume at the next layer and make the matrix run's folder (an
+    uninterrupted run with the same calibration), byte for byte."""
+    model, reference = prefetched(request, f"arch_models.{name}")
+    art = measured(reference, {"gguf", "awq", "gptq"})[fmt]
+    again, journal = killed_then_resumed(model, fmt, corpus, tmp_path)
+    restored = [int(n) for n in re.findall(r'"resumed_layers": (\d+)', journal)]
+    assert restored and max(restored) >= 1, "no layer was restored from its checkpoint"
+    assert _tree(Path(again["path"])) == _tree(Path(art["path"]))
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

@@ -18,6 +18,9 @@ COMMON_OPTIONS = (
     Option("min_expert_tokens", int, 16, "MoE models: warn when an expert of a layer got fewer calibration tokens "
            "than this.", metavar="N"),
     Option("strict_coverage", bool, False, "MoE models: fail when an expert got fewer than --min-expert-tokens."),
+    Option("moe_routing", str, "routed", "MoE models, gptqmodel: routed (each token calibrates the experts the "
+           "router picks, as in use) or all (every token calibrates every expert: no expert left without samples, "
+           "at the cost of a forward pass per expert).", metavar="routed|all"),
     Option("trust_remote_code", bool, False, "AWQ/GPTQ: run the model's own Python code (config.json auto_map, "
            "its modeling_*.py) in the backend workers. Off by default: only for models whose code you trust."),
 )
@@ -38,6 +41,7 @@ class Common:
     trust_remote_code: bool = False
     min_expert_tokens: int = 16  # MoE: an expert with fewer calibration samples is reported
     strict_coverage: bool = False  # ... and fails the quantize step
+    moe_routing: str = "routed"  # MoE calibration: "routed" as the router picks, or "all" experts (gptqmodel)
 
 
 OptionsT = TypeVar("OptionsT", bound=Common)

@@ -47,7 +47,8 @@ def read_widths(config: Mapping[str, Any]) -> list[int]:
 
 
 def checks(o: Common, model: ModelInfo, *, thorough: bool) -> list[Check]:
-    found = [_custom_code_check(o, model), _support_check(o, model), _group_size_check(o, model)]
+    found = [_custom_code_check(o, model), _support_check(o, model), _group_size_check(o, model),
+             _moe_routing_check(o, model)]
     if isinstance(model.config.get("vision_config"), Mapping):
         found.append(_vision_check(o))
     return found
@@ -113,6 +114,30 @@ def _support_check(o: Common, model: ModelInfo) -> Check:
     error = UnsupportedModelError(f"{o.backend} cannot quantize this {found.model_type} model for "
                                   f"{o.FORMAT.upper()}{can}: {found.reason}", hint=hint)
     return Check("backend support", False, error.message, error)
+
+
+MOE_ROUTINGS = ("routed", "all")
+
+
+def _moe_routing_check(o: Common, model: ModelInfo) -> Check:
+    """--moe-routing all: GPTQModel's own routing override (every calibration token through
+    every expert); other backends route as the model does."""
+    if o.moe_routing not in MOE_ROUTINGS:
+        error = UsageError(f"--moe-routing {o.moe_routing!r} is not one of {', '.join(MOE_ROUTINGS)}",
+                           hint="Use --moe-routing routed (the default) or --moe-routing all.")
+        return Check("moe routing", False, error.message, error)
+    experts = moe_experts(model.config)
+    if o.moe_routing == "routed":
+        return Check("moe routing", True, f"calibration routed as the model routes it ({experts} experts)" if experts
+                     else "not a mixture of experts")
+    if o.backend != "gptqmodel":
+        error = UsageError(f"--moe-routing all needs the gptqmodel backend, not {o.backend}",
+                           hint="Use --backend gptqmodel, or leave --moe-routing at routed.")
+        return Check("moe routing", False, error.message, error)
+    if not experts:
+        return Check("moe routing", True, "--moe-routing all has no effect: not a mixture of experts")
+    return Check("moe routing", True, f"every calibration token goes through each of the {experts} experts of a "
+                 "layer (GPTQModel's routing override; slower)")
 
 
 def _group_size_check(o: Common, model: ModelInfo) -> Check:
@@ -209,6 +234,8 @@ def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Map
     if moe_experts(model.config):  # a mixture of experts: each expert's calibration samples are checked
         params |= {"experts": moe_experts(model.config), "min_expert_tokens": o.min_expert_tokens,
                    "strict_coverage": o.strict_coverage}
+        if o.moe_routing != "routed":  # (absent when routed: the fingerprints of earlier runs stay)
+            params["moe_routing"] = o.moe_routing
     # per-layer checkpoints, named by the step's fingerprint so other options never reuse them
     q = b.add(f"{fmt}.quantize", "hf.quantize", fmt, f"{fmt.upper()} quantize ({o.backend})",
               outputs=(final + ".partial",), params=params, files=files,
@@ -258,7 +285,7 @@ def _quantize(step: Step, ctx: StepContext) -> StepOutcome:
         calibration=_text(step, "calibration", prm["calib_samples"], prm["calib_seq_len"]),
         bits=prm["bits"], group_size=prm["group_size"], device=prm["device"],
         checkpoint_dir=str(ctx.path(step.scratch[0])), trust_remote_code=prm.get("trust_remote_code", False),
-        **prm["job"],
+        moe_routing=prm.get("moe_routing", "routed"), **prm["job"],
     )
     # On a CPU, float sums in another thread count give other bytes: the quantization always uses
     # every usable core, whatever runs beside it, so a resumed or repeated run makes the same folder.

@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from qwrap.workers import protocol as p
-from qwrap.workers.runtime import LayerMeter, WorkerError, check_group_size, resolve_device, versions, warn
+from qwrap.workers.runtime import (
+    LayerMeter,
+    WorkerError,
+    check_group_size,
+    failure_event,
+    resolve_device,
+    versions,
+    warn,
+)
 
 CHECKPOINT_SUBDIR = "gptqmodel"
 CHECKPOINT_MODEL_TYPES = ("llama", "qwen3_moe")  # gptq_checkpoint.validate_checkpoint_support
@@ -70,6 +78,8 @@ def quantize(job: p.QuantizeJob, *, settings: dict[str, Any], metadata: dict[str
                            model_dir)
     p.emit(p.Progress(stage="calibration", done=job.calibration.n_samples,
                       total=job.calibration.n_samples, unit="samples"))
+    if job.moe_routing == "all":  # every calibration token through every expert of a layer
+        settings = {**settings, "moe": {"routing": {"class": "ExpertsRoutingOverride", "num_experts_per_tok": "all"}}}
     model = _load(model_dir, settings, device, trust=job.trust_remote_code)
     check_group_size(model.model, job.group_size)
     p.emit(p.Progress(stage="load", done=1, total=1, unit="model"))
@@ -78,7 +88,7 @@ def quantize(job: p.QuantizeJob, *, settings: dict[str, Any], metadata: dict[str
     listener = Listener(total, LayerMeter(cuda=device == "cuda"), checkpointed=checkpoint is not None)
     model.layer_callback = listener
     model.subset_callback = listener
-    with _admitting(model), _reporting_commits(listener), _checkpoint_errors():
+    with _admitting(model), _reporting_aborts(), _reporting_commits(listener), _checkpoint_errors():
         model.quantize(_calibration(samples.as_lists()), batch_size=1, backend=_backend(settings, device),
                        checkpoint=checkpoint)
     out = Path(job.output_dir)
@@ -203,6 +213,25 @@ class Listener:
             warn(f"resuming from gptqmodel checkpoint: layers 0-{indices[-1]} are done")
         for index in indices:
             p.emit(p.LayerDone(index=index, total=self.total, seconds=0.0, peak_rss_bytes=0, resumed=True))
+
+
+@contextmanager
+def _reporting_aborts() -> Iterator[None]:
+    """GPTQModel's device workers end the process (``os._exit(1)``) when a task raises, racing
+    the main thread that would report the failure: the error event goes out first."""
+    from gptqmodel.utils import threadx
+
+    abort = threadx._DeviceWorker._abort_process
+
+    def reported(self: Any, exc: BaseException) -> None:
+        p.emit(failure_event(exc, "gptqmodel"))
+        abort(self, exc)
+
+    threadx._DeviceWorker._abort_process = reported
+    try:
+        yield
+    finally:
+        threadx._DeviceWorker._abort_process = abort
 
 
 @contextmanager

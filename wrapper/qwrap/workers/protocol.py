@@ -97,6 +97,7 @@ class QuantizeJob:
     device: str = "auto"
     checkpoint_dir: str | None = None
     trust_remote_code: bool = False  # the model's own code (auto_map) runs only when the user asked
+    moe_routing: str = "routed"  # MoE calibration: as the router picks, or "all" experts (gptqmodel)
     task: str = "quantize"
     protocol: int = PROTOCOL_VERSION
 

@@ -25,6 +25,7 @@ from qwrap.workers import protocol as p
 J = TypeVar("J", p.QuantizeJob, p.ValidateJob)
 
 RESUME_HINT = "Finished layers are checkpointed: rerun the same command to resume."
+QWRAP_PACKAGE = Path(__file__).resolve().parents[1]  # the qwrap package these workers belong to
 OOM_HINT = RESUME_HINT + " Lower --calib-samples or --calib-seq-len to reduce peak memory."
 
 
@@ -96,7 +97,7 @@ def run(expected: type[J], body: Callable[[J], None], *, backend: str) -> NoRetu
         p.emit(p.Error(kind="interrupted", message=f"interrupted {exc}".strip(), hint=RESUME_HINT))
         code = 130
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent
-        p.emit(_failure_event(exc, backend))
+        p.emit(failure_event(exc, backend))
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
@@ -124,13 +125,23 @@ def _load(expected: type[J]) -> J:
     return job
 
 
-def _failure_event(exc: BaseException, backend: str) -> p.Error:
+def failure_event(exc: BaseException, backend: str) -> p.Error:
     detail = "".join(traceback.format_exception(exc))
     if is_oom(exc):
         return p.Error(kind="oom", message=f"out of memory: {exc}", hint=OOM_HINT, detail=detail)
-    kind = "internal" if _raised_in_qwrap(exc) else "backend"
-    return p.Error(kind=kind, message=f"{type(exc).__name__}: {exc}",
-                   hint=f"See the step log for the {backend} traceback.", detail=detail)
+    if _raised_in_qwrap(exc):
+        return p.Error(kind="internal", message=f"{type(exc).__name__}: {exc}",
+                       hint=f"See the step log for the {backend} traceback.", detail=detail)
+    # the backend's own failure: where it failed (a bare assert says nothing by itself)
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ is not None else None
+    at = ""
+    if where is not None:
+        short = where.filename.split("site-packages" + os.sep)[-1]
+        at = f" (in {short}:{where.lineno}, {where.name}" + (f": `{where.line}`)" if where.line else ")")
+    return p.Error(kind="backend", message=f"{backend} failed: {type(exc).__name__}: {exc}".rstrip(": ") + at,
+                   hint=f"This failed inside {backend}, not qwrap: its traceback is in the step log. Another "
+                        "--backend, or another --format (gguf needs no backend), may quantize this architecture.",
+                   detail=detail)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -140,12 +151,14 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def _raised_in_qwrap(exc: BaseException) -> bool:
+    """Whether the innermost frame is qwrap's own code (this package, wherever it is installed;
+    the backends' environments live under qwrap's cache, so a path naming qwrap is not enough)."""
     tb = exc.__traceback__
     last = None
     while tb is not None:
         last = tb.tb_frame.f_code.co_filename
         tb = tb.tb_next
-    return last is not None and f"{os.sep}qwrap{os.sep}" in last
+    return last is not None and Path(last).resolve().is_relative_to(QWRAP_PACKAGE)
 
 
 def _capture_warnings() -> None:
