@@ -27,32 +27,29 @@ def test_expert_coverage_is_counted_reported_and_enforced(tiny_model: Path, conv
     calib = tmp_path / "calib.txt"
     calibration_sample(corpus, calib, 8000)  # a short importance matrix (~2,000 tokens): the counts are what matter
     common = ["-q", "Q4_K_M", "--calib", str(calib), "--no-eval", "--json"]
-    env = {"QWRAP_STATS_DIR": str(tmp_path / "stats")}  # one importance matrix for the three runs
+    env = {"QWRAP_STATS_DIR": str(tmp_path / "stats")}  # one importance matrix for both runs
     out = tmp_path / "o"
     plan = run_qwrap("plan", str(model), "-o", str(out), *common)
     assert plan.returncode == 0, plan.stderr
     assert "gguf.coverage" in [s["id"] for s in json.loads(plan.stdout)["steps"]]
-    proc = run_qwrap("run", str(model), "-o", str(out), *common, env=env)
+    # a minimum above what any expert can get: a warning, the counts still reported
+    proc = run_qwrap("run", str(model), "-o", str(out), "--min-expert-tokens", "100000", *common, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "expert coverage: 8 of 8 experts got fewer than 100000" in proc.stderr
     coverage = json.loads(proc.stdout)["expert_coverage"]
-    assert coverage["source"] == "importance matrix" and coverage["min_tokens"] == 16 and coverage["below"] == 0
+    assert coverage["source"] == "importance matrix" and coverage["min_tokens"] == 100000 and coverage["below"] == 8
     assert [c["layer"] for c in coverage["layers"]] == [0, 1]
     for layer in coverage["layers"]:  # 4 experts, 2 active: every token counted twice per layer
         assert len(layer["tokens"]) == 4 and all(t > 0 for t in layer["tokens"])
     assert len({sum(c["tokens"]) for c in coverage["layers"]}) == 1
+    assert list(out.glob("*Q4_K_M.gguf")), "a warning does not stop the run"
     card = (out / "README.md").read_text()
     assert "## Expert coverage" in card and "| layer | experts | fewest tokens |" in card
-    # above what any expert got: a warning (the artifact is not made again), or a failure before quantizing
-    most = max(t for c in coverage["layers"] for t in c["tokens"])
-    warned = run_qwrap("run", str(model), "-o", str(out), "--min-expert-tokens", str(most + 1), *common, env=env)
-    assert warned.returncode == 0 and "expert coverage: 8 of 8 experts got fewer than" in warned.stderr
-    assert json.loads(warned.stdout)["expert_coverage"]["below"] == 8
-    done = {s["id"] for s in json.loads(warned.stdout)["steps"] if s["state"] == "done"}
-    assert "gguf.coverage" in done and "gguf.quantize:Q4_K_M" not in done
-    strict = run_qwrap("run", str(model), "-o", str(tmp_path / "s"), "--min-expert-tokens", str(most + 1),
+    # with --strict-coverage: a failure before anything is quantized
+    strict = run_qwrap("run", str(model), "-o", str(tmp_path / "s"), "--min-expert-tokens", "100000",
                        "--strict-coverage", *common, env=env)
     assert strict.returncode == 2, strict.stderr[-3000:]
-    assert "expert coverage: 8 of 8 experts got fewer than" in strict.stderr and "Traceback" not in strict.stderr
+    assert "expert coverage: 8 of 8 experts got fewer than 100000" in strict.stderr and "Traceback" not in strict.stderr
     assert "importance matrix reused from the cache" in strict.stderr
     assert not list((tmp_path / "s").glob("*.gguf")) and "gguf.quantize:Q4_K_M" not in steps_started(tmp_path / "s")
 
