@@ -201,9 +201,17 @@ def test_mixture_of_experts_layouts_through_every_format(request: pytest.Fixture
     expert (from the importance matrix: the result keeps the first format's counts)."""
     _, proc = prefetched(request, f"arch_models.{name}")
     arts = measured(proc, {"gguf", "awq", "gptq"})
-    coverage = json.loads(proc.stdout)["expert_coverage"]
-    assert [len(c["tokens"]) for c in coverage["layers"]] == [experts, experts]
-    assert coverage["below"] == 0 and all(t > 0 for c in coverage["layers"] for t in c["tokens"])
+    result = json.loads(proc.stdout)
+    coverages = {c["format"]: c for c in result["expert_coverages"]}  # each format counts its own calibration
+    assert set(coverages) == {"gguf", "awq", "gptq"} and result["expert_coverage"] == result["expert_coverages"][0]
+    assert coverages["gguf"]["source"] == "importance matrix"
+    for fmt, coverage in coverages.items():
+        assert [len(c["tokens"]) for c in coverage["layers"]] == [experts, experts], fmt
+        assert coverage["below"] == 0 and all(t > 0 for c in coverage["layers"] for t in c["tokens"]), fmt
+    # GPTQ: 8 samples of 64 tokens, each token routed to 2 experts
+    assert all(sum(c["tokens"]) == 2 * 8 * 64 for c in coverages["gptq"]["layers"]), coverages["gptq"]
+    card = (Path(arts["gguf"]["path"]).parent / "README.md").read_text()
+    assert all(f"{fmt.upper()} (" in card.split("## Expert coverage")[1] for fmt in coverages)
     header = (Path(arts["gptq"]["path"]) / "model.safetensors").read_bytes()
     names = json.loads(header[8:8 + int.from_bytes(header[:8], "little")])
     assert sum(n.endswith(".qweight") and ".experts." in n for n in names) == 2 * experts * 3  # every expert

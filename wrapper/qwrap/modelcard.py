@@ -105,14 +105,16 @@ def _recipes(result: RunResult) -> str:
 
 
 def _coverage(result: RunResult) -> str:
-    """A mixture of experts: the calibration tokens each layer's experts got."""
-    c = result.expert_coverage
-    if c is None:
+    """A mixture of experts: the calibration tokens each layer's experts got, per format (each
+    counts its own calibration: the importance matrix's text, the backend's samples)."""
+    if not result.expert_coverages:
         return ""
-    rows = ["| " + " | ".join(COVERAGE_COLUMNS) + " |", "|" + "---|" * len(COVERAGE_COLUMNS),
-            *("| " + " | ".join(r) + " |" for r in c.rows())]
-    return (f"\n\n## Expert coverage\n\nCalibration tokens routed to each expert (counted by the {c.source}; "
-            f"minimum {c.min_tokens}): {c.summary}.\n\n" + "\n".join(rows))
+    parts = ["\n\n## Expert coverage\n\nCalibration tokens routed to each expert."]
+    for c in result.expert_coverages:
+        rows = ["| " + " | ".join(COVERAGE_COLUMNS) + " |", "|" + "---|" * len(COVERAGE_COLUMNS),
+                *("| " + " | ".join(r) + " |" for r in c.rows())]
+        parts.append(f"\n\n{c.label}, minimum {c.min_tokens}: {c.summary}.\n\n" + "\n".join(rows))
+    return "".join(parts)
 
 
 def _usage(result: RunResult) -> str:

@@ -206,14 +206,16 @@ def _budgets(result: RunResult) -> str:
 
 
 def _coverage(result: RunResult) -> str:
-    c = result.expert_coverage
-    if c is None:
+    if not result.expert_coverages:
         return ""
     head = "".join(f"<th>{html.escape(x)}</th>" for x in COVERAGE_COLUMNS)
-    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in c.rows())
-    return (f"<h2>Expert coverage</h2>\n<p class=\"sub\">{html.escape(c.summary)} (counted by the "
-            f"{html.escape(c.source)}).</p>\n<div class=\"table\"><table id=\"coverage\">\n<thead><tr>{head}</tr></thead>"
-            f"\n<tbody>\n{body}\n</tbody>\n</table></div>")
+    tables = []
+    for i, c in enumerate(result.expert_coverages):
+        body = "\n".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in c.rows())
+        tables.append(f"<p class=\"sub\">{html.escape(c.label)}: {html.escape(c.summary)}.</p>\n<div class=\"table\">"
+                      f"<table id=\"coverage{'' if i == 0 else f'-{i + 1}'}\">\n<thead><tr>{head}</tr></thead>"
+                      f"\n<tbody>\n{body}\n</tbody>\n</table></div>")
+    return "<h2>Expert coverage</h2>\n" + "\n".join(tables)
 
 
 def _projector(result: RunResult) -> str:

@@ -72,8 +72,8 @@ def render_table(result: RunResult, console: Console) -> None:
         for a in result.artifacts:
             if a.budget is not None:
                 console.print(f"{a.quant}: shipped the {a.budget.chosen} file: {a.budget.reason}")
-    if result.expert_coverage is not None:
-        console.print(f"expert coverage ({result.expert_coverage.source}): {result.expert_coverage.summary}")
+    for c in result.expert_coverages:
+        console.print(f"expert coverage, {c.label}: {c.summary}")
     line = noise_line(result)
     if line:
         console.print(line)

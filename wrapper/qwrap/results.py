@@ -383,16 +383,19 @@ class QualityReference:
 class ExpertCoverage:
     """A mixture of experts' calibration coverage: per layer, the calibration tokens each expert
     got (``layers``: (layer, tokens per expert)), counted by ``source`` (the importance matrix,
-    or the backend's per-module sample counts); ``below`` experts got fewer than ``min_tokens``."""
+    or the backend's per-module sample counts) for the artifacts of ``format``; ``below`` experts
+    got fewer than ``min_tokens``."""
 
     source: str
     min_tokens: int
     below: int
     layers: tuple[tuple[int, tuple[int, ...]], ...]
     summary: str
+    format: str = ""  # the format whose calibration was counted ("": a result from before it was said)
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "min_tokens": self.min_tokens, "below": self.below, "summary": self.summary,
+        return {"format": self.format, "source": self.source, "min_tokens": self.min_tokens, "below": self.below,
+                "summary": self.summary,
                 "layers": [{"layer": layer, "tokens": list(tokens)} for layer, tokens in self.layers]}
 
     @classmethod
@@ -400,7 +403,12 @@ class ExpertCoverage:
         layers = tuple((int(_get(x, "layer", int, f"{where}.layers")), tuple(int(t) for t in _get(x, "tokens", list, where)))
                        for x in _get(data, "layers", list, where))
         return cls(_get(data, "source", str, where), _get(data, "min_tokens", int, where), _get(data, "below", int, where),
-                   layers, _get(data, "summary", str, where))
+                   layers, _get(data, "summary", str, where), _opt(data, "format", str, where) or "")
+
+    @property
+    def label(self) -> str:
+        """Which artifacts and how: "GGUF (importance matrix)"."""
+        return f"{self.format.upper()} ({self.source})" if self.format else self.source
 
     def rows(self) -> list[tuple[str, ...]]:
         """Per layer: experts, the least / median / most tokens an expert got, how many are short."""
@@ -432,7 +440,8 @@ class RunResult:
     warnings: tuple[str, ...]
     complete: bool = True  # False for a --step run, which applies no gates
     push: Mapping[str, Any] | None = None  # what `--push-to` did (hub_upload.PushResult.to_json())
-    expert_coverage: ExpertCoverage | None = None  # a mixture of experts: calibration tokens per expert
+    expert_coverage: ExpertCoverage | None = None  # a mixture of experts: the first format's tokens per expert
+    expert_coverages: tuple[ExpertCoverage, ...] = ()  # ... and every format's, as each format counted them
     projector: Projector | None = None  # a vision model's projector file (mmproj), beside the text files
 
     @property
@@ -483,6 +492,7 @@ class RunResult:
             "complete": self.complete,
             "push": dict(self.push) if self.push is not None else None,
             "expert_coverage": self.expert_coverage.to_json() if self.expert_coverage is not None else None,
+            "expert_coverages": [c.to_json() for c in self.expert_coverages],
             "projector": dataclasses.asdict(self.projector) if self.projector is not None else None,
         }
 
@@ -494,6 +504,9 @@ class RunResult:
             raise SchemaError(f"its schema is {schema!r}, and this qwrap reads {RESULT_SCHEMA!r}")
         ref = _get(data, "quality_reference", Mapping, "result", optional=True)
         coverage = _opt(data, "expert_coverage", Mapping, "result")
+        first = ExpertCoverage.from_json(coverage, "expert_coverage") if coverage is not None else None
+        every = tuple(ExpertCoverage.from_json(c, f"expert_coverages[{i}]")
+                      for i, c in enumerate(_opt(data, "expert_coverages", list, "result") or []))
         projector = _opt(data, "projector", Mapping, "result")
         return cls(
             qwrap_version=_get(data, "qwrap_version", str, "result"),
@@ -509,7 +522,8 @@ class RunResult:
             warnings=tuple(str(w) for w in _get(data, "warnings", list, "result")),
             complete=_get(data, "complete", bool, "result"),
             push=_get(data, "push", Mapping, "result", optional=True),
-            expert_coverage=ExpertCoverage.from_json(coverage, "expert_coverage") if coverage is not None else None,
+            expert_coverage=first,
+            expert_coverages=every or ((first,) if first is not None else ()),  # a result from before: the one it kept
             projector=Projector.from_json(projector, "projector") if projector is not None else None,
         )
 
@@ -635,6 +649,10 @@ def build_result(outcome: RunOutcome) -> RunResult:
     done = [s for s in outcome.summaries
             if s.step.deliverable and s.record is not None and s.record.state is StepState.DONE]
     artifacts = tuple(_artifact(s, by_id, outcome, chat, gates) for s in done if PROJECTOR not in s.step.provides)
+    # each format's own count (GGUF: the importance matrix; AWQ/GPTQ: the backend's samples)
+    coverages = tuple(dataclasses.replace(ExpertCoverage.from_json(s.facts["expert_coverage"], s.step.id),
+                                          format=s.step.format)
+                      for s in outcome.summaries if isinstance(s.facts.get("expert_coverage"), Mapping))
     return RunResult(
         qwrap_version=__version__,
         model=Source(outcome.request.model, src.name, str(src.path), src.repo_id, src.revision, chat),
@@ -650,8 +668,8 @@ def build_result(outcome: RunOutcome) -> RunResult:
                             s.record.peak_gpu_bytes if s.record else None) for s in outcome.summaries),
         warnings=tuple(outcome.warnings),
         complete=outcome.complete,
-        expert_coverage=next((ExpertCoverage.from_json(s.facts["expert_coverage"], s.step.id)
-                              for s in outcome.summaries if isinstance(s.facts.get("expert_coverage"), Mapping)), None),
+        expert_coverage=coverages[0] if coverages else None,
+        expert_coverages=coverages,
         projector=next((_projector(s, outcome) for s in done if PROJECTOR in s.step.provides), None),
     )
 
