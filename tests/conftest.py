@@ -131,9 +131,26 @@ def model_key(python: Path, args: tuple[str, ...]) -> str:
 
 
 def built_model(python: Path, final: Path, args: tuple[str, ...]) -> Path:
-    """``final``, built by make-tiny-model with ``args`` unless it is already there: built
-    into a temporary folder beside it and renamed (atomic: a killed build never leaves a half
-    model), under a lock (a concurrent session may be building the same one)."""
+    """``final``, built by make-tiny-model with ``args`` unless it is already there."""
+    return built_once(final, lambda out: make_model(python, out, *args))
+
+
+def built_by_script(python: Path, final: Path, script: str, *args: Path) -> Path:
+    """``final``, built unless it is already there by ``python -c script ARGS... FOLDER`` (a
+    model of a layout make-tiny-model does not make: a tokenizer from a vocab-only GGUF, an MoE,
+    a vision-language model)."""
+    def build(out: Path) -> None:
+        proc = subprocess.run([str(python), "-c", script, *map(str, args), str(out)], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=1800)
+        if proc.returncode:
+            pytest.fail(f"building {final.name} failed:\n{proc.stderr[-3000:]}", pytrace=False)
+    return built_once(final, build)
+
+
+def built_once(final: Path, build: Callable[[Path], object]) -> Path:
+    """``final`` unless it is already there, else ``build(folder)``: into a temporary folder
+    beside it, then renamed (atomic: a killed build never leaves a half model), under a lock (a
+    concurrent session may be building the same one)."""
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -144,8 +161,8 @@ def built_model(python: Path, final: Path, args: tuple[str, ...]) -> Path:
         for stale in final.parent.glob(f".{final.name}-*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f".{final.name}-", dir=final.parent) as tmp:
-            built = make_model(python, Path(tmp) / "model", *args)
-            built.rename(final)
+            build(Path(tmp) / "model")
+            (Path(tmp) / "model").rename(final)
     return final
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -52,38 +50,12 @@ tok.save_pretrained(out)
 
 def qwen3_bpe() -> Path:
     """The tiny Qwen3 with Qwen2's BPE tokenizer, built once per machine."""
+    from conftest import built_by_script
+
     archive = cache_root() / "downloads" / read_pin().archive_file
     key = hashlib.sha256(BUILD_QWEN3_BPE.encode() + read_pin().archive_sha256.encode()).hexdigest()[:16]
-    final = cache_root() / "test-models" / f"bpe-{key}" / "tiny-qwen3"
-    if not final.is_dir():
-        tmp = final.with_name(f".building-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        proc = subprocess.run([str(find_env("gptqmodel").python), "-c", BUILD_QWEN3_BPE, str(archive), str(tmp)],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        try:
-            tmp.rename(final)
-        except OSError:  # built at the same time elsewhere
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _built(name: str, script: str, *args: Path, key: bytes = b"") -> Path:
-    """A tiny model built once per machine by ``script`` (run with the gptqmodel environment's
-    Python, given ``args`` and the folder to write)."""
-    digest = hashlib.sha256(script.encode() + key).hexdigest()[:16]
-    final = cache_root() / "test-models" / f"bpe-{name}-{digest}" / f"tiny-{name}"
-    if not final.is_dir():
-        tmp = final.with_name(f".building-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        proc = subprocess.run([str(find_env("gptqmodel").python), "-c", script, *map(str, args), str(tmp)],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        try:
-            tmp.rename(final)
-        except OSError:  # built at the same time elsewhere
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return built_by_script(find_env("gptqmodel").python, cache_root() / "test-models" / f"bpe-{key}" / "tiny-qwen3",
+                           BUILD_QWEN3_BPE, archive)
 
 
 # What every run of the matrix shares: AWQ/GPTQ calibrate on 8 samples of 64 tokens, GGUF's
@@ -171,9 +143,14 @@ config = transformers.DeepseekV3Config(**common, intermediate_size=256, moe_inte
 
 
 def layout(name: str) -> Path:
+    """The tiny model of ``name``'s layout with the BPE tokenizer, built once per machine."""
+    from conftest import built_by_script
+
     tokenizer = qwen3_bpe()
     script = BUILD_PREFIX + LAYOUTS[name] + BUILD_SUFFIX
-    return _built(name, script, tokenizer, key=(tokenizer / "tokenizer.json").read_bytes())
+    key = hashlib.sha256(script.encode() + (tokenizer / "tokenizer.json").read_bytes()).hexdigest()[:16]
+    return built_by_script(find_env("gptqmodel").python, cache_root() / "test-models" / f"bpe-{name}-{key}" / f"tiny-{name}",
+                           script, tokenizer)
 
 
 def qwen3_moe() -> Path:

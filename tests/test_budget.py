@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -247,7 +245,7 @@ import shutil, sys
 from pathlib import Path
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
-out, tokenizer = Path(sys.argv[1]), Path(sys.argv[2])
+tokenizer, out = Path(sys.argv[1]), Path(sys.argv[2])
 torch.manual_seed(0)
 config = MixtralConfig(vocab_size=4096, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
@@ -264,19 +262,11 @@ def tiny_moe(tiny_model: Path, convert_python: Path) -> Path:
     """A 2-layer Mixtral (4 experts of width 256, 2 active: every expert tensor a whole number of
     256-weight blocks, as small as that allows), random weights from a fixed seed, with the
     tiny Llama's tokenizer; built once per machine."""
+    from conftest import built_by_script
+
     key = hashlib.sha256(BUILD_MIXTRAL.encode() + (tiny_model / "tokenizer.json").read_bytes()).hexdigest()[:16]
-    final = cache_root() / "test-models" / f"moe-{key}" / "tiny-mixtral"
-    if not final.is_dir():
-        tmp = final.with_name(f".building-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        proc = subprocess.run([str(convert_python), "-c", BUILD_MIXTRAL, str(tmp), str(tiny_model)],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        try:
-            tmp.rename(final)
-        except OSError:  # built at the same time elsewhere
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return built_by_script(convert_python, cache_root() / "test-models" / f"moe-{key}" / "tiny-mixtral", BUILD_MIXTRAL,
+                           tiny_model)
 
 
 def _moe_run(tiny_model: Path, convert_python: Path, corpus: Path, _: Toolchain, on: Lane,

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -69,20 +68,12 @@ TOKEN = "hf_writer_0123456789abcdef0123"  # may write to the namespace "me" of t
 
 def tiny_qwen2_vl() -> Path:
     """The tiny Qwen2-VL, built once per machine."""
+    from conftest import built_by_script
+
     tokenizer = qwen3_bpe()
     key = hashlib.sha256(BUILD_QWEN2_VL.encode() + (tokenizer / "tokenizer.json").read_bytes()).hexdigest()[:16]
-    final = cache_root() / "test-models" / f"vlm-{key}" / "tiny-qwen2-vl"
-    if not final.is_dir():
-        tmp = final.with_name(f".building-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        proc = subprocess.run([str(find_env("gptqmodel").python), "-c", BUILD_QWEN2_VL, str(tokenizer), str(tmp)],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        try:
-            tmp.rename(final)
-        except OSError:  # built at the same time elsewhere
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return built_by_script(find_env("gptqmodel").python, cache_root() / "test-models" / f"vlm-{key}" / "tiny-qwen2-vl",
+                           BUILD_QWEN2_VL, tokenizer)
 
 
 @pytest.fixture(scope="module")
