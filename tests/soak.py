@@ -7,7 +7,8 @@ byte-identical to an uninterrupted run.
 After every kill: no process of the tree (nor any naming the output folder) is left running,
 and no file sits under a final artifact name without a journal "done" record vouching for its
 size and hash. Seeded and reproducible: the moments are those the uninterrupted run's journal
-records (sorted by name), and the same seed picks the same moments and victims on any machine;
+records (sorted by name; with several formats, a format is drawn first, then one of its
+moments), and the same seed picks the same moments and victims on any machine;
 a moment that does not come in a run (a resumed run skips what is done) lets that run finish."""
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def _name(proc: psutil.Process) -> str:
         cmd = proc.cmdline() or [proc.name()]
     except psutil.Error:
         return "gone"
-    if "-m" in cmd and cmd.index("-m") + 1 < len(cmd):
+    python = Path(cmd[0]).name.startswith("python")  # a llama.cpp tool's -m is its model file
+    if python and "-m" in cmd and cmd.index("-m") + 1 < len(cmd):
         module = cmd[cmd.index("-m") + 1]
         return "qwrap" if module == "qwrap.cli" else module.rsplit(".", 1)[-1]
     script = next((Path(c).name for c in cmd[1:] if c.endswith(".py")), None)
@@ -155,10 +157,26 @@ def _kill_at(proc: subprocess.Popen[bytes], number: int, moment: str, child: boo
     return kill
 
 
+def _format(moment: str) -> str:
+    """The format a moment's step belongs to: 'awq' of 'child:awq.quantize'."""
+    return moment.partition(":")[2].split(".", 1)[0]
+
+
+def _pick(rng: random.Random, moments: Sequence[str]) -> str:
+    """A moment of a format picked first, when the plan has several: AWQ's and GPTQ's six moments
+    each get as many kills as GGUF's three dozen."""
+    formats = sorted({_format(m) for m in moments})
+    if len(formats) > 1:  # (a single format's soak draws as it always did: the same moments by seed)
+        of = rng.choice(formats)
+        moments = [m for m in moments if _format(m) == of]
+    return rng.choice(moments)
+
+
 def soak(model: Path, work: Path, args: Sequence[str], *, kills: int, seed: int,
-         budget_s: float = 3600.0, env: dict[str, str] | None = None) -> dict[str, Any]:
+         budget_s: float = 3600.0, env: dict[str, str] | None = None, focus: str = "") -> dict[str, Any]:
     """Up to ``kills`` kills within about ``budget_s``; the results document. ``env``: qwrap's
-    environment (default ours)."""
+    environment (default ours); ``focus``: only the moments naming it (e.g. ``awq``: the
+    moments of AWQ's steps and workers)."""
     rng = random.Random(seed)
     started = time.monotonic()
     code, text = _completed(model, work / "reference", args, work, env)
@@ -166,13 +184,15 @@ def soak(model: Path, work: Path, args: Sequence[str], *, kills: int, seed: int,
         raise RuntimeError(f"the uninterrupted run failed (exit {code}): see {work / 'qwrap.log'}")
     full_s = time.monotonic() - started
     reference = _shas(text)
-    moments = moments_of(work / "reference")
+    moments = [m for m in moments_of(work / "reference") if focus in m]
+    if not moments:
+        raise RuntimeError(f"no moment of the uninterrupted run names {focus!r}")
     out = work / "soaked"
     done: list[Kill] = []
     pending: list[Kill] = []  # kills since the last completed run in ``out``
     completed = 0
     while len(done) + len(pending) < kills and time.monotonic() - started < budget_s:
-        moment, child = rng.choice(moments), rng.random() < 0.5
+        moment, child = _pick(rng, moments), rng.random() < 0.5
         since = journal_size(out)
         proc, result = _start(model, out, args, work, env)
         began = time.monotonic()
@@ -197,9 +217,11 @@ def soak(model: Path, work: Path, args: Sequence[str], *, kills: int, seed: int,
         done += pending
         completed += 1
     by_victim: dict[str, int] = {}
+    by_moment: dict[str, int] = {}
     for kill in done:
         by_victim[kill.victim] = by_victim.get(kill.victim, 0) + 1
-    return {"seed": seed, "args": list(args), "uninterrupted_seconds": round(full_s, 1), "moments": moments,
+        by_moment[kill.moment] = by_moment.get(kill.moment, 0) + 1
+    return {"seed": seed, "args": list(args), "focus": focus, "uninterrupted_seconds": round(full_s, 1), "moments": moments,
             "kills": len(done), "survived": sum(k.survived for k in done), "completed_runs": completed,
-            "by_victim": by_victim, "seconds": round(time.monotonic() - started, 1),
+            "by_victim": by_victim, "by_moment": dict(sorted(by_moment.items())), "seconds": round(time.monotonic() - started, 1),
             "failures": [asdict(k) for k in done if not k.survived], "log": [asdict(k) for k in done]}
