@@ -14,7 +14,7 @@ from qwrap.errors import UsageError, ValidationFailedError
 from qwrap.formats.gguf import search
 from qwrap.formats.gguf.budget_actions import decide, nearest_stock
 from qwrap.formats.gguf.budgets import Target, base_quant, parse_size, parse_targets
-from qwrap.formats.gguf.ggmltypes import GGML_TYPES
+from qwrap.formats.gguf.ggmltypes import GGML_TYPES, aligned
 from qwrap.formats.gguf.recipes import parse
 from qwrap.quality import Quality
 from qwrap.results import Artifact, Budget, Candidate, budget_rows
@@ -85,7 +85,7 @@ def test_moe_groups_keep_routed_and_shared_experts_router_and_attention_apart() 
     assert kinds == {"ffn_down_exps", "ffn_up_exps", "ffn_down_shexp", "ffn_gate_inp", "attn_q"}
     # a 3-D expert tensor is sized as a whole: every expert's rows at the type
     exps = next(g for g in search.groups_of(tensors) if g.kind == "ffn_up_exps")
-    assert exps.layers == (0,) and exps.bytes(GGML_TYPES["q8_0"]) == search._aligned(256 * 320 * 4 // 32 * 34)
+    assert exps.layers == (0,) and exps.bytes(GGML_TYPES["q8_0"]) == aligned(256 * 320 * 4 // 32 * 34)
     assert not next(g for g in search.groups_of(tensors) if g.kind == "ffn_down_exps").fits(GGML_TYPES["q4_k"])
 
 

@@ -239,7 +239,8 @@ def test_the_validation_image_is_a_binary_ppm(tmp_path: Path) -> None:
 
 
 def test_a_vision_tower_and_the_projector_name() -> None:
-    from qwrap.formats.gguf.steps import mmproj_name, vision_tower
+    from qwrap.formats.gguf.steps import mmproj_name
+    from qwrap.model import vision_tower
 
     assert vision_tower({"vision_config": {"depth": 3}}) and not vision_tower({"hidden_size": 8})
     assert mmproj_name("m", "f16") == "mmproj-m-F16.gguf" and mmproj_name("m", "q8_0") == "mmproj-m-Q8_0.gguf"

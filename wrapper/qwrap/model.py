@@ -89,6 +89,15 @@ class ModelInfo:
     def architecture(self) -> str | None:
         return (self.config.get("architectures") or [None])[0]
 
+    @property
+    def vision_tower(self) -> bool:
+        return vision_tower(self.config)
+
+
+def vision_tower(config: dict[str, Any]) -> bool:
+    """The checkpoint has a vision tower: config.json has a ``vision_config``."""
+    return isinstance(config.get("vision_config"), dict)
+
 
 def model_shape(source: ModelSource, config: dict[str, Any], token: str | None = None) -> Shape:
     counts = parameter_counts(source, token=token)

@@ -49,7 +49,7 @@ def read_widths(config: Mapping[str, Any]) -> list[int]:
 def checks(o: Common, model: ModelInfo, *, thorough: bool) -> list[Check]:
     found = [_custom_code_check(o, model), _support_check(o, model), _group_size_check(o, model),
              _moe_routing_check(o, model)]
-    if isinstance(model.config.get("vision_config"), Mapping):
+    if model.vision_tower:
         found.append(_vision_check(o))
     return found
 

@@ -38,12 +38,13 @@ from ...toolchain import Toolchain, find_toolchain
 from ...worker_client import REFERENCE_DIR, run_worker
 from ...workers.backends import VALIDATE_BACKEND
 from ...workers.protocol import TextSource, ValidateJob
-from . import stats
 from .declaration import WORK
 from .ggmltypes import ALIGNMENT, BY_ID, GGML_TYPES, aligned
 from .quants import QUANT_TYPES
 from .recipes import Recipe
 from .rows import projector_usage
+from .stats import keep as keep_stats
+from .stats import reuse as reuse_stats
 from .steps import split_name
 
 VALIDATE_PROMPT = "Once upon a time"
@@ -114,7 +115,7 @@ def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     tmp.unlink(missing_ok=True)
     if "calib" not in dict(step.files):
         raise UsageError("computing an importance matrix needs calibration text", hint="Pass --calib FILE.txt.")
-    if stats.reuse(step, out, ".gguf", "importance matrix", ctx):
+    if reuse_stats(step, out, ".gguf", "importance matrix", ctx):
         return StepOutcome((out,), {"reused_from_cache": True})
     argv: list[str | os.PathLike[str]] = [
         tools.tool("llama-imatrix"), "-m", inputs["model"].path, "-f", step.file("calib"), "-o", tmp,
@@ -124,7 +125,7 @@ def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     if not tmp.is_file():
         raise ValidationFailedError(f"llama-imatrix exited 0 but wrote no {tmp}")
     os.replace(tmp, out)
-    stats.keep(step, out, ".gguf")
+    keep_stats(step, out, ".gguf")
     return StepOutcome((out,), {"reused_from_cache": False}, result.peak_rss_bytes)
 
 

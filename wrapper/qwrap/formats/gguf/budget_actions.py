@@ -29,10 +29,24 @@ from ...ggufinfo import GGUFInfo, read_info
 from ...plan import Step
 from ...quality import NOISE_SIGMAS, Quality, combined_se, parse_kld_summary, within_noise
 from ...toolchain import Toolchain, find_toolchain
-from . import search, stats
 from .budgets import Target, human_size
-from .ggmltypes import BY_ID, GGML_TYPES
+from .ggmltypes import BY_ID, GGML_TYPES, aligned
 from .recipes import Recipe, parse, recipe_name
+from .search import (
+    CANDIDATES,
+    REFERENCE,
+    SIZE_MARGIN_BYTES,
+    Group,
+    Sensitivity,
+    Tensor,
+    allocate,
+    groups_of,
+    probe_type,
+)
+from .search import file_bytes as searched_bytes
+from .search import recipe as searched_recipe
+from .stats import keep as keep_stats
+from .stats import reuse as reuse_stats
 
 PERPLEXITY_ATTEMPTS = 6
 # The stock mixes a budget is compared with (the nearest one at or under its size).
@@ -81,11 +95,11 @@ def dry_run(tools: Toolchain, model: Path, ftype: str, ctx: StepContext, *, imat
     return found
 
 
-def quantized_tensors(tools: Toolchain, model: Path, info: GGUFInfo, ctx: StepContext) -> tuple[search.Tensor, ...]:
+def quantized_tensors(tools: Toolchain, model: Path, info: GGUFInfo, ctx: StepContext) -> tuple[Tensor, ...]:
     """The tensors llama-quantize quantizes (1-D norms and what llama.cpp keeps in float stay out)."""
     stored = {t.name: BY_ID.get(t.ggml_type) for t in info.tensors}
     planned = dry_run(tools, model, "Q8_0", ctx, pure=True)
-    return tuple(search.Tensor(t.name, tuple(t.shape)) for t in info.tensors
+    return tuple(Tensor(t.name, tuple(t.shape)) for t in info.tensors
                  if planned.get(t.name, "").lower() == "q8_0" and stored.get(t.name) != GGML_TYPES["q8_0"])
 
 
@@ -93,10 +107,10 @@ def file_bytes(info: GGUFInfo, types: dict[str, str], added_header: int = 0) -> 
     """A file's exact size when its tensors take ``types`` (name -> ggml type name): the
     16-bit file's header with ``added_header`` bytes of metadata more, aligned, then each
     tensor's data aligned to 32 bytes."""
-    total = search._aligned(info.header_bytes + added_header) if info.header_bytes else info.data_offset
+    total = aligned(info.header_bytes + added_header) if info.header_bytes else info.data_offset
     for t in info.tensors:
         gt = GGML_TYPES.get(types.get(t.name, "").lower()) or BY_ID[t.ggml_type]
-        total += search._aligned(gt.tensor_bytes(t.shape))
+        total += aligned(gt.tensor_bytes(t.shape))
     return total
 
 
@@ -155,13 +169,13 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     out = ctx.path(step.outputs[0])
-    if stats.reuse(step, out, ".json", "sensitivity", ctx):
+    if reuse_stats(step, out, ".json", "sensitivity", ctx):
         return StepOutcome((out,), {"reused_from_cache": True, **_summary(json.loads(out.read_text()))})
     tools = find_toolchain()
     model, imatrix = inputs["model"].path, inputs["imatrix"].path
     info = read_info(model)
     tensors = quantized_tensors(tools, model, info, ctx)
-    groups = search.groups_of(tensors, int(step.param("bands")))
+    groups = groups_of(tensors, int(step.param("bands")))
     work = ctx.path(f".checkpoint/work/sensitivity-{step.fingerprint[:12]}")
     work.mkdir(parents=True, exist_ok=True)
     ctx_len, chunks = int(step.param("ctx")), int(step.param("chunks"))
@@ -172,10 +186,10 @@ def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
              text=step.file("calib"))
         os.replace(tmp, base)
     probes: list[tuple[str, list[str]]] = [("ref", [])]
-    for t in search.CANDIDATES:
-        if t != search.REFERENCE:
+    for t in CANDIDATES:
+        if t != REFERENCE:
             probes.append((f"type:{t}", [f"{g.pattern}={t}" for g in groups if g.fits(GGML_TYPES[t.lower()])]))
-    probes += [(f"group:{g.name}", [f"{g.pattern}={search.probe_type(g).name}"]) for g in groups]
+    probes += [(f"group:{g.name}", [f"{g.pattern}={probe_type(g).name}"]) for g in groups]
     done_path = work / "probes.json"  # a killed step resumes at the next probe
     done: dict[str, float] = json.loads(done_path.read_text()) if done_path.is_file() else {}
     for i, (probe, rules) in enumerate(probes):
@@ -196,7 +210,7 @@ def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         _write_json(done_path, done)
     ctx.progress(len(probes), len(probes), "probes")
     ref = done["ref"]
-    sens = search.Sensitivity(ref, {t: done[f"type:{t}"] for t in search.CANDIDATES if f"type:{t}" in done},
+    sens = Sensitivity(ref, {t: done[f"type:{t}"] for t in CANDIDATES if f"type:{t}" in done},
                               {g.name: done[f"group:{g.name}"] - ref for g in groups},
                               chunks * (ctx_len - 1 - ctx_len // 2))
     data = {"sensitivity": sens.to_json(), "bands": int(step.param("bands")), "ctx": ctx_len, "chunks": chunks,
@@ -204,7 +218,7 @@ def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
                         "tensors": [[t.name, list(t.shape)] for t in g.tensors]} for g in groups],
             "probes": len(probes)}
     _write_json(out, data)
-    stats.keep(step, out, ".json")
+    keep_stats(step, out, ".json")
     shutil.rmtree(work, ignore_errors=True)
     return StepOutcome((out,), {"reused_from_cache": False, **_summary(data)})
 
@@ -213,11 +227,11 @@ def _summary(data: dict[str, Any]) -> dict[str, Any]:
     return {"groups": len(data["groups"]), "probes": data["probes"], "tokens": data["sensitivity"]["tokens"]}
 
 
-def _load(path: Path) -> tuple[tuple[search.Group, ...], search.Sensitivity]:
+def _load(path: Path) -> tuple[tuple[Group, ...], Sensitivity]:
     data = json.loads(path.read_text())
-    groups = tuple(search.Group(g["name"], g["kind"], tuple(g["layers"]),
-                                tuple(search.Tensor(n, tuple(s)) for n, s in g["tensors"])) for g in data["groups"])
-    return groups, search.Sensitivity.from_json(data["sensitivity"])
+    groups = tuple(Group(g["name"], g["kind"], tuple(g["layers"]),
+                                tuple(Tensor(n, tuple(s)) for n, s in g["tensors"])) for g in data["groups"])
+    return groups, Sensitivity.from_json(data["sensitivity"])
 
 
 def stock_sizes(tools: Toolchain, model: Path, imatrix: Path, info: GGUFInfo, ctx: StepContext) -> dict[str, int]:
@@ -251,22 +265,22 @@ def _search(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     info = read_info(model)
     groups, sens = _load(inputs["sensitivity"].path)
     in_groups = {t.name for g in groups for t in g.tensors}
-    fixed = file_bytes(info, {}) - sum(search._aligned(BY_ID[t.ggml_type].tensor_bytes(t.shape))
+    fixed = file_bytes(info, {}) - sum(aligned(BY_ID[t.ggml_type].tensor_bytes(t.shape))
                                        for t in info.tensors if t.name in in_groups)
     budget = target.budget_bytes(info.parameter_count)
     if budget is not None:
-        alloc = search.allocate(groups, sens, budget_bytes=budget - fixed - search.SIZE_MARGIN_BYTES)
+        alloc = allocate(groups, sens, budget_bytes=budget - fixed - SIZE_MARGIN_BYTES)
         if alloc is None:
-            smallest = search.file_bytes(groups, {g.name: search.CANDIDATES[0] for g in groups}, fixed)
+            smallest = searched_bytes(groups, {g.name: CANDIDATES[0] for g in groups}, fixed)
             raise UsageError(f"{target.shown}: no recipe fits in {human_size(budget)} bytes; the smallest this search "
                              f"makes is {human_size(smallest)}", hint="Raise the budget (or ask for a stock type with -q).")
     else:
-        alloc = search.allocate(groups, sens, max_kld=target.value)
+        alloc = allocate(groups, sens, max_kld=target.value)
         if alloc is None:
             raise UsageError(f"{target.shown}: no recipe of the candidate types is predicted to stay under "
                              f"KLD {target.value:g} (Q8_0 everywhere is predicted at {sens.ref:.4g})",
                              hint="Raise the KLD limit, or ask for a 16-bit file (-q F16).")
-    predicted = search.file_bytes(groups, alloc.types, fixed)
+    predicted = searched_bytes(groups, alloc.types, fixed)
     sizes = stock_sizes(tools, model, imatrix, info, ctx)
     stock = nearest_stock(target, sizes, budget, predicted)
     comments = (f"qwrap recipe search for {target.shown}: {len(groups)} tensor groups, sensitivity measured as KLD on "
@@ -274,7 +288,7 @@ def _search(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
                 f"Predicted: {predicted} bytes, KLD {alloc.predicted_kld:.4g} (a prediction; the result has the "
                 "measured figures).",
                 f"Use again with: qwrap run MODEL -f gguf -q {step.param('quant')} --recipe THIS_FILE")
-    rec = search.recipe(groups, alloc, comments)
+    rec = searched_recipe(groups, alloc, comments)
     out = ctx.path(step.outputs[0])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

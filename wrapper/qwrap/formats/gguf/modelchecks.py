@@ -33,11 +33,8 @@ def checks(o: Options, model: ModelInfo, *, thorough: bool) -> list[Check]:
         found.append(_tokenizer_check(model))
     if o.recipe is not None and found[0].ok:  # `run` too: a bad recipe is refused before converting
         found.append(_recipe_check(o, model))
-    if o.mmproj and found[0].ok:
-        from .steps import vision_tower
-
-        if vision_tower(model.config):
-            found.append(_projector_check(o, model))
+    if o.mmproj and found[0].ok and model.vision_tower:
+        found.append(_projector_check(o, model))
     return found
 
 

@@ -33,7 +33,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .ggmltypes import GGML_TYPES, GGMLType
+from .ggmltypes import GGML_TYPES, GGMLType, aligned
 from .recipes import Recipe, Rule
 
 # The tensor types a search chooses from, smallest first (llama.cpp's K and IQ types that need
@@ -46,7 +46,6 @@ MAX_BANDS = 3
 # the calibration chunks each probe is measured on (llama-perplexity scores the second half)
 SENSITIVITY_CTX = 512
 SENSITIVITY_CHUNKS = 16
-ALIGNMENT = 32  # GGUF tensor data alignment (general.alignment default)
 # kept out of the budget: what recipes cannot move (a KV override or two, header growth)
 SIZE_MARGIN_BYTES = 4096
 
@@ -77,16 +76,12 @@ class Group:
         return all(t.fits(x.shape) for x in self.tensors)
 
     def bytes(self, t: GGMLType) -> int:
-        return sum(_aligned(t.tensor_bytes(x.shape)) for x in self.tensors)
+        return sum(aligned(t.tensor_bytes(x.shape)) for x in self.tensors)
 
 
 def probe_count(groups: int) -> int:
     """The reference, one probe per candidate type below it, one per group."""
     return 1 + len(CANDIDATES) - 1 + groups
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGNMENT) * ALIGNMENT
 
 
 def _layer_regex(layers: Sequence[int]) -> str:

@@ -21,13 +21,13 @@ from ...modelfiles import read_header
 from ...plan import PlanBuilder, Step
 from ...toolchain import gpu_present
 from ...worker_client import EXCLUSIVE, REFERENCE_DIR
-from . import search
 from .budgets import Target, base_quant, human_size
 from .declaration import NAME, NO_IMATRIX, WORK, Options, default_imatrix_types, split_bytes
 from .estimates import estimate, weights_estimate
 from .ggmltypes import GGML_TYPES
 from .quants import IMATRIX_IGNORED, OUTTYPE_NAMES, normalize_quant
 from .recipes import recipe_name
+from .search import CANDIDATES, MAX_BANDS, PROBE, SENSITIVITY_CHUNKS, SENSITIVITY_CTX
 
 IMATRIX_CHUNKS = 128
 # Its base file holds llama.cpp's token ids of the evaluation chunks: other runtimes score those.
@@ -60,11 +60,6 @@ def weights_view(o: Options, shape: Shape) -> bool:
     return wanted and weights_estimate(shape).peak_ram_bytes <= psutil.virtual_memory().total * 0.8
 
 
-def vision_tower(config: Mapping[str, Any]) -> bool:
-    """The checkpoint has a vision tower: config.json has a ``vision_config``."""
-    return isinstance(config.get("vision_config"), Mapping)
-
-
 def mmproj_name(model_name: str, mmproj_type: str) -> str:
     """The projector file, as llama.cpp's converter names it: mmproj-<model>-<TYPE>.gguf."""
     return f"mmproj-{model_name}-{OUTTYPE_NAMES.get(mmproj_type, mmproj_type.upper())}.gguf"
@@ -91,7 +86,7 @@ def vision_parameters(model: ModelInfo) -> int:
 
 def add_steps(b: PlanBuilder, o: Options, model: ModelInfo) -> None:
     validated = _add_text_steps(b, o, model)
-    if o.mmproj and vision_tower(model.config) and validated:
+    if o.mmproj and model.vision_tower and validated:
         _add_projector(b, o, model, validated[0])
 
 
@@ -218,26 +213,26 @@ def _add_budgets(b: PlanBuilder, o: Options, model: ModelInfo, convert: Step, im
     shape, name, ev = model.shape, model.source.name, model.evaluation
     assert ev is not None and model.calibration is not None
     calib = model.calibration
-    params: dict[str, Any] = {"calib": calib.identity, "outtype": outtype, "ctx": search.SENSITIVITY_CTX,
-                              "chunks": search.SENSITIVITY_CHUNKS, "bands": search.MAX_BANDS,
-                              "candidates": list(search.CANDIDATES), "probe": search.PROBE}
+    params: dict[str, Any] = {"calib": calib.identity, "outtype": outtype, "ctx": SENSITIVITY_CTX,
+                              "chunks": SENSITIVITY_CHUNKS, "bands": MAX_BANDS,
+                              "candidates": list(CANDIDATES), "probe": PROBE}
     sens = b.add("gguf.sensitivity", "gguf.sensitivity", NAME, "measure each tensor group's sensitivity",
                  inputs={"model": convert.id, "imatrix": imatrix.id}, outputs=(f"{WORK}/sensitivity.json",),
                  params=params, files={"calib": calib.path} if calib.path else {},
                  estimate=estimate("gguf.sensitivity", params, shape), threaded=True)
     eval_params = {"ctx": ev.ctx, "chunks": ev.chunks, "outtype": outtype}
     # the smallest file a search can make: every tensor at the smallest candidate type
-    smallest = int(shape.parameters * GGML_TYPES[search.CANDIDATES[0].lower()].bpw / 8) if shape.parameters else 0
+    smallest = int(shape.parameters * GGML_TYPES[CANDIDATES[0].lower()].bpw / 8) if shape.parameters else 0
     validated: list[Step] = []
     for target in (Target.from_key(k) for k in o.targets):
         label, quant = target.label, base_quant(target, shape.parameters)
         budget = target.budget_bytes(shape.parameters)
         if budget is not None and budget < smallest:
             raise UsageError(f"{target.shown}: the smallest file a search can make of this model is about "
-                             f"{human_size(smallest)} bytes (every tensor at {search.CANDIDATES[0]})",
+                             f"{human_size(smallest)} bytes (every tensor at {CANDIDATES[0]})",
                              hint="Raise the budget, or ask for a stock type with -q.")
         final = artifact_name(name, label)
-        params = {"target": target.key, "quant": quant, "outtype": outtype, "candidates": list(search.CANDIDATES)}
+        params = {"target": target.key, "quant": quant, "outtype": outtype, "candidates": list(CANDIDATES)}
         found = b.add(f"gguf.search:{label}", "gguf.search", NAME, f"search a recipe for {target.shown}",
                       inputs={"model": convert.id, "imatrix": imatrix.id, "sensitivity": sens.id},
                       outputs=(f"{WORK}/{final.removesuffix('.gguf')}.recipe",), params=params,
