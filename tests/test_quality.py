@@ -14,6 +14,7 @@ import pytest
 from background import Lane, prefetch, prefetched
 from conftest import REPO, Run, run_qwrap
 from qwrap.errors import UsageError
+from qwrap.formats.gguf.actions import PERPLEXITY_ATTEMPTS
 from qwrap.quality import gate, parse_base_ppl, parse_gates, parse_kld_summary
 from qwrap.toolchain import Toolchain
 
@@ -49,7 +50,7 @@ def test_gates() -> None:
 def _perplexity(toolchain: Toolchain, *args: str, done: str) -> list[str]:
     """Run llama-perplexity by hand; like qwrap, run it again when it ended without printing
     ``done`` (the pinned build sometimes loses its last lines at exit)."""
-    for _ in range(6):
+    for _ in range(PERPLEXITY_ATTEMPTS):
         proc = subprocess.run([str(toolchain.bin_dir / "llama-perplexity"), *args], capture_output=True, text=True,
                               check=True, stdin=subprocess.DEVNULL)
         lines = proc.stdout.splitlines() + proc.stderr.splitlines()
