@@ -55,23 +55,16 @@ def test_expert_coverage_is_counted_reported_and_enforced(tiny_model: Path, conv
 
 
 @pytest.mark.backend
-def test_gptq_counts_each_experts_calibration_samples(tiny_model: Path, convert_python: Path, corpus: Path,
-                                                      tmp_path: Path, toolchain: Toolchain) -> None:
-    """GPTQ (gptqmodel): each expert's samples from the backend's per-module log. With
-    --moe-routing all (GPTQModel's routing override) every expert gets every calibration token;
-    routed as the model routes, with --strict-coverage, an expert under the minimum fails the
-    quantize step and nothing is delivered."""
+def test_gptq_fails_below_the_minimum_with_strict_coverage(tiny_model: Path, convert_python: Path, corpus: Path,
+                                                           tmp_path: Path, toolchain: Toolchain) -> None:
+    """GPTQ (gptqmodel) counts each expert's samples from the backend's per-module log (the
+    architecture matrix asserts the counts, routed and with --moe-routing all); routed as the
+    model routes, with --strict-coverage, an expert under the minimum fails the quantize step and
+    nothing is delivered. --moe-routing all is planned for gptqmodel and refused for autoawq."""
     model = tiny_moe(tiny_model, convert_python)
     common = ["-f", "gptq", "--calib", str(corpus), "--calib-samples", "8", "--calib-seq-len", "64", "--no-eval"]
     plan = run_qwrap("plan", str(model), "-o", str(tmp_path / "o"), "--moe-routing", "all", *common)
     assert plan.returncode == 0 and "every calibration token goes through each of the 4 experts" in plan.stdout
-    proc = run_qwrap("run", str(model), "-o", str(tmp_path / "o"), "--json", "--moe-routing", "all", *common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    coverage = json.loads(proc.stdout)["expert_coverage"]
-    assert coverage["source"] == "gptqmodel per-module calibration samples" and coverage["below"] == 0
-    assert [c["layer"] for c in coverage["layers"]] == [0, 1]
-    for layer in coverage["layers"]:  # 8 x 64 tokens through each of the 4 experts
-        assert layer["tokens"] == [8 * 64] * 4, layer
     strict = run_qwrap("run", str(model), "-o", str(tmp_path / "s"), "--min-expert-tokens", "100000",
                        "--strict-coverage", *common)
     assert strict.returncode == 2, strict.stderr[-3000:]

@@ -72,12 +72,17 @@ def matrix_texts(corpus: Path, root: Path) -> tuple[Path, Path]:
     return calibration_sample(corpus, root / "calib.txt", 8000), held_out
 
 
-def _formats(model: Callable[[], Path], formats: tuple[str, ...]) -> Callable[..., Any]:
+# Mixtral's AWQ and GPTQ calibrate with GPTQModel's routing override (every calibration token
+# through every expert), Qwen3-MoE's as the model routes.
+OPTIONS = {"mixtral": ("--moe-routing", "all")}
+
+
+def _formats(model: Callable[[], Path], formats: tuple[str, ...], options: tuple[str, ...] = ()) -> Callable[..., Any]:
     def run(corpus: Path, _: Toolchain, on: Lane, root: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
         calib, held_out = matrix_texts(corpus, root)
         folder = model()
         proc = on.qwrap("run", str(folder), "-o", str(root / "out"), *(a for f in formats for a in ("-f", f)),
-                        "--calib", str(calib), *CALIB, "--eval-text", str(held_out), *EVAL, "--json")
+                        "--calib", str(calib), *CALIB, *options, "--eval-text", str(held_out), *EVAL, "--json")
         return folder, proc
     return run
 
@@ -167,7 +172,8 @@ def deepseek_v3() -> Path:
 
 prefetch(__name__, "arch_models.qwen3", _formats(qwen3_bpe, ("gguf", "awq", "gptq")), ("corpus", "toolchain"))
 prefetch(__name__, "arch_models.qwen3-moe", _formats(qwen3_moe, ("gguf", "awq", "gptq")), ("corpus", "toolchain"))
-prefetch(__name__, "arch_models.mixtral", _formats(mixtral, ("gguf", "awq", "gptq")), ("corpus", "toolchain"))
+prefetch(__name__, "arch_models.mixtral", _formats(mixtral, ("gguf", "awq", "gptq"), OPTIONS["mixtral"]),
+         ("corpus", "toolchain"))
 prefetch(__name__, "arch_models.deepseek-v3", _formats(deepseek_v3, ("gguf", "gptq")), ("corpus", "toolchain"))
 
 
@@ -175,7 +181,8 @@ prefetch(__name__, "arch_models.deepseek-v3", _formats(deepseek_v3, ("gguf", "gp
 def test_mixture_of_experts_layouts_through_every_format(request: pytest.FixtureRequest, name: str,
                                                          experts: int) -> None:
     """Each artifact validated and measured; the expert coverage counted for every layer and
-    expert (from the importance matrix: the result keeps the first format's counts)."""
+    expert by each format (the result keeps the first format's counts). Mixtral's AWQ and GPTQ
+    with --moe-routing all: every expert gets every calibration token."""
     _, proc = prefetched(request, f"arch_models.{name}")
     arts = measured(proc, {"gguf", "awq", "gptq"})
     result = json.loads(proc.stdout)
@@ -185,8 +192,10 @@ def test_mixture_of_experts_layouts_through_every_format(request: pytest.Fixture
     for fmt, coverage in coverages.items():
         assert [len(c["tokens"]) for c in coverage["layers"]] == [experts, experts], fmt
         assert coverage["below"] == 0 and all(t > 0 for c in coverage["layers"] for t in c["tokens"]), fmt
-    # GPTQ: 8 samples of 64 tokens, each token routed to 2 experts
-    assert all(sum(c["tokens"]) == 2 * 8 * 64 for c in coverages["gptq"]["layers"]), coverages["gptq"]
+    if OPTIONS.get(name) == ("--moe-routing", "all"):  # GPTQ: 8 samples of 64 tokens through each expert
+        assert all(c["tokens"] == [8 * 64] * experts for c in coverages["gptq"]["layers"]), coverages["gptq"]
+    else:  # GPTQ: 8 samples of 64 tokens, each token routed to 2 experts
+        assert all(sum(c["tokens"]) == 2 * 8 * 64 for c in coverages["gptq"]["layers"]), coverages["gptq"]
     card = (Path(arts["gguf"]["path"]).parent / "README.md").read_text()
     assert all(f"{fmt.upper()} (" in card.split("## Expert coverage")[1] for fmt in coverages)
     header = (Path(arts["gptq"]["path"]) / "model.safetensors").read_bytes()
@@ -212,14 +221,15 @@ def test_an_mla_model_through_gguf_and_gptq_and_awqs_refusal(request: pytest.Fix
     assert not list((tmp_path / "awq").glob("*AWQ*"))
 
 
-def killed_then_resumed(model: Path, fmt: str, corpus: Path, tmp_path: Path) -> tuple[dict[str, Any], str]:
+def killed_then_resumed(model: Path, fmt: str, corpus: Path, tmp_path: Path,
+                        options: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
     """A ``fmt`` run of ``model`` (the matrix's calibration) whose worker is SIGKILLed once
     a layer's checkpoint is committed, then the same command again: its artifact and journal."""
     from conftest import qwrap_argv, run_qwrap
     from moments import running_child, wait_for
 
     calib, _ = matrix_texts(corpus, tmp_path)
-    args = ["-f", fmt, "--calib", str(calib), *CALIB, "--no-eval", "--json"]
+    args = ["-f", fmt, "--calib", str(calib), *CALIB, *options, "--no-eval", "--json"]
     out = tmp_path / "o"
     proc = subprocess.Popen(qwrap_argv("run", str(model), "-o", str(out), *args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
@@ -245,7 +255,7 @@ def test_a_run_killed_mid_run_resumes_at_the_next_layer_byte_identically(request
     uninterrupted run with the same calibration), byte for byte."""
     model, reference = prefetched(request, f"arch_models.{name}")
     art = measured(reference, {"gguf", "awq", "gptq"})[fmt]
-    again, journal = killed_then_resumed(model, fmt, corpus, tmp_path)
+    again, journal = killed_then_resumed(model, fmt, corpus, tmp_path, OPTIONS.get(name, ()))
     restored = [int(n) for n in re.findall(r'"resumed_layers": (\d+)', journal)]
     assert restored and max(restored) >= 1, "no layer was restored from its checkpoint"
     assert _tree(Path(again["path"])) == _tree(Path(art["path"]))

@@ -271,8 +271,11 @@ def tiny_moe(tiny_model: Path, convert_python: Path) -> Path:
 
 def _moe_run(tiny_model: Path, convert_python: Path, corpus: Path, _: Toolchain, on: Lane,
              root: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """The tiny Mixtral to a 5-bit budget (on the session's lane, background.py)."""
-    calib, held_out = budget_texts(corpus, root)
+    """The tiny Mixtral to a 5-bit budget (on the session's lane, background.py), its
+    sensitivity measured on a short calibration text (~3k tokens: fewer chunks than the 16 asked
+    for, each of its 23 probes a few times cheaper)."""
+    calib, held_out = held_out_split(corpus, root)
+    calibration_sample(calib, calib, 12_000)
     out = root / "moe"
     proc = on.qwrap("run", str(tiny_moe(tiny_model, convert_python)), "-o", str(out), "--target-bpw", "5",
                     "--keep-intermediate", "--json", *ONE_THREAD, "--calib", str(calib), "--eval-text", str(held_out),
@@ -298,7 +301,11 @@ def test_a_budget_on_a_mixture_of_experts(request: pytest.FixtureRequest) -> Non
     noise = 2 * math.hypot(b["searched"]["quality"]["kld_mean_se"], b["stock"]["quality"]["kld_mean_se"])
     assert a["quality"]["kld_mean"] <= b["stock"]["quality"]["kld_mean"] + noise
     work = out / ".checkpoint" / "work"
-    kinds = {g["kind"] for g in json.loads((work / "sensitivity.json").read_text())["groups"]}
+    sensitivity = json.loads((work / "sensitivity.json").read_text())
+    kinds = {g["kind"] for g in sensitivity["groups"]}
+    # the chunks the short text holds, not the 16 asked for, and their scored tokens
+    assert 2 <= sensitivity["chunks"] < 16, sensitivity["chunks"]
+    assert sensitivity["sensitivity"]["tokens"] == sensitivity["chunks"] * (512 - 1 - 256)
     assert {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "attn_q", "attn_v"} <= kinds, kinds
     assert "ffn_gate_inp" not in kinds  # the router stays in float
     searched = parse(next(work.glob("*-bpw-5.recipe")).read_text(), "searched")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from background import Lane, prefetch, prefetched
 from conftest import REPO, Run, run_qwrap
 from qwrap.errors import UsageError
 from qwrap.formats.gguf.actions import PERPLEXITY_ATTEMPTS
-from qwrap.quality import gate, parse_base_ppl, parse_gates, parse_kld_summary
+from qwrap.quality import base_chunks, gate, parse_base_ppl, parse_gates, parse_kld_summary
 from qwrap.toolchain import Toolchain
 
 RECORDED = REPO / "tests" / "data" / "recorded"
@@ -33,6 +34,17 @@ def test_kld_summary_parsed_from_recorded_output() -> None:
     assert parse_base_ppl((RECORDED / "llama-perplexity-base.log").read_text().splitlines()) > 1
     with pytest.raises(ValueError, match="kld_mean"):
         parse_kld_summary(["Mean PPL(Q) : 1.0"])
+
+
+def test_a_base_files_chunks_are_read_from_its_header(tmp_path: Path) -> None:
+    """llama-perplexity takes fewer chunks than asked for from a short text: the figures say how
+    many it measured, from the base file's header (n_ctx, n_vocab, n_chunk), not the request."""
+    base = tmp_path / "base.kld"
+    base.write_bytes(b"_logits_" + struct.pack("<iii", 512, 4096, 5) + bytes(4 * 512 * 5))
+    assert base_chunks(base) == 5
+    base.write_bytes(b"not a base file at all")
+    with pytest.raises(ValueError, match="not a llama-perplexity base file"):
+        base_chunks(base)
 
 
 def test_gates() -> None:

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
@@ -241,6 +243,17 @@ def parse_base_estimate(lines: Iterable[str]) -> tuple[float, float | None]:
 def parse_base_ppl(lines: Iterable[str]) -> float:
     """The perplexity of the base run (``--kl-divergence-base``): 'Final estimate: PPL = X'."""
     return parse_base_estimate(lines)[0]
+
+
+def base_chunks(path: Path) -> int:
+    """How many chunks a llama-perplexity base file (``--kl-divergence-base``) holds: its header
+    is ``_logits_``, then n_ctx, n_vocab and n_chunk as int32. A text shorter than the chunks
+    asked for gives fewer, and every later KLD run measures exactly these."""
+    with path.open("rb") as f:
+        head = f.read(20)
+    if len(head) != 20 or head[:8] != b"_logits_":
+        raise ValueError(f"{path} is not a llama-perplexity base file")
+    return int(struct.unpack("<iii", head[8:])[2])
 
 
 # -- noise ------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from ...model import chat_template
 from ...modelfiles import read_header
 from ...plan import Step
 from ...progress import ChunkProgress, ConvertProgress, QuantizeProgress
-from ...quality import parse_base_ppl, parse_kld_summary
+from ...quality import base_chunks, parse_base_ppl, parse_kld_summary
 from ...supervisor import ProcessResult
 from ...toolchain import Toolchain, find_toolchain
 from ...worker_client import REFERENCE_DIR, run_worker
@@ -417,9 +416,7 @@ def _eval_base(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
                                             hint=f"See {result.log_path}.") from exc
             ctx.warning(f"llama-perplexity ended without its result (attempt {attempt}); measuring again")
     os.replace(tmp, out)
-    # the text may hold fewer chunks than asked for: llama-perplexity then takes them all
-    found = [int(m[1]) for m in (re.search(r"over (\d+) chunks", line) for line in text) if m]
-    chunks = found[-1] if found else step.param("chunks")
+    chunks = base_chunks(out)  # the text may hold fewer chunks than asked for: llama-perplexity takes them all
     return StepOutcome((out,), {"ppl_base": ppl, "ctx": step.param("ctx"), "chunks": chunks}, result.peak_rss_bytes)
 
 

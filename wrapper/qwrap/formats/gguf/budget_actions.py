@@ -27,7 +27,7 @@ from ...context import Inputs, StepContext, StepOutcome
 from ...errors import UsageError, ValidationFailedError
 from ...ggufinfo import GGUFInfo, read_info
 from ...plan import Step
-from ...quality import NOISE_SIGMAS, Quality, combined_se, parse_kld_summary, within_noise
+from ...quality import NOISE_SIGMAS, Quality, base_chunks, combined_se, parse_kld_summary, within_noise
 from ...toolchain import Toolchain, find_toolchain
 from .budgets import Target, human_size
 from .ggmltypes import BY_ID, GGML_TYPES, aligned
@@ -210,6 +210,7 @@ def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         _write_json(done_path, done)
     ctx.progress(len(probes), len(probes), "probes")
     ref = done["ref"]
+    chunks = base_chunks(base)  # a short calibration text holds fewer than asked for: all are measured
     sens = Sensitivity(ref, {t: done[f"type:{t}"] for t in CANDIDATES if f"type:{t}" in done},
                               {g.name: done[f"group:{g.name}"] - ref for g in groups},
                               chunks * (ctx_len - 1 - ctx_len // 2))
