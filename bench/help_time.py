@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +21,9 @@ TARGET = 0.25
 
 def import_times(argv: list[str]) -> list[dict]:
     """Parse `-X importtime` lines: 'import time: self [us] | cumulative | package'."""
-    err = subprocess.run([str(QWRAP.parent / "python"), "-X", "importtime", *argv], capture_output=True, text=True).stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    err = subprocess.run([str(QWRAP.parent / "python"), "-X", "importtime", *argv], capture_output=True, text=True,
+                         env=env).stderr
     rows = []
     for line in err.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
@@ -36,11 +39,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "help_time.json")
     args = parser.parse_args()
     argv = [str(QWRAP), "--help"]
-    subprocess.run(argv, check=True, capture_output=True)  # warm the page cache and .pyc files
+    # as installed from a wheel (pip compiles the .pyc files): a host that sets
+    # PYTHONDONTWRITEBYTECODE would otherwise compile every changed module on every run
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run(argv, check=True, capture_output=True, env=env)  # warm the page cache and .pyc files
     times = []
     for _ in range(args.runs):
         t = time.perf_counter()
-        subprocess.run(argv, check=True, capture_output=True)
+        subprocess.run(argv, check=True, capture_output=True, env=env)
         times.append(time.perf_counter() - t)
     imports = import_times(argv)
     result = {"benchmark": "help_time", "runs": args.runs, "seconds": times, "median_seconds": median(times),

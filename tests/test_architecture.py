@@ -24,6 +24,38 @@ def test_parent_never_imports_heavy_libraries() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+HELP_AND_AFTER = """
+import contextlib, io, sys
+from qwrap.cli import main_inner
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    main_inner(["--help"])
+assert "run" in out.getvalue() and "Commands" in out.getvalue(), out.getvalue()
+print(sorted({"markdown_it", "pygments", "rich.syntax"} & set(sys.modules)))
+# what a later caller of the deferred modules gets is the real thing
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.traceback import Traceback
+import rich.markdown
+with contextlib.redirect_stdout(io.StringIO()) as shown:
+    Console(width=40).print(Markdown("# Title"))
+try:
+    1 / 0
+except ZeroDivisionError as exc:
+    tb = Traceback.from_exception(type(exc), exc, exc.__traceback__)
+assert "Title" in shown.getvalue() and type(tb).__module__ == "rich.traceback"
+assert isinstance(Markdown("x"), Markdown) and rich.markdown.Markdown.__module__ == "rich.markdown"
+assert "markdown_it" in sys.modules
+"""
+
+
+def test_help_loads_no_module_it_does_not_use() -> None:
+    """typer's help renderer imports markdown-it and pygments for features qwrap never turns on:
+    `qwrap --help` defers them (deferred.py), and whoever uses them later gets the real ones."""
+    proc = subprocess.run([sys.executable, "-c", HELP_AND_AFTER], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
 def test_only_the_supervisor_spawns() -> None:
     spawning = re.compile(r"subprocess\.(Popen|run|call|check_call|check_output)|os\.(fork|exec|spawn|system|popen)|pty\.fork|pexpect\.spawn")
     offenders = [p.name for p in PARENT_MODULES if p.name != "supervisor.py" and spawning.search(p.read_text())]

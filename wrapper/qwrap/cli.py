@@ -19,9 +19,15 @@ import typer
 from rich.console import Console
 
 from . import __version__
+from .deferred import defer
 from .errors import Interrupted, QwrapError, exit_code_for
 from .options import Option
 from .workers.backends import BACKENDS as BACKEND_NAMES  # declared once, for the help texts
+
+# typer's help renderer imports these for features qwrap never turns on (deferred.py): ~60 ms
+# of every --help
+defer("rich.markdown", "Markdown")
+defer("rich.traceback", "Traceback")
 
 app = typer.Typer(
     name="qwrap",
