@@ -3,8 +3,9 @@ byte-level BPE tokenizer (Qwen2's, from the vocab-only GGUF in the pinned llama.
 archive, turned back into a Hugging Face tokenizer by transformers' GGUF loader; the converter's
 pre-tokenizer check passes): a dense Qwen3, two mixture-of-experts layouts (Qwen3-MoE, Mixtral)
 and an MLA model (DeepSeek-V3's layout), each quantized to GGUF, AWQ and GPTQ in one run, every
-artifact validated and measured, or refused with a clear error; a GPTQ and an AWQ run killed
-mid-run on non-Llama architectures resume byte-identically. (The vision-language model is in
+artifact validated and measured, or refused with a clear error; a GPTQ run of a Mixtral killed
+mid-run resumes at the next layer byte-identically. (test_formats_hf.py asserts on the Qwen3
+run too.) (The vision-language model is in
 test_multimodal.py.)"""
 
 from __future__ import annotations
@@ -246,13 +247,14 @@ def killed_then_resumed(model: Path, fmt: str, corpus: Path, tmp_path: Path,
     return again, (out / ".checkpoint" / "journal.jsonl").read_text()
 
 
-@pytest.mark.parametrize(("name", "fmt"), [("qwen3", "gptq"), ("mixtral", "awq")])
+@pytest.mark.parametrize(("name", "fmt"), [("mixtral", "gptq")])
 def test_a_run_killed_mid_run_resumes_at_the_next_layer_byte_identically(request: pytest.FixtureRequest,
                                                                          corpus: Path, tmp_path: Path, name: str,
                                                                          fmt: str) -> None:
-    """gptqmodel beyond GPTQModel's own model-type list (llama, qwen3_moe): a dense Qwen3
-    (GPTQ) and a Mixtral (AWQ) resume at the next layer and make the matrix run's folder (an
-    uninterrupted run with the same calibration), byte for byte."""
+    """gptqmodel beyond GPTQModel's own model-type list (llama, qwen3_moe): a Mixtral's GPTQ
+    run (calibrated through every expert) resumes at the next layer and makes the matrix run's
+    folder (an uninterrupted run with the same calibration), byte for byte. GPTQModel's layer
+    checkpoint is the same for AWQ: test_backends.py resumes each backend's worker byte-identically."""
     model, reference = prefetched(request, f"arch_models.{name}")
     art = measured(reference, {"gguf", "awq", "gptq"})[fmt]
     again, journal = killed_then_resumed(model, fmt, corpus, tmp_path, OPTIONS.get(name, ()))

@@ -197,19 +197,27 @@ def artifact_name(model_name: str, fmt: str, bits: int, group: int) -> str:
     return f"{model_name}-{fmt.upper()}-{bits}bit-g{group}"
 
 
-def folder_bytes(shape: Shape, bits: int, group: int) -> int:
+def folder_bytes(shape: Shape, bits: int, group: int, copied: int | None = None) -> int:
     """Expected size of an AWQ/GPTQ folder: packed linear weights plus a 16-bit scale and a
-    packed zero point per group; embeddings, lm_head and norms stay 16-bit."""
+    packed zero point per group; embeddings, lm_head and norms stay 16-bit; ``copied``: the
+    tokenizer files copied along (guessed from the vocabulary when they are not here yet)."""
     linear = shape.parameters - shape.vocab_embed - shape.output - shape.norms
     per_group = (2 + bits / 8) / (group if group > 0 else 4096)
     data = linear * (bits / 8 + per_group) + (shape.vocab_embed + shape.output + shape.norms) * 2
-    return int(data) + shape.metadata_bytes * 4  # tokenizer files copied along
+    return int(data) + (shape.metadata_bytes * 4 if copied is None else copied)
 
 
-def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
+def copied_bytes(model: Path) -> int | None:
+    """The size of the source's tokenizer files, which every AWQ/GPTQ folder carries unchanged
+    (None when there are none here yet: a Hub model planned before they are fetched)."""
+    sizes = [(model / name).stat().st_size for name in TOKENIZER_FILES if (model / name).is_file()]
+    return sum(sizes) if sizes else None
+
+
+def estimate(kind: str, params: Mapping[str, Any], shape: Shape, copied: int | None = None) -> Estimate:
     """The one estimator of both AWQ/GPTQ step kinds."""
     ram = shape.parameters * 4 + 1024 * MiB  # a float32 copy on CPU plus activations
-    size = folder_bytes(shape, params["bits"], params["group_size"])
+    size = folder_bytes(shape, params["bits"], params["group_size"], copied)
     if kind == "hf.quantize":
         return Estimate(size, ram, 2 * size)  # the folder plus its per-layer checkpoints
     # hf.validate: reloads it, renames it; with the evaluation, the source (once per run, then
@@ -223,7 +231,7 @@ def estimate(kind: str, params: Mapping[str, Any], shape: Shape) -> Estimate:
 
 def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Mapping[str, Any]) -> None:
     """``own``: the format's worker-job fields (e.g. AWQ's zero_point and version)."""
-    shape = model.shape
+    shape, copied = model.shape, copied_bytes(model.source.path)
     final = artifact_name(model.source.name, fmt, o.bits, o.group_size)
     calib = model.calibration
     files = {"model": str(model.source.path), **({"calib": calib.path} if calib and calib.path else {})}
@@ -239,7 +247,7 @@ def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Map
     # per-layer checkpoints, named by the step's fingerprint so other options never reuse them
     q = b.add(f"{fmt}.quantize", "hf.quantize", fmt, f"{fmt.upper()} quantize ({o.backend})",
               outputs=(final + ".partial",), params=params, files=files,
-              estimate=estimate("hf.quantize", params, shape), threaded=not _on_gpu(o.device), exclusive=EXCLUSIVE,
+              estimate=estimate("hf.quantize", params, shape, copied), threaded=not _on_gpu(o.device), exclusive=EXCLUSIVE,
               scratch=(f".checkpoint/layers/{fmt}-{{fingerprint}}",), gpu=o.device != "cpu")
     params = {"samples": VALIDATE_SAMPLES, "seq_len": VALIDATE_SEQ_LEN, "quant": f"{o.bits}bit-g{o.group_size}",
               "bits": o.bits, "group_size": o.group_size,
@@ -257,7 +265,7 @@ def add_steps(b: PlanBuilder, o: Common, model: ModelInfo, *, fmt: str, own: Map
         params.update(eval_text=ev.identity, eval_ctx=ev.ctx, eval_chunks=ev.chunks)
     b.add(f"{fmt}.validate", "hf.validate", fmt, f"{fmt.upper()} validate and measure" if ev else f"{fmt.upper()} validate",
           inputs=inputs, outputs=(final,), params=params, files=files,
-          estimate=estimate("hf.validate", params, shape), deliverable=True, exclusive=EXCLUSIVE,
+          estimate=estimate("hf.validate", params, shape, copied), deliverable=True, exclusive=EXCLUSIVE,
           scratch=(REFERENCE_DIR,) if ev else (), gpu=o.device != "cpu")
 
 
