@@ -86,6 +86,11 @@ def test_awq_and_gptq_end_to_end(hf_run: tuple[Path, Path, dict]) -> None:
     # llama.cpp tools run beside them
     workers = {step: span for step, span in intervals(out).items() if step.startswith(("awq.", "gptq."))}
     assert len(workers) == 4 and overlapping(workers) == []
+    # the source model is loaded once a run, for the reference of the measurement the next
+    # artifact reuses (its validation is the measurement)
+    logs = out / ".checkpoint" / "logs"
+    loads = [(logs / f"{fmt}.validate.log").read_text().count('"unit": "reference model"') for fmt in arts]
+    assert sorted(loads) == [0, 1], loads
     card = (out / "README.md").read_text()
     # a local folder is no Hub id: the card names no base_model (qwrap push --base-model sets one)
     assert "base_model:" not in card and "AWQ" in card and "KL " in card

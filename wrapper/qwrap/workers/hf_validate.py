@@ -37,9 +37,13 @@ def main(job: p.ValidateJob) -> None:
     device = resolve_device(job.device)
     tokenizer = AutoTokenizer.from_pretrained(job.model, trust_remote_code=job.trust_remote_code)
     weights_only = job.quantized.endswith(".gguf")  # a GGUF file: its weights, dequantized, on the eval chunks
-    samples = None if weights_only else load_samples(job.text, tokenizer, Path(job.model))
-    batches = [row.unsqueeze(0) for row in samples.ids] if samples is not None else []
     chunks = hf_eval.chunk_ids(job, tokenizer) if job.eval_chunks else []
+    # With an evaluation, its chunks are the validation too (the artifact loaded, its logits
+    # finite, compared with the source's): the source model is then loaded once a run, for the
+    # reference the next artifact reuses. The held-out calibration sample is compared only
+    # without one (--no-eval).
+    samples = None if weights_only or chunks else load_samples(job.text, tokenizer, Path(job.model))
+    batches = [row.unsqueeze(0) for row in samples.ids] if samples is not None else []
     key = "ids-" + hf_eval.ids_sha256(chunks)[:32] if chunks else ""
     evaluation: dict[str, Any] | None = None
     stats: dict[str, Any] = {}
@@ -60,6 +64,9 @@ def main(job: p.ValidateJob) -> None:
             got = hf_eval.scored_logprobs(quantized, chunks, device, "quantized")
             evaluation = {**hf_eval.figures(eval_ref, got, hf_eval.targets(chunks), job.eval_ctx),
                           "ids_sha256": hf_eval.ids_sha256(chunks), "chunks": len(chunks)}
+            if not batches:
+                stats = {"kl_divergence": evaluation["kld_mean"], "tokens": evaluation["tokens"], "finite": True,
+                         "top1_agreement": evaluation["top1_agreement"]}
     metadata = {**stats, "eval": evaluation, "text": samples.metadata if samples is not None else None,
                 "device": device, "versions": versions("gptqmodel", "optimum"),
                 "seconds": round(time.monotonic() - started, 3)}
