@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from background import prefetched
 from conftest import calibration_sample, run_qwrap
 from qwrap.toolchain import Toolchain
-from test_budget import tiny_moe
+from test_budget import tiny_moe  # registers the MoE budget run (background.py)
 
 pytestmark = pytest.mark.slow
 
@@ -22,18 +23,18 @@ def steps_started(out: Path) -> set[str]:
 
 
 def test_expert_coverage_is_counted_reported_and_enforced(tiny_model: Path, convert_python: Path, corpus: Path,
-                                                          tmp_path: Path, toolchain: Toolchain) -> None:
+                                                          tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The counts, the warning and the card of the MoE size-budget run (test_budget.py, the
+    same tiny Mixtral, run with --min-expert-tokens 100000); then a run with --strict-coverage."""
     model = tiny_moe(tiny_model, convert_python)
     calib = tmp_path / "calib.txt"
     calibration_sample(corpus, calib, 8000)  # a short importance matrix (~2,000 tokens): the counts are what matter
     common = ["-q", "Q4_K_M", "--calib", str(calib), "--no-eval", "--json"]
-    env = {"QWRAP_STATS_DIR": str(tmp_path / "stats")}  # one importance matrix for both runs
-    out = tmp_path / "o"
-    plan = run_qwrap("plan", str(model), "-o", str(out), *common)
+    plan = run_qwrap("plan", str(model), "-o", str(tmp_path / "o"), *common)
     assert plan.returncode == 0, plan.stderr
     assert "gguf.coverage" in [s["id"] for s in json.loads(plan.stdout)["steps"]]
     # a minimum above what any expert can get: a warning, the counts still reported
-    proc = run_qwrap("run", str(model), "-o", str(out), "--min-expert-tokens", "100000", *common, env=env)
+    out, proc = prefetched(request, "budget.moe")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "expert coverage: 8 of 8 experts got fewer than 100000" in proc.stderr
     coverage = json.loads(proc.stdout)["expert_coverage"]
@@ -42,15 +43,14 @@ def test_expert_coverage_is_counted_reported_and_enforced(tiny_model: Path, conv
     for layer in coverage["layers"]:  # 4 experts, 2 active: every token counted twice per layer
         assert len(layer["tokens"]) == 4 and all(t > 0 for t in layer["tokens"])
     assert len({sum(c["tokens"]) for c in coverage["layers"]}) == 1
-    assert list(out.glob("*Q4_K_M.gguf")), "a warning does not stop the run"
+    assert list(out.glob("*.gguf")), "a warning does not stop the run"
     card = (out / "README.md").read_text()
     assert "## Expert coverage" in card and "| layer | experts | fewest tokens |" in card
     # with --strict-coverage: a failure before anything is quantized
     strict = run_qwrap("run", str(model), "-o", str(tmp_path / "s"), "--min-expert-tokens", "100000",
-                       "--strict-coverage", *common, env=env)
+                       "--strict-coverage", *common)
     assert strict.returncode == 2, strict.stderr[-3000:]
     assert "expert coverage: 8 of 8 experts got fewer than 100000" in strict.stderr and "Traceback" not in strict.stderr
-    assert "importance matrix reused from the cache" in strict.stderr
     assert not list((tmp_path / "s").glob("*.gguf")) and "gguf.quantize:Q4_K_M" not in steps_started(tmp_path / "s")
 
 

@@ -36,6 +36,9 @@ LAYERS = 3
 TINY = ("--layers", str(LAYERS), "--hidden", "128", "--ffn", "256", "--heads", "2", "--kv-heads", "2",
         "--vocab", "512")
 CASES = [("autoawq", "awq"), ("gptqmodel", "awq"), ("gptqmodel", "gptq")]  # auto-gptq needs CUDA: its own tests
+# reloaded and compared here without qwrap: autoawq's artifact; gptqmodel's AWQ and GPTQ are
+# validated through `qwrap run` (test_arch_models.py: measured, and --no-eval in its kill test)
+VALIDATED = [("autoawq", "awq")]
 WORKER_TIMEOUT_S = 900
 
 
@@ -160,7 +163,7 @@ class Runs:
             for case in CASES:
                 self.lane.start(("quantized", *case), self._quantized, *case)
         if "test_quantize_end_to_end_and_validate" in names:
-            for case in CASES:
+            for case in VALIDATED:
                 self.lane.start(("validated", *case), self._validated, *case)
         if "test_killed_run_resumes_to_a_byte_identical_artifact" in names:
             for case in CASES:
@@ -253,6 +256,8 @@ def test_quantize_end_to_end_and_validate(backend: str, fmt: str, micro_model: P
     expected = {"n_samples": 8, "seq_len": 64, "seed": 0, "source": "corpus.txt"}
     assert {k: metadata["calibration"][k] for k in expected} == expected
 
+    if (backend, fmt) not in VALIDATED:
+        return
     check: Run = runs.get("validated", backend, fmt)
     stats = check.result["metadata"]
     assert stats["finite"] is True and stats["tokens"] == 4 * 64

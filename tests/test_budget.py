@@ -277,9 +277,11 @@ def _moe_run(tiny_model: Path, convert_python: Path, corpus: Path, _: Toolchain,
     calib, held_out = held_out_split(corpus, root)
     calibration_sample(calib, calib, 12_000)
     out = root / "moe"
+    # a minimum no expert can reach: the coverage warns and the run goes on (test_arch_coverage.py
+    # reads the counts, the warning and the card of this run)
     proc = on.qwrap("run", str(tiny_moe(tiny_model, convert_python)), "-o", str(out), "--target-bpw", "5",
                     "--keep-intermediate", "--json", *ONE_THREAD, "--calib", str(calib), "--eval-text", str(held_out),
-                    *EVAL)
+                    *EVAL, "--min-expert-tokens", "100000")
     return out, proc
 
 
