@@ -63,7 +63,7 @@ demo: venv llama envs ## Train a small model offline (once, cached) and quantize
 # PYTHONDONTWRITEBYTECODE never write it): about 0.1 s of CPU a process.
 BYTECODE = $(PY) -m compileall -q wrapper/qwrap
 
-test: setup ## All tests (real tools, tiny models); about 16 minutes warm on 2 cores
+test: setup ## All tests (real tools, tiny models); about 13-15 minutes warm on 2 cores
 	$(BYTECODE)
 	QWRAP_REQUIRE_TOOLCHAIN=1 $(PY) -m pytest $(PYTEST_ARGS)
 
