@@ -15,8 +15,7 @@ import pytest
 from background import Lane, prefetch, prefetched
 from conftest import REPO, Run, run_qwrap
 from qwrap.errors import UsageError
-from qwrap.formats.gguf.actions import PERPLEXITY_ATTEMPTS
-from qwrap.quality import base_chunks, gate, parse_base_ppl, parse_gates, parse_kld_summary
+from qwrap.quality import PERPLEXITY_ATTEMPTS, base_chunks, gate, parse_base_ppl, parse_gates, parse_kld_summary
 from qwrap.toolchain import Toolchain
 
 RECORDED = REPO / "tests" / "data" / "recorded"

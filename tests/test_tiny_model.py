@@ -18,7 +18,7 @@ import pytest
 from background import Lane, prefetch, prefetched
 from conftest import _missing
 from qwrap.errors import ToolchainMissingError
-from qwrap.formats.gguf.actions import PERPLEXITY_ATTEMPTS
+from qwrap.quality import PERPLEXITY_ATTEMPTS
 from qwrap.toolchain import Toolchain, find_toolchain, read_pin, source_dir
 
 REPO = Path(__file__).resolve().parents[1]

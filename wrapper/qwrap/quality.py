@@ -245,6 +245,13 @@ def parse_base_ppl(lines: Iterable[str]) -> float:
     return parse_base_estimate(lines)[0]
 
 
+# The pinned llama-perplexity sometimes exits 0 without printing its last lines (the summary),
+# to a pipe, a pty or its --log-file alike: 1 in 12 runs on an idle 2-core VM, more than half
+# under load. The measurement is deterministic, so a run without its result is repeated, by
+# qwrap's steps and by the tests that run the tool by hand.
+PERPLEXITY_ATTEMPTS = 6
+
+
 def base_chunks(path: Path) -> int:
     """How many chunks a llama-perplexity base file (``--kl-divergence-base``) holds: its header
     is ``_logits_``, then n_ctx, n_vocab and n_chunk as int32. A text shorter than the chunks

@@ -31,7 +31,7 @@ from ...model import chat_template
 from ...modelfiles import read_header
 from ...plan import Step
 from ...progress import ChunkProgress, ConvertProgress, QuantizeProgress
-from ...quality import base_chunks, parse_base_ppl, parse_kld_summary
+from ...quality import PERPLEXITY_ATTEMPTS, base_chunks, parse_base_ppl, parse_kld_summary
 from ...supervisor import ProcessResult
 from ...toolchain import Toolchain, find_toolchain
 from ...worker_client import REFERENCE_DIR, run_worker
@@ -48,10 +48,6 @@ from .steps import split_name
 
 VALIDATE_PROMPT = "Once upon a time"
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
-# The pinned llama-perplexity sometimes exits 0 without printing its last lines (the summary),
-# to a pipe, a pty or its --log-file alike: 1 in 12 runs on an idle 2-core VM, more than half
-# under load. The measurement is deterministic, so a run without its result is repeated.
-PERPLEXITY_ATTEMPTS = 6
 
 
 def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:

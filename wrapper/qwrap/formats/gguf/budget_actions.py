@@ -27,7 +27,15 @@ from ...context import Inputs, StepContext, StepOutcome
 from ...errors import UsageError, ValidationFailedError
 from ...ggufinfo import GGUFInfo, read_info
 from ...plan import Step
-from ...quality import NOISE_SIGMAS, Quality, base_chunks, combined_se, parse_kld_summary, within_noise
+from ...quality import (
+    NOISE_SIGMAS,
+    PERPLEXITY_ATTEMPTS,
+    Quality,
+    base_chunks,
+    combined_se,
+    parse_kld_summary,
+    within_noise,
+)
 from ...toolchain import Toolchain, find_toolchain
 from .budgets import Target, human_size
 from .ggmltypes import BY_ID, GGML_TYPES, aligned
@@ -48,7 +56,6 @@ from .search import recipe as searched_recipe
 from .stats import keep as keep_stats
 from .stats import reuse as reuse_stats
 
-PERPLEXITY_ATTEMPTS = 6
 # The stock mixes a budget is compared with (the nearest one at or under its size).
 STOCK = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 _DRY = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[([\d,\s]+)\],\s+type\s*=\s*(\w+),\s+size\s*=\s*[\d.]+\s+MiB"
@@ -210,11 +217,11 @@ def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         _write_json(done_path, done)
     ctx.progress(len(probes), len(probes), "probes")
     ref = done["ref"]
-    chunks = base_chunks(base)  # a short calibration text holds fewer than asked for: all are measured
+    measured = base_chunks(base)  # a short calibration text holds fewer than asked for: all are measured
     sens = Sensitivity(ref, {t: done[f"type:{t}"] for t in CANDIDATES if f"type:{t}" in done},
-                              {g.name: done[f"group:{g.name}"] - ref for g in groups},
-                              chunks * (ctx_len - 1 - ctx_len // 2))
-    data = {"sensitivity": sens.to_json(), "bands": int(step.param("bands")), "ctx": ctx_len, "chunks": chunks,
+                       {g.name: done[f"group:{g.name}"] - ref for g in groups},
+                       measured * (ctx_len - 1 - ctx_len // 2))
+    data = {"sensitivity": sens.to_json(), "bands": int(step.param("bands")), "ctx": ctx_len, "chunks": measured,
             "groups": [{"name": g.name, "kind": g.kind, "layers": list(g.layers),
                         "tensors": [[t.name, list(t.shape)] for t in g.tensors]} for g in groups],
             "probes": len(probes)}
