@@ -66,8 +66,11 @@ def test_setup_and_environments_follow_the_declaration() -> None:
 
 def test_the_cli_help_lists_the_declared_backends() -> None:
     command = typer.main.get_command(cli.app)
-    assert isinstance(command, click.Group) and isinstance(env := command.commands["env"], click.Group)
-    setup, create = command.commands["setup"], env.commands["create"]
+    assert isinstance(command, click.Group)
+    ctx = command.make_context("qwrap", [], resilient_parsing=True)
+    setup, env = command.get_command(ctx, "setup"), command.get_command(ctx, "env")
+    assert isinstance(setup, click.Command) and isinstance(env, click.Group)
+    create = env.commands["create"]
     listed = ", ".join(NAMES)
     assert f"({listed}, or all)" in next(p.help for p in setup.params if p.name == "backends")
     assert f"({listed})" in next(p.help for p in create.params if p.name == "name")

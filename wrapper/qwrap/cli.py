@@ -15,8 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
+from typer.main import get_command_from_info, get_command_name
+from typer.models import CommandInfo
 
 from . import __version__
 from .deferred import defer
@@ -29,7 +33,57 @@ from .workers.backends import BACKENDS as BACKEND_NAMES  # declared once, for th
 defer("rich.markdown", "Markdown")
 defer("rich.traceback", "Traceback")
 
+class _Summary(TyperCommand):
+    """A command of the root group before it is built: the name and help its listing reads."""
+
+
+# the root group's commands, in the order they are listed: name -> (help, makes the callback)
+_ON_USE: dict[str, tuple[str, Callable[[], Callable[..., None]]]] = {}
+
+
+def _command_on_use(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """``@app.command(name)``, built when used (``_Root``)."""
+
+    def register(callback: Callable[..., None]) -> Callable[..., None]:
+        _ON_USE[name or get_command_name(callback.__name__)] = (inspect.getdoc(callback) or "", lambda: callback)
+        return callback
+
+    return register
+
+
+class _Root(TyperGroup):
+    """The root command group. Each command stands in it as its summary until it is invoked,
+    completed or its own help asked for: building a command reads its parameters (``run`` and
+    ``plan`` take every format's options, declared in ``qwrap.formats``), which the top-level
+    ``--help`` that lists them does not need (about 50 ms of each ``qwrap --help``)."""
+
+    def __init__(self, *, commands: dict[str, click.Command], rich_markup_mode: Any, **kwargs: Any) -> None:
+        # the listing shows short_help as written; a docstring's first paragraph wraps at 120
+        summaries = {name: _Summary(name=name, help=text, short_help=" ".join(text.split("\n\n")[0].split()),
+                                    rich_markup_mode=rich_markup_mode)
+                     for name, (text, _) in _ON_USE.items()}
+        super().__init__(commands={**summaries, **commands}, rich_markup_mode=rich_markup_mode, **kwargs)
+        self._listing = False
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if isinstance(command, _Summary) and not self._listing:
+            info = CommandInfo(name=cmd_name, callback=_ON_USE[cmd_name][1]())
+            command = self.commands[cmd_name] = get_command_from_info(
+                info, pretty_exceptions_short=app.pretty_exceptions_short, rich_markup_mode=self.rich_markup_mode)
+        return command
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
 app = typer.Typer(
+    cls=_Root,
+    suggest_commands=False,  # click suggests close command names itself (typer would repeat it)
     name="qwrap",
     help="Turn a Hugging Face causal LM into validated GGUF, AWQ and GPTQ artifacts.\n\n"
     "Example: qwrap run ./my-model --format gguf --quant Q4_K_M --quant Q8_0 --output out/",
@@ -225,8 +279,8 @@ def _plan(values: dict[str, Any]) -> None:
         render_plan(report, out_console)
 
 
-app.command("run")(_command(_run, RUN_DOC, RUN_EXTRA))
-app.command("plan")(_command(_plan, PLAN_DOC, PLAN_EXTRA))
+_ON_USE["run"] = (inspect.cleandoc(RUN_DOC), lambda: _command(_run, RUN_DOC, RUN_EXTRA))
+_ON_USE["plan"] = (inspect.cleandoc(PLAN_DOC), lambda: _command(_plan, PLAN_DOC, PLAN_EXTRA))
 
 # not carried into a job's command: the job's own choices, the plan command's, and the token
 _NOT_IN_JOBS = {"model", "output", "token", "json_out", "events", "jobs", *(o.name for o in PLAN_EXTRA)}
@@ -338,7 +392,7 @@ def _say_pushed(pushed: Any) -> None:
              f"{len(pushed['unchanged'])} already there): {pushed['pr_url'] or pushed['commit_url']}")
 
 
-@app.command()
+@_command_on_use()
 def push(
     output: OutDir,
     repo_id: Annotated[str, typer.Argument(help="The Hub repo to push to, `org/name` (created if missing).")],
@@ -368,7 +422,7 @@ def push(
         typer.echo(json.dumps(pushed, indent=2))
 
 
-@app.command()
+@_command_on_use()
 def resume(
     output: OutDir,
     token: Annotated[Optional[str], typer.Option(help="Hub token, if the model must be fetched again.")] = None,
@@ -385,7 +439,7 @@ def resume(
     _execute(request, token=token, json_out=json_out, events=events)
 
 
-@app.command("eval")
+@_command_on_use("eval")
 def eval_command(
     output: OutDir,
     eval_text: Annotated[Optional[Path], typer.Option(help="Evaluation text FILE (.txt or .jsonl); default: the run's.")] = None,
@@ -422,7 +476,7 @@ def eval_command(
     _execute(dataclasses.replace(request, **changes), token=token, json_out=json_out, events=events)
 
 
-@app.command()
+@_command_on_use()
 def status(output: OutDir, json_out: JsonFlag = False) -> None:
     """Show every step of the plan in OUTPUT, whichever process or machine ran it: state (pending, running, done,
     failed, ...), host, duration, peak memory, output, error.
@@ -442,7 +496,7 @@ def status(output: OutDir, json_out: JsonFlag = False) -> None:
         render(info, out_console)
 
 
-@app.command()
+@_command_on_use()
 def formats(
     architectures: Annotated[bool, typer.Option("--architectures", help="List the model architectures the pinned converter supports.")] = False,
 ) -> None:
@@ -472,7 +526,7 @@ def formats(
             out_console.print(listing.note)
 
 
-@app.command()
+@_command_on_use()
 def doctor(json_out: JsonFlag = False) -> None:
     """Report the toolchain (paths, pinned commit), environments and GPU.
 
@@ -487,7 +541,7 @@ def doctor(json_out: JsonFlag = False) -> None:
         render(info, out_console)
 
 
-@app.command()
+@_command_on_use()
 def setup(
     cuda: Annotated[Optional[bool], typer.Option("--cuda/--cpu", help="Build llama.cpp with CUDA (default: when nvidia-smi sees a GPU).")] = None,
     backends: Annotated[list[str], typer.Option(help=f"Backend environments to create too ({', '.join(BACKEND_NAMES)}, or all); repeatable.")] = [],  # noqa: B006
@@ -550,8 +604,6 @@ def main_inner(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import click
-
     try:
         code = main_inner(argv)
     except QwrapError as err:
