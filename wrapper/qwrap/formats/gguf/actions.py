@@ -31,12 +31,13 @@ from ...model import chat_template
 from ...modelfiles import read_header
 from ...plan import Step
 from ...progress import ChunkProgress, ConvertProgress, QuantizeProgress
-from ...quality import PERPLEXITY_ATTEMPTS, base_chunks, parse_base_ppl, parse_kld_summary
+from ...quality import base_chunks
 from ...supervisor import ProcessResult
 from ...toolchain import Toolchain, find_toolchain
 from ...worker_client import REFERENCE_DIR, run_worker
 from ...workers.backends import VALIDATE_BACKEND
 from ...workers.protocol import TextSource, ValidateJob
+from . import perplexity
 from .declaration import WORK
 from .ggmltypes import ALIGNMENT, BY_ID, GGML_TYPES, aligned
 from .quants import QUANT_TYPES
@@ -55,12 +56,6 @@ def execute(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
                "gguf.validate": _validate, "gguf.split": _split, "gguf.eval-base": _eval_base, "gguf.eval": _eval,
                "gguf.weights": _weights, "gguf.mmproj": _mmproj, "gguf.mmproj-validate": _mmproj_validate}
     return actions[step.kind](step, inputs, ctx)
-
-
-def _offload(tools: Toolchain) -> list[str]:
-    """A CUDA build runs every layer on the GPU (the imatrix, the validation, the evaluation);
-    a CPU build takes no such flag."""
-    return ["-ngl", "999"] if tools.variant == "cuda" else []
 
 
 def _partial(path: Path) -> Path:
@@ -114,7 +109,7 @@ def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         return StepOutcome((out,), {"reused_from_cache": True})
     argv: list[str | os.PathLike[str]] = [
         tools.tool("llama-imatrix"), "-m", inputs["model"].path, "-f", step.file("calib"), "-o", tmp,
-        "-t", str(ctx.threads), "-c", "512", "--chunks", str(step.param("chunks")), "--log-jsonl", *_offload(tools),
+        "-t", str(ctx.threads), "-c", "512", "--chunks", str(step.param("chunks")), "--log-jsonl", *perplexity.offload(tools),
     ]
     result = ctx.run_tool(argv, what="llama-imatrix", parser=ChunkProgress())
     if not tmp.is_file():
@@ -311,7 +306,7 @@ def _fallback_audit(info: GGUFInfo, parser: QuantizeProgress, size: int, quant: 
 def _load_and_generate(model: Path, what: str, ctx: StepContext) -> ProcessResult:
     """The real load: llama.cpp reads ``model`` (a split set from its first shard) and generates."""
     tools = find_toolchain()
-    argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", model, "-n", "8", *_offload(tools),
+    argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", model, "-n", "8", *perplexity.offload(tools),
                                           VALIDATE_PROMPT]
     try:
         result = ctx.run_tool(argv, what=f"loading {what} in llama.cpp")
@@ -383,10 +378,8 @@ def _split(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     return StepOutcome((), facts, result.peak_rss_bytes, renames=tuple(zip(shards, finals, strict=True)))
 
 
-def _perplexity_argv(model: Path, step: Step, ctx: StepContext) -> list[str | os.PathLike[str]]:
-    tools = find_toolchain()
-    return [tools.tool("llama-perplexity"), "-m", model, "-c", str(step.param("ctx")), "--chunks",
-            str(step.param("chunks")), "-t", str(ctx.threads), "-b", str(step.param("ctx")), *_offload(tools)]
+def _perplexity_argv(model: Path, step: Step, ctx: StepContext) -> perplexity.Argv:
+    return perplexity.argv(find_toolchain(), model, step.param("ctx"), step.param("chunks"), ctx.threads)
 
 
 def _eval_base(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
@@ -395,22 +388,10 @@ def _eval_base(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     out = ctx.path(step.outputs[0])
     tmp = _partial(out)
     tmp.unlink(missing_ok=True)
-    argv = [*_perplexity_argv(inputs["model"].path, step, ctx), "-f", step.file("text"),
-            "--kl-divergence-base", tmp]
-    for attempt in range(1, PERPLEXITY_ATTEMPTS + 1):
-        result = ctx.run_tool(argv, what="llama-perplexity (16-bit reference)", parser=ChunkProgress())
-        text = result.tail
-        if any("you need at least" in line for line in text):
-            raise UsageError(f"the evaluation text {step.file('text')} is too short for two chunks of "
-                             f"{step.param('ctx')} tokens", hint="Pass a longer --eval-text, a smaller --eval-ctx, or --no-eval.")
-        try:
-            ppl = parse_base_ppl(text)
-            break
-        except ValueError as exc:
-            if attempt == PERPLEXITY_ATTEMPTS:
-                raise ValidationFailedError(f"the 16-bit reference measurement printed no result: {exc}",
-                                            hint=f"See {result.log_path}.") from exc
-            ctx.warning(f"llama-perplexity ended without its result (attempt {attempt}); measuring again")
+    short = UsageError(f"the evaluation text {step.file('text')} is too short for two chunks of {step.param('ctx')} "
+                       "tokens", hint="Pass a longer --eval-text, a smaller --eval-ctx, or --no-eval.")
+    ppl, result = perplexity.write_base(ctx, _perplexity_argv(inputs["model"].path, step, ctx), step.file("text"),
+                                        tmp, "llama-perplexity (16-bit reference)", short, parser=ChunkProgress())
     os.replace(tmp, out)
     chunks = base_chunks(out)  # the text may hold fewer chunks than asked for: llama-perplexity takes them all
     return StepOutcome((out,), {"ppl_base": ppl, "ctx": step.param("ctx"), "chunks": chunks}, result.peak_rss_bytes)
@@ -418,17 +399,8 @@ def _eval_base(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 def _eval(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     quant = step.param("quant")
-    argv = [*_perplexity_argv(inputs["artifact"].path, step, ctx), "--kl-divergence-base", inputs["base"].path,
-            "--kl-divergence"]
-    for attempt in range(1, PERPLEXITY_ATTEMPTS + 1):
-        result = ctx.run_tool(argv, what=f"llama-perplexity {quant}")
-        try:
-            figures = parse_kld_summary(result.tail)
-            break
-        except ValueError as exc:
-            if attempt == PERPLEXITY_ATTEMPTS:
-                raise ValidationFailedError(f"measuring {quant}: {exc}", hint=f"See {result.log_path}.") from exc
-            ctx.warning(f"llama-perplexity ended without its summary (attempt {attempt}); measuring again")
+    figures, result = perplexity.kld(ctx, _perplexity_argv(inputs["artifact"].path, step, ctx), inputs["base"].path,
+                                     f"llama-perplexity {quant}")
     chunks = int(inputs["base"].facts.get("chunks") or step.param("chunks"))
     scored = chunks * (step.param("ctx") - 1 - step.param("ctx") // 2)
     quality = {**figures, "tokens": scored, "ctx": step.param("ctx"), "runtime": "llama.cpp", "weights": None}
@@ -527,7 +499,7 @@ def _mmproj_validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcom
         "-n", "8", "-c", "2048", "--temp", "0", "--seed", "0", "-t", str(ctx.threads),
         # no warm-up: it encodes an image of the largest size the projector takes, which on a CPU
         # costs more than the whole check; the small image is scaled up to the smallest it takes
-        "--no-warmup", *_offload(tools)]
+        "--no-warmup", *perplexity.offload(tools)]
     what = f"{partial.name.removesuffix('.partial')} with {text.name}"
     try:
         result = ctx.run_tool(argv, what=f"loading {what} in llama-mtmd-cli", parser=lines)

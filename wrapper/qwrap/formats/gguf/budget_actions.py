@@ -29,14 +29,13 @@ from ...ggufinfo import GGUFInfo, read_info
 from ...plan import Step
 from ...quality import (
     NOISE_SIGMAS,
-    PERPLEXITY_ATTEMPTS,
     Quality,
     base_chunks,
     combined_se,
-    parse_kld_summary,
     within_noise,
 )
 from ...toolchain import Toolchain, find_toolchain
+from . import perplexity
 from .budgets import Target, human_size
 from .ggmltypes import BY_ID, GGML_TYPES, aligned
 from .recipes import Recipe, parse, recipe_name
@@ -140,33 +139,6 @@ def imatrix_metadata_bytes(imatrix: Path, as_passed: str) -> int:
     return added
 
 
-def _kld(tools: Toolchain, model: Path, base: Path, ctx_len: int, chunks: int, ctx: StepContext, what: str,
-         text: str | None = None) -> dict[str, float]:
-    """llama-perplexity --kl-divergence of ``model`` against ``base`` (or, with ``text``, the
-    base file written from it), repeated when the pinned tool ends without its summary."""
-    argv: list[str | os.PathLike[str]] = [
-        tools.tool("llama-perplexity"), "-m", model, "-c", str(ctx_len), "--chunks", str(chunks),
-        "-t", str(ctx.threads), "-b", str(ctx_len), *(["-ngl", "999"] if tools.variant == "cuda" else [])]
-    argv += ["-f", text, "--kl-divergence-base", base] if text else ["--kl-divergence-base", base, "--kl-divergence"]
-    for attempt in range(1, PERPLEXITY_ATTEMPTS + 1):
-        result = ctx.run_tool(argv, what=what)
-        if text is not None:
-            if any("you need at least" in line for line in result.tail):
-                raise UsageError("the calibration text is too short for two chunks of "
-                                 f"{ctx_len} tokens to measure sensitivity on", hint="Pass a longer --calib.")
-            if base.is_file() and any("Final estimate" in line for line in result.tail):
-                return {}
-        else:
-            try:
-                return parse_kld_summary(result.tail)
-            except ValueError:
-                pass
-        if attempt == PERPLEXITY_ATTEMPTS:
-            raise ValidationFailedError(f"{what}: llama-perplexity printed no result", hint=f"See {result.log_path}.")
-        ctx.warning(f"llama-perplexity ended without its result (attempt {attempt}); measuring again")
-    raise AssertionError("unreachable")
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -189,8 +161,10 @@ def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     base = work / "calibration.kld"
     if not base.is_file():
         tmp = work / "calibration.kld.partial"
-        _kld(tools, model, tmp, ctx_len, chunks, ctx, "llama-perplexity (16-bit, calibration text)",
-             text=step.file("calib"))
+        short = UsageError(f"the calibration text is too short for two chunks of {ctx_len} tokens to measure "
+                           "sensitivity on", hint="Pass a longer --calib.")
+        perplexity.write_base(ctx, perplexity.argv(tools, model, ctx_len, chunks, ctx.threads), step.file("calib"), tmp,
+                              "llama-perplexity (16-bit, calibration text)", short)
         os.replace(tmp, base)
     probes: list[tuple[str, list[str]]] = [("ref", [])]
     for t in CANDIDATES:
@@ -211,8 +185,9 @@ def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         if rules:
             argv += ["--tensor-type-file", rules_file]
         ctx.run_tool([*argv, model, probe_model, "Q8_0", str(ctx.threads)], what=f"llama-quantize (probe {probe})")
-        done[probe] = _kld(tools, probe_model, base, ctx_len, chunks, ctx, f"llama-perplexity (probe {probe})")[
-            "kld_mean"]
+        figures, _ = perplexity.kld(ctx, perplexity.argv(tools, probe_model, ctx_len, chunks, ctx.threads), base,
+                                    f"llama-perplexity (probe {probe})")
+        done[probe] = figures["kld_mean"]
         probe_model.unlink(missing_ok=True)
         _write_json(done_path, done)
     ctx.progress(len(probes), len(probes), "probes")
@@ -324,7 +299,8 @@ def _compare(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     base = inputs["base"]
     ctx_len = int(step.param("ctx"))
     chunks = int(base.facts.get("chunks") or step.param("chunks"))
-    figures = _kld(tools, out, base.path, ctx_len, chunks, ctx, f"llama-perplexity {quant} (stock)")
+    figures, _ = perplexity.kld(ctx, perplexity.argv(tools, out, ctx_len, chunks, ctx.threads), base.path,
+                                f"llama-perplexity {quant} (stock)")
     size = out.stat().st_size
     info = read_info(out)
     quality = {**figures, "tokens": chunks * (ctx_len - 1 - ctx_len // 2), "ctx": ctx_len, "runtime": "llama.cpp",
