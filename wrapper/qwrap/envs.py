@@ -71,6 +71,20 @@ class Env:
     def python(self) -> Path:
         return self.path / "bin" / "python"
 
+    def holds(self, package: str) -> bool:
+        """Whether ``package`` is installed in this environment: in its site-packages or in the
+        shared ones its .pth files add (the torch environment, an offline base Python), from the
+        files alone (no interpreter started)."""
+        places = list(self.path.glob("lib/python*/site-packages"))
+        for site in list(places):
+            for pth in site.glob("*.pth"):
+                try:
+                    lines = pth.read_text().splitlines()
+                except OSError:
+                    continue
+                places += [Path(x) for x in lines if x.strip() and not x.startswith(("#", "import"))]
+        return any((p / package).is_dir() for p in places)
+
 
 def spec(name: str) -> EnvSpec:
     try:

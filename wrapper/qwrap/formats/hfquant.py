@@ -73,24 +73,14 @@ def _vision_check(o: Common) -> Check:
 
 
 def _has_torchvision(backend: str) -> bool | None:
-    """Whether the backend's environment holds torchvision (its site-packages and the shared
-    ones its .pth files add), from the files alone; None when the environment is not created."""
+    """Whether the backend's environment holds torchvision; None when it is not created."""
     from ..envs import find_env
     from ..errors import QwrapError
 
     try:
-        env = find_env(backend)
+        return find_env(backend).holds("torchvision")
     except QwrapError:
         return None
-    places = list(env.path.glob("lib/python*/site-packages"))
-    for site in list(places):
-        for pth in site.glob("*.pth"):
-            try:
-                lines = pth.read_text().splitlines()
-            except OSError:
-                continue
-            places += [Path(x) for x in lines if x.strip() and not x.startswith(("#", "import"))]
-    return any((p / "torchvision").is_dir() for p in places)
 
 
 def _support_check(o: Common, model: ModelInfo) -> Check:
