@@ -164,3 +164,15 @@ def test_peak_rss_of_a_short_tool_is_exact() -> None:
     """A tool that finishes between two samples still reports its real peak (wait4)."""
     result = supervisor.run(py("b = bytearray(150 * 2**20)"))
     assert result.peak_rss_bytes > 150 * 2**20
+
+
+def test_a_child_whose_qwrap_died_before_it_could_ask_for_the_signal_ends_itself() -> None:
+    """PR_SET_PDEATHSIG set after the parent is already gone never fires: the child, handed to
+    another parent, ends itself before exec. With its own parent it runs on."""
+    me = os.getpid()
+    own = subprocess.run(py("print('ran')"), capture_output=True, text=True, timeout=30,  # noqa: PLW1509
+                         preexec_fn=lambda: supervisor._set_parent_death_signal(me))
+    assert own.returncode == 0 and own.stdout == "ran\n"
+    gone = subprocess.run(py("print('ran')"), capture_output=True, text=True, timeout=30,  # noqa: PLW1509
+                          preexec_fn=lambda: supervisor._set_parent_death_signal(me + 1))
+    assert gone.returncode == -signal.SIGKILL and gone.stdout == ""

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -172,12 +173,15 @@ def _load_libc() -> ctypes.CDLL | None:
 _LIBC = _load_libc()
 
 
-def _set_parent_death_signal() -> None:
-    """In the child before exec: die with SIGKILL when qwrap dies (Linux prctl). The signal
-    fires when the *thread* that started the child ends; supervising threads outlive their
-    children, so that is when qwrap dies."""
+def _set_parent_death_signal(parent: int) -> None:
+    """In the child before exec: die with SIGKILL when qwrap (pid ``parent``) dies (Linux
+    prctl). The signal fires when the *thread* that started the child ends; supervising threads
+    outlive their children, so that is when qwrap dies. A qwrap killed between the fork and the
+    prctl sends no signal: the child, already given to another parent, ends itself."""
     if _LIBC is not None:
         _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -394,7 +398,7 @@ def run(
                 env=environment,
                 start_new_session=True,
                 pass_fds=(event_w,) if event_w is not None else (),
-                preexec_fn=_set_parent_death_signal,  # noqa: PLW1509 - takes no lock (see _LIBC)
+                preexec_fn=partial(_set_parent_death_signal, os.getpid()),  # noqa: PLW1509 - takes no lock (see _LIBC)
             )
         except OSError:
             for fd in (out_r, out_w, event_r, event_w):
