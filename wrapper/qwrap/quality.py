@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import math
 import re
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .workers.protocol import llama_kld_header
 
 
 @dataclass(frozen=True)
@@ -253,14 +253,10 @@ PERPLEXITY_ATTEMPTS = 6
 
 
 def base_chunks(path: Path) -> int:
-    """How many chunks a llama-perplexity base file (``--kl-divergence-base``) holds: its header
-    is ``_logits_``, then n_ctx, n_vocab and n_chunk as int32. A text shorter than the chunks
-    asked for gives fewer, and every later KLD run measures exactly these."""
-    with path.open("rb") as f:
-        head = f.read(20)
-    if len(head) != 20 or head[:8] != b"_logits_":
-        raise ValueError(f"{path} is not a llama-perplexity base file")
-    return int(struct.unpack("<iii", head[8:])[2])
+    """How many chunks a llama-perplexity base file (``--kl-divergence-base``) holds. A text
+    shorter than the chunks asked for gives fewer, and every later KLD run measures exactly
+    these."""
+    return llama_kld_header(path)[2]
 
 
 # -- noise ------------------------------------------------------------------------------

@@ -48,10 +48,12 @@ def chunk_ids(job: p.ValidateJob, tokenizer: Any) -> list[list[int]]:
 
 
 def _kld_tokens(path: Path) -> tuple[list[int], int]:
+    try:
+        n_ctx, _n_vocab, n_chunk = p.llama_kld_header(path)
+    except ValueError as exc:
+        raise WorkerError("bad_job", str(exc)) from None
     with path.open("rb") as f:
-        if f.read(8) != b"_logits_":
-            raise WorkerError("bad_job", f"{path} is not a llama-perplexity base file")
-        n_ctx, _n_vocab, n_chunk = struct.unpack("<iii", f.read(12))
+        f.seek(20)
         raw = f.read(4 * n_ctx * n_chunk)
     if len(raw) != 4 * n_ctx * n_chunk:
         raise WorkerError("bad_job", f"{path} is truncated")

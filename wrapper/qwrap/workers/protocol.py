@@ -30,6 +30,20 @@ PROTOCOL_VERSION = 1
 EVENT_FD_ENV = "QWRAP_EVENT_FD"
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def llama_kld_header(path: Path) -> tuple[int, int, int]:
+    """n_ctx, n_vocab and n_chunk of a llama-perplexity base file (``--kl-divergence-base``,
+    an ``eval_source_kind="llama-kld"``): ``_logits_``, then three int32. Its token ids (one
+    int32 per position of every chunk) follow. ValueError when it is not one."""
+    import struct
+
+    with path.open("rb") as f:
+        head = f.read(20)
+    if len(head) != 20 or head[:8] != b"_logits_":
+        raise ValueError(f"{path} is not a llama-perplexity base file")
+    n_ctx, n_vocab, n_chunk = struct.unpack("<iii", head[8:])
+    return int(n_ctx), int(n_vocab), int(n_chunk)
 AWQ_VERSIONS = ("gemm", "gemv")
 
 # error.kind values. oom: out of memory (finished layers stay checkpointed);
