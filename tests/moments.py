@@ -6,14 +6,19 @@ and the point is in the test id.
 - ``started:STEP`` / ``done:STEP`` / ``interrupted:STEP``: the journal records that state for
   the first step whose id starts with STEP (``done:gguf.validate:`` is the first validation's);
 - ``child:STEP``: the journal records a child (tool or worker) started for such a step;
-- ``file:GLOB``: a file matching GLOB (relative to OUT) exists.
+- ``file:GLOB``: a file matching GLOB (relative to OUT) exists;
+- ``layer:FORMAT``: FORMAT's worker commits a layer checkpoint while we wait (GPTQModel's
+  ``CURRENT`` or autoawq's ``layer-N.json`` written under ``.checkpoint/layers/FORMAT-*``): a
+  run resumed from checkpoints comes to it at its next layer, not at once.
 
 The kill comes a poll interval (10 ms) after the moment: the run is past the moment, and the
 next moment's work has at most just begun."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -22,7 +27,8 @@ from typing import Any
 
 import psutil
 
-KINDS = ("started", "done", "interrupted", "child", "file")
+KINDS = ("started", "done", "interrupted", "child", "file", "layer")
+LAYER_COMMITS = ("CURRENT", "layer-*.json")  # what a worker writes last to commit a layer
 
 
 def journal_path(out: Path) -> Path:
@@ -74,12 +80,28 @@ class Moment:
 
     @property
     def step(self) -> str | None:
-        return None if self.kind == "file" else self.what
+        return None if self.kind in ("file", "layer") else self.what
+
+    def commits(self, out: Path) -> dict[Path, int]:
+        """``layer``: the layer commits under OUT, by path, with their modification times."""
+        found = {}
+        for root in (out / ".checkpoint" / "layers").glob(f"{self.what}-*"):
+            for folder, _, names in os.walk(root):  # (a folder the worker removes as we walk is skipped)
+                for name in names:
+                    if any(fnmatch.fnmatch(name, pattern) for pattern in LAYER_COMMITS):
+                        path = Path(folder) / name
+                        try:
+                            found[path] = path.stat().st_mtime_ns
+                        except FileNotFoundError:  # replaced as we looked
+                            continue
+        return found
 
     def find(self, out: Path, since: int = 0) -> dict[str, Any] | Path | None:
         """The journal record (from byte ``since``) or the file of this moment, if it has happened."""
         if self.kind == "file":
             return next(iter(sorted(out.glob(self.what))), None)
+        if self.kind == "layer":
+            raise ValueError("a layer moment is a commit after a point in time: wait for it with until()")
         for rec in journal_records(out, since):
             if self.kind == "child":
                 if rec.get("kind") == "child" and str(rec.get("step_ref", "")).startswith(self.what):
@@ -107,9 +129,13 @@ def until(out: Path, moment: Moment | str, proc: subprocess.Popen[Any] | None = 
     nothing happens within ``timeout``."""
     moment = Moment.parse(moment)
     deadline = time.monotonic() + timeout
+    before = moment.commits(out) if moment.kind == "layer" else {}
     while True:
         ended = proc is not None and proc.poll() is not None
-        found = moment.find(out, since)
+        if moment.kind == "layer":
+            found = next((p for p, t in moment.commits(out).items() if before.get(p) != t), None)
+        else:
+            found = moment.find(out, since)
         if found is not None or ended:
             return found
         if time.monotonic() > deadline:

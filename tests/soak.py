@@ -144,6 +144,8 @@ def _kill_at(proc: subprocess.Popen[bytes], number: int, moment: str, child: boo
             victim = psutil.Process(int(found["pid"]))
         except psutil.NoSuchProcess:
             victim = None
+    elif child and moment.startswith("layer:"):  # the worker that committed the layer
+        victim = next((p for p in tree if _name(p).startswith(f"{_format(moment)}_")), None)
     kill = Kill(number, moment, _name(victim) if victim else "child (had exited)", round(time.monotonic() - began, 2))
     if victim is not None:
         try:
@@ -158,7 +160,7 @@ def _kill_at(proc: subprocess.Popen[bytes], number: int, moment: str, child: boo
 
 
 def _format(moment: str) -> str:
-    """The format a moment's step belongs to: 'awq' of 'child:awq.quantize'."""
+    """The format a moment's step belongs to: 'awq' of 'child:awq.quantize' and of 'layer:awq'."""
     return moment.partition(":")[2].split(".", 1)[0]
 
 
@@ -184,7 +186,11 @@ def soak(model: Path, work: Path, args: Sequence[str], *, kills: int, seed: int,
         raise RuntimeError(f"the uninterrupted run failed (exit {code}): see {work / 'qwrap.log'}")
     full_s = time.monotonic() - started
     reference = _shas(text)
-    moments = [m for m in moments_of(work / "reference") if focus in m]
+    found = moments_of(work / "reference")
+    # a worker's layer commits: a kill mid-quantization, and again at the next layer once resumed
+    layered = sorted({f"layer:{_format(m)}" for m in found if m.startswith("child:") and ".quantize" in m
+                      and _format(m) != "gguf"})
+    moments = [m for m in [*found, *layered] if focus in m]
     if not moments:
         raise RuntimeError(f"no moment of the uninterrupted run names {focus!r}")
     out = work / "soaked"
@@ -196,8 +202,8 @@ def soak(model: Path, work: Path, args: Sequence[str], *, kills: int, seed: int,
         since = journal_size(out)
         proc, result = _start(model, out, args, work, env)
         began = time.monotonic()
-        kill = _kill_at(proc, len(done) + len(pending) + 1, moment, child and moment.startswith("child:"), began,
-                        out, since, list(reference))
+        kill = _kill_at(proc, len(done) + len(pending) + 1, moment, child and moment.startswith(("child:", "layer:")),
+                        began, out, since, list(reference))
         if kill is not None:
             pending.append(kill)
         proc.wait(timeout=3600)
