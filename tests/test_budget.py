@@ -19,6 +19,7 @@ import pytest
 from background import Lane, prefetch, prefetched
 from conftest import calibration_sample, qwrap_argv, run_qwrap
 from moments import wait_for
+from qwrap.evaltext import kld_standard_error
 from qwrap.formats.gguf.recipes import parse
 from qwrap.ggufinfo import read_info
 from qwrap.toolchain import Toolchain, cache_root
@@ -237,6 +238,25 @@ def test_bad_budgets_are_refused_before_any_work(trained_model: Path, corpus: Pa
         assert not (out / ".checkpoint" / "journal.jsonl").exists() or "gguf.convert" not in \
             (out / ".checkpoint" / "journal.jsonl").read_text()
 
+
+
+def test_plan_states_the_precision_of_the_measured_kld_at_each_kld_budget(trained_model: Path, corpus: Path,
+                                                                          tmp_path: Path, toolchain: Toolchain) -> None:
+    """A --target-kld is held against the evaluation's measured KLD: plan says how precise that
+    figure will be at each limit, from the tokens the evaluation scores."""
+    proc = run_qwrap("plan", str(trained_model), "-o", str(tmp_path / "o"), "--calib", str(corpus), "--json",
+                     "--target-kld", "0.002", "--target-kld", "0.02", "--eval-tokens", "4096")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    (check,) = [c for c in plan["checks"] if c["name"] == "budget precision"]
+    scored = plan["evaluation"]["tokens_scored"]
+    assert scored == 8 * (512 - 1 - 256)  # --eval-tokens 4096: 8 chunks of 512, the second halves scored
+    for kld in (0.002, 0.02):
+        assert f"± {kld_standard_error(kld, scored):.2g} at {kld:g}" in check["detail"], check
+    assert f"{scored:,} evaluation tokens" in check["detail"]
+    without = run_qwrap("plan", str(trained_model), "-o", str(tmp_path / "o"), "--calib", str(corpus), "--json",
+                        "--target-bpw", "5")
+    assert without.returncode == 0 and "budget precision" not in without.stdout
 
 # -- a mixture of experts --------------------------------------------------------------------------
 

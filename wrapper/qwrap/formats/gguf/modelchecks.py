@@ -15,8 +15,11 @@ from ...checks import Check
 from ...children import run_checked
 from ...envs import find_env
 from ...errors import QwrapError, ToolchainMissingError, UnsupportedModelError, ValidationFailedError
+from ...evaltext import kld_standard_error
 from ...model import ModelInfo
+from ...quality import NOISE_SIGMAS
 from ...toolchain import cache_root, find_toolchain, mmproj_architectures, supported_architectures
+from .budgets import Target
 from .declaration import NO_IMATRIX, Options
 from .quants import IMATRIX_BY_DEFAULT, IMATRIX_IGNORED, QUANT_TYPES, normalize_quant
 
@@ -35,7 +38,20 @@ def checks(o: Options, model: ModelInfo, *, thorough: bool) -> list[Check]:
         found.append(_recipe_check(o, model))
     if o.mmproj and found[0].ok and model.vision_tower:
         found.append(_projector_check(o, model))
+    limits = sorted({Target.from_key(key).value for key in o.targets if key.startswith("kld=")})
+    if thorough and limits and model.evaluation is not None:
+        found.append(_kld_target_precision(limits, model.evaluation.scored))
     return found
+
+
+def _kld_target_precision(limits: list[float], scored: int) -> Check:
+    """A --target-kld is held against the evaluation's measured mean KLD: how precise that
+    measurement will be at each limit (the evaluation precision line quotes --max-kld's)."""
+    at = ", ".join(f"± {kld_standard_error(k, scored):.2g} at {k:g}" for k in limits)
+    return Check("budget precision", True, f"--target-kld is checked on the measured mean KLD of {scored:,} "
+                 f"evaluation tokens: a standard error of about {at}; a file within about "
+                 f"{NOISE_SIGMAS:g} standard errors of its limit may measure on either side of it (more "
+                 "--eval-tokens narrows it)")
 
 
 def _projector_check(o: Options, model: ModelInfo) -> Check:
