@@ -33,6 +33,7 @@ from .workers.backends import BACKENDS as BACKEND_NAMES  # declared once, for th
 defer("rich.markdown", "Markdown")
 defer("rich.traceback", "Traceback")
 
+
 class _Summary(TyperCommand):
     """A command of the root group before it is built: the name and help its listing reads."""
 
