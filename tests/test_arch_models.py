@@ -22,6 +22,7 @@ import pytest
 
 from background import Lane, prefetch, prefetched
 from qwrap.envs import find_env
+from qwrap.errors import UnsupportedModelError
 from qwrap.toolchain import Toolchain, cache_root, read_pin
 from test_quality import held_out_split
 
@@ -206,20 +207,24 @@ def test_mixture_of_experts_layouts_through_every_format(request: pytest.Fixture
 
 def test_an_mla_model_through_gguf_and_gptq_and_awqs_refusal(request: pytest.FixtureRequest, tmp_path: Path,
                                                              corpus: Path) -> None:
-    """DeepSeek-V3's layout: GGUF and GPTQ validated and measured. GPTQModel's AWQ fails on
-    its MoE layer (its own assertion, after the model is loaded): the run stops with a clear
-    error naming the backend's failing check and the formats that can, nothing delivered."""
+    """DeepSeek-V3's layout: GGUF and GPTQ validated and measured. AWQ is refused before
+    anything is loaded, by each backend's own code on a skeleton of the model: GPTQModel's AWQ
+    groups the shared experts after the routed ones with no module to inspect (its scale search
+    asserts there, after loading the model), autoawq's DeepSeek-V3 class looks for a q_proj."""
     from conftest import run_qwrap
 
     model, proc = prefetched(request, "arch_models.deepseek-v3")
     measured(proc, {"gguf", "gptq"})
     calib, _ = matrix_texts(corpus, tmp_path)
-    awq = run_qwrap("run", str(model), "-o", str(tmp_path / "awq"), "-f", "awq", "--calib", str(calib), *CALIB,
-                    "--no-eval")
-    assert awq.returncode == 10, awq.stderr[-3000:]
-    assert "gptqmodel" in awq.stderr and "assert " in awq.stderr and "Traceback" not in awq.stderr
-    assert "another --format" in awq.stderr
-    assert not list((tmp_path / "awq").glob("*AWQ*"))
+    for backend, words in (("gptqmodel", "['mlp.shared_experts.gate_proj', 'mlp.shared_experts.up_proj']"),
+                           ("autoawq", "KeyError: 'self_attn.q_proj'")):
+        out = tmp_path / f"awq-{backend}"
+        awq = run_qwrap("run", str(model), "-o", str(out), "-f", "awq", "--backend", backend, "--calib", str(calib),
+                        *CALIB, "--no-eval")
+        assert awq.returncode == UnsupportedModelError.exit_code, awq.stderr[-3000:]
+        assert f"{backend} cannot quantize this deepseek_v3 model for AWQ" in awq.stderr and words in awq.stderr
+        assert "--format gguf" in awq.stderr and "Traceback" not in awq.stderr
+        assert not out.exists()  # refused before any work
 
 
 def killed_then_resumed(model: Path, fmt: str, corpus: Path, tmp_path: Path,

@@ -31,6 +31,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "gemma3_text": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 256,
                     "intermediate_size": 512, "num_hidden_layers": 2, "vocab_size": 4096, "num_attention_heads": 4,
                     "num_key_value_heads": 2, "head_dim": 64},
+    # DeepSeek-V3's layout: low-rank q and kv (MLA), a dense first layer, then routed experts
+    # beside a shared one (other widths than the architecture matrix's model)
+    "deepseek_v3": {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 256,
+                    "intermediate_size": 512, "moe_intermediate_size": 64, "num_hidden_layers": 3, "vocab_size": 4096,
+                    "num_attention_heads": 4, "num_key_value_heads": 4, "first_k_dense_replace": 1,
+                    "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 1,
+                    "topk_group": 1, "q_lora_rank": 96, "kv_lora_rank": 64, "qk_nope_head_dim": 32,
+                    "qk_rope_head_dim": 16, "v_head_dim": 32, "rope_scaling": None},
 }
 
 
@@ -53,22 +61,39 @@ def test_the_tables_are_the_backends_own(toolchain: Toolchain) -> None:
     ("mixtral", False, "'MixtralDecoderLayer' object has no attribute 'block_sparse_moe'"),
     ("qwen3_moe", False, "'Qwen3MoeExperts' object is not iterable"),
     ("gemma3_text", False, "autoawq's model table has no 'gemma3_text'"),
+    ("deepseek_v3", False, "KeyError: 'self_attn.q_proj'"),  # its class walks a q_proj; MLA has q_a/q_b
 ])
 def test_autoawq_is_probed_on_the_models_skeleton(tmp_path: Path, toolchain: Toolchain, name: str, ok: bool,
                                                   words: str) -> None:
     config, path = config_file(tmp_path, name)
-    found = support("autoawq", config, path)
+    found = support("autoawq", config, path, "awq")
     assert found is not None and found.ok is ok and words in found.reason, found
+
+
+def test_awq_on_gptqmodel_is_probed_on_its_scaling_groups(tmp_path: Path, toolchain: Toolchain) -> None:
+    """GPTQModel's AWQ scaling groups of each kind of layer, on a skeleton converted as its
+    loader converts it: DeepSeek-V3's shared experts come after the routed ones with no module
+    to inspect (its scale search asserts there after loading the model) -- refused for AWQ, not
+    for GPTQ; Mixtral's and Qwen3-MoE's groups pass."""
+    config, path = config_file(tmp_path, "deepseek_v3")
+    awq, gptq = support("gptqmodel", config, path, "awq"), support("gptqmodel", config, path, "gptq")
+    assert awq is not None and not awq.ok, awq
+    assert "['mlp.shared_experts.gate_proj', 'mlp.shared_experts.up_proj'] of layer 1" in awq.reason, awq
+    assert gptq is not None and gptq.ok, gptq
+    for name in ("mixtral", "qwen3_moe", "llama"):
+        config, path = config_file(tmp_path, name)
+        found = support("gptqmodel", config, path, "awq")
+        assert found is not None and found.ok and "scaling groups checked on each kind of layer (1)" in found.reason
 
 
 def test_tables_and_probes_are_kept_beside_the_environment(tmp_path: Path, toolchain: Toolchain) -> None:
     from qwrap.envs import find_env
 
     config, path = config_file(tmp_path, "mixtral")
-    support("autoawq", config, path)
+    support("autoawq", config, path, "awq")
     env = find_env("autoawq").path
     assert (env / TABLE_FILE).is_file() and any((env / PROBES_DIR).iterdir())
-    found = support("gptqmodel", config, path)
+    found = support("gptqmodel", config, path, "gptq")
     assert found is not None and found.ok and found.probe_ok is True
 
 

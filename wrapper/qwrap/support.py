@@ -26,6 +26,7 @@ from .worker_client import worker_env
 TABLE_FILE = "qwrap-support.json"
 PROBES_DIR = "qwrap-support-probes"
 MODULE = "qwrap.workers.support"
+PROBE_VERSION = 3  # in a kept probe's key: a probe that learnt more is asked again
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,9 @@ def model_types(backend: str) -> frozenset[str]:
     return frozenset(_kept(env.path / TABLE_FILE, lambda: _ask(backend))["model_types"])
 
 
-def support(backend: str, config: dict[str, Any], config_path: Path) -> Support | None:
-    """Whether ``backend`` can quantize this model (None when its environment is not created:
-    the toolchain check says so)."""
+def support(backend: str, config: dict[str, Any], config_path: Path, fmt: str) -> Support | None:
+    """Whether ``backend`` can quantize this model for ``fmt`` (None when its environment is not
+    created: the toolchain check says so)."""
     model_type = str(config.get("model_type") or "")
     try:
         listed = model_type in model_types(backend)
@@ -89,7 +90,9 @@ def support(backend: str, config: dict[str, Any], config_path: Path) -> Support 
         return None
     if not listed:
         return Support(backend, model_type, False, None, f"{backend}'s model table has no {model_type!r}")
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([PROBE_VERSION, config], sort_keys=True).encode()).hexdigest()[:24]
     path = find_env(backend).path / PROBES_DIR / f"{key}.json"
     probe = _kept(path, lambda: _ask(backend, str(config_path))).get("probe") or {}
+    if probe.get("ok", True):  # the walk passed: what the backend's code for this format says
+        probe = (probe.get("formats") or {}).get(fmt) or probe
     return Support(backend, model_type, True, bool(probe.get("ok", True)), str(probe.get("reason", "")))

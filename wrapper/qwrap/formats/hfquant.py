@@ -90,14 +90,14 @@ def _support_check(o: Common, model: ModelInfo) -> Check:
     from ..workers.backends import backends_for
 
     config_path = model.source.path / "config.json"
-    found = support(o.backend, dict(model.config), config_path)
+    found = support(o.backend, dict(model.config), config_path, o.FORMAT)
     if found is None:
         return Check("backend support", True, f"not checked: the {o.backend} environment is not created yet")
     if found.ok:
         return Check("backend support", True, f"{o.backend} can quantize {found.model_type}"
                      + (f" ({found.reason})" if found.probe_ok is not None and found.reason else ""))
     able = [b for b in backends_for(o.FORMAT) if b != o.backend
-            and (other := support(b, dict(model.config), config_path)) is not None and other.ok]
+            and (other := support(b, dict(model.config), config_path, o.FORMAT)) is not None and other.ok]
     hint = (f"Use --backend {able[0]} (it can quantize {found.model_type}); or GGUF (--format gguf)." if able
             else f"No {o.FORMAT.upper()} backend here can; GGUF (--format gguf) needs no backend.")
     can = f" (--backend {able[0]} can)" if able else ""
