@@ -117,6 +117,7 @@ def test_plan_refuses_an_unsupported_pair_naming_the_backend_that_can(tmp_path: 
                         "--calib", str(tiny_model / "config.json"))
     assert refused.returncode == 6, refused.stderr
     assert "block_sparse_moe" in refused.stderr and "Use --backend gptqmodel" in refused.stderr
+    assert "or --format gptq (--backend gptqmodel), or GGUF (--format gguf)." in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "o" / ".checkpoint").exists()  # before any work
     default = run_qwrap("plan", str(model), "-f", "awq", "-o", str(tmp_path / "o2"), "--calib",
                         str(tiny_model / "config.json"))

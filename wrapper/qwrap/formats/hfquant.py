@@ -87,7 +87,7 @@ def _support_check(o: Common, model: ModelInfo) -> Check:
     """The backend's own model table and, for one that walks layers by its own names
     (autoawq), that walk on a weightless skeleton of this model: before anything is loaded."""
     from ..support import support
-    from ..workers.backends import backends_for
+    from ..workers.backends import DECLARED_BACKENDS, backends_for
 
     config_path = model.source.path / "config.json"
     found = support(o.backend, dict(model.config), config_path, o.FORMAT)
@@ -98,8 +98,13 @@ def _support_check(o: Common, model: ModelInfo) -> Check:
                      + (f" ({found.reason})" if found.probe_ok is not None and found.reason else ""))
     able = [b for b in backends_for(o.FORMAT) if b != o.backend
             and (other := support(b, dict(model.config), config_path, o.FORMAT)) is not None and other.ok]
-    hint = (f"Use --backend {able[0]} (it can quantize {found.model_type}); or GGUF (--format gguf)." if able
-            else f"No {o.FORMAT.upper()} backend here can; GGUF (--format gguf) needs no backend.")
+    # the other format its backends write (AWQ <-> GPTQ), with the first backend that can
+    formats = dict.fromkeys(f for b in DECLARED_BACKENDS for f in b.formats if f != o.FORMAT)
+    instead = next((f"--format {f} (--backend {b})" for f in formats for b in backends_for(f)
+                    if (other := support(b, dict(model.config), config_path, f)) is not None and other.ok), None)
+    elsewhere = f"{instead}, or GGUF (--format gguf)" if instead else "GGUF (--format gguf)"
+    hint = (f"Use --backend {able[0]} (it can quantize {found.model_type}); or {elsewhere}." if able
+            else f"No {o.FORMAT.upper()} backend here can; {elsewhere} can.")
     can = f" (--backend {able[0]} can)" if able else ""
     error = UnsupportedModelError(f"{o.backend} cannot quantize this {found.model_type} model for "
                                   f"{o.FORMAT.upper()}{can}: {found.reason}", hint=hint)
