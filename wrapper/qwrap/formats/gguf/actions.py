@@ -37,9 +37,11 @@ from ...toolchain import Toolchain, find_toolchain
 from ...worker_client import REFERENCE_DIR, run_worker
 from ...workers.backends import VALIDATE_BACKEND
 from ...workers.protocol import TextSource, ValidateJob
-from . import perplexity
 from .declaration import WORK
 from .ggmltypes import ALIGNMENT, BY_ID, GGML_TYPES, aligned
+from .perplexity import Argv, offload, write_base
+from .perplexity import argv as perplexity_argv
+from .perplexity import kld as measure_kld
 from .quants import QUANT_TYPES
 from .recipes import Recipe
 from .rows import projector_usage
@@ -109,7 +111,7 @@ def _imatrix(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         return StepOutcome((out,), {"reused_from_cache": True})
     argv: list[str | os.PathLike[str]] = [
         tools.tool("llama-imatrix"), "-m", inputs["model"].path, "-f", step.file("calib"), "-o", tmp,
-        "-t", str(ctx.threads), "-c", "512", "--chunks", str(step.param("chunks")), "--log-jsonl", *perplexity.offload(tools),
+        "-t", str(ctx.threads), "-c", "512", "--chunks", str(step.param("chunks")), "--log-jsonl", *offload(tools),
     ]
     result = ctx.run_tool(argv, what="llama-imatrix", parser=ChunkProgress())
     if not tmp.is_file():
@@ -306,7 +308,7 @@ def _fallback_audit(info: GGUFInfo, parser: QuantizeProgress, size: int, quant: 
 def _load_and_generate(model: Path, what: str, ctx: StepContext) -> ProcessResult:
     """The real load: llama.cpp reads ``model`` (a split set from its first shard) and generates."""
     tools = find_toolchain()
-    argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", model, "-n", "8", *perplexity.offload(tools),
+    argv: list[str | os.PathLike[str]] = [tools.tool("llama-simple"), "-m", model, "-n", "8", *offload(tools),
                                           VALIDATE_PROMPT]
     try:
         result = ctx.run_tool(argv, what=f"loading {what} in llama.cpp")
@@ -378,8 +380,8 @@ def _split(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     return StepOutcome((), facts, result.peak_rss_bytes, renames=tuple(zip(shards, finals, strict=True)))
 
 
-def _perplexity_argv(model: Path, step: Step, ctx: StepContext) -> perplexity.Argv:
-    return perplexity.argv(find_toolchain(), model, step.param("ctx"), step.param("chunks"), ctx.threads)
+def _perplexity_argv(model: Path, step: Step, ctx: StepContext) -> Argv:
+    return perplexity_argv(find_toolchain(), model, step.param("ctx"), step.param("chunks"), ctx.threads)
 
 
 def _eval_base(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
@@ -390,7 +392,7 @@ def _eval_base(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     tmp.unlink(missing_ok=True)
     short = UsageError(f"the evaluation text {step.file('text')} is too short for two chunks of {step.param('ctx')} "
                        "tokens", hint="Pass a longer --eval-text, a smaller --eval-ctx, or --no-eval.")
-    ppl, result = perplexity.write_base(ctx, _perplexity_argv(inputs["model"].path, step, ctx), step.file("text"),
+    ppl, result = write_base(ctx, _perplexity_argv(inputs["model"].path, step, ctx), step.file("text"),
                                         tmp, "llama-perplexity (16-bit reference)", short, parser=ChunkProgress())
     os.replace(tmp, out)
     chunks = base_chunks(out)  # the text may hold fewer chunks than asked for: llama-perplexity takes them all
@@ -399,7 +401,7 @@ def _eval_base(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
 
 def _eval(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     quant = step.param("quant")
-    figures, result = perplexity.kld(ctx, _perplexity_argv(inputs["artifact"].path, step, ctx), inputs["base"].path,
+    figures, result = measure_kld(ctx, _perplexity_argv(inputs["artifact"].path, step, ctx), inputs["base"].path,
                                      f"llama-perplexity {quant}")
     chunks = int(inputs["base"].facts.get("chunks") or step.param("chunks"))
     scored = chunks * (step.param("ctx") - 1 - step.param("ctx") // 2)
@@ -499,7 +501,7 @@ def _mmproj_validate(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcom
         "-n", "8", "-c", "2048", "--temp", "0", "--seed", "0", "-t", str(ctx.threads),
         # no warm-up: it encodes an image of the largest size the projector takes, which on a CPU
         # costs more than the whole check; the small image is scaled up to the smallest it takes
-        "--no-warmup", *perplexity.offload(tools)]
+        "--no-warmup", *offload(tools)]
     what = f"{partial.name.removesuffix('.partial')} with {text.name}"
     try:
         result = ctx.run_tool(argv, what=f"loading {what} in llama-mtmd-cli", parser=lines)

@@ -35,9 +35,11 @@ from ...quality import (
     within_noise,
 )
 from ...toolchain import Toolchain, find_toolchain
-from . import perplexity
 from .budgets import Target, human_size
 from .ggmltypes import BY_ID, GGML_TYPES, aligned
+from .perplexity import argv as perplexity_argv
+from .perplexity import kld as measure_kld
+from .perplexity import write_base
 from .recipes import Recipe, parse, recipe_name
 from .search import (
     CANDIDATES,
@@ -163,7 +165,7 @@ def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         tmp = work / "calibration.kld.partial"
         short = UsageError(f"the calibration text is too short for two chunks of {ctx_len} tokens to measure "
                            "sensitivity on", hint="Pass a longer --calib.")
-        perplexity.write_base(ctx, perplexity.argv(tools, model, ctx_len, chunks, ctx.threads), step.file("calib"), tmp,
+        write_base(ctx, perplexity_argv(tools, model, ctx_len, chunks, ctx.threads), step.file("calib"), tmp,
                               "llama-perplexity (16-bit, calibration text)", short)
         os.replace(tmp, base)
     probes: list[tuple[str, list[str]]] = [("ref", [])]
@@ -185,7 +187,7 @@ def _sensitivity(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
         if rules:
             argv += ["--tensor-type-file", rules_file]
         ctx.run_tool([*argv, model, probe_model, "Q8_0", str(ctx.threads)], what=f"llama-quantize (probe {probe})")
-        figures, _ = perplexity.kld(ctx, perplexity.argv(tools, probe_model, ctx_len, chunks, ctx.threads), base,
+        figures, _ = measure_kld(ctx, perplexity_argv(tools, probe_model, ctx_len, chunks, ctx.threads), base,
                                     f"llama-perplexity (probe {probe})")
         done[probe] = figures["kld_mean"]
         probe_model.unlink(missing_ok=True)
@@ -299,7 +301,7 @@ def _compare(step: Step, inputs: Inputs, ctx: StepContext) -> StepOutcome:
     base = inputs["base"]
     ctx_len = int(step.param("ctx"))
     chunks = int(base.facts.get("chunks") or step.param("chunks"))
-    figures, _ = perplexity.kld(ctx, perplexity.argv(tools, out, ctx_len, chunks, ctx.threads), base.path,
+    figures, _ = measure_kld(ctx, perplexity_argv(tools, out, ctx_len, chunks, ctx.threads), base.path,
                                 f"llama-perplexity {quant} (stock)")
     size = out.stat().st_size
     info = read_info(out)
