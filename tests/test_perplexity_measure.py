@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from qwrap.context import NullReporter, StepContext
+from qwrap.context import StepContext
 from qwrap.errors import UsageError, ValidationFailedError
 from qwrap.formats.gguf import perplexity
 from qwrap.quality import PERPLEXITY_ATTEMPTS, parse_base_ppl, parse_kld_summary
+from test_fallback import Warnings  # a reporter that keeps the warnings
 
 RECORDED = Path(__file__).parent / "data" / "recorded"
 
@@ -31,14 +32,6 @@ if sys.argv[3] == "short":
 whole = n > int(sys.argv[3])
 print("\\n".join(lines if whole else lines[:len(lines) // 2]))
 """
-
-
-class Warnings(NullReporter):
-    def __init__(self) -> None:
-        self.seen: list[str] = []
-
-    def warning(self, message: str) -> None:
-        self.seen.append(message)
 
 
 def replay(tmp_path: Path, log: str, cut_runs: int | str) -> tuple[list[str | Path], Path]:
